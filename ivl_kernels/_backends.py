@@ -1,0 +1,138 @@
+"""Backend availability and dispatch.
+
+``backend="auto" | "cuda" | "triton" | "torch"``; the environment variable ``IVL_KERNELS_BACKEND`` replaces
+``"auto"``. An explicitly requested backend that cannot run raises ``RuntimeError`` naming what is missing; it
+never silently falls back. Nothing here touches a device at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ._triton import HAS_TRITON, TRITON_IMPORT_ERROR, interpreter_enabled
+from ._validate import check_backend
+
+_CUDA_EXT = None
+_CUDA_EXT_ERROR: Optional[str] = None
+
+
+def requested_backend(backend: str) -> str:
+    """The backend asked for: the argument, or ``IVL_KERNELS_BACKEND`` when the argument is ``"auto"``."""
+    backend = check_backend(backend)
+    if backend == "auto":
+        env = os.environ.get("IVL_KERNELS_BACKEND", "").strip()
+        if env:
+            if env not in ("auto", "cuda", "triton", "torch"):
+                raise ValueError(f"IVL_KERNELS_BACKEND must be one of auto, cuda, triton, torch; got {env!r}")
+            backend = env
+    return backend
+
+
+def cuda_extension():
+    """The compiled extension module ``ivl_kernels._C`` (loaded once), or ``None`` with the reason recorded."""
+    global _CUDA_EXT, _CUDA_EXT_ERROR
+    if _CUDA_EXT is None and _CUDA_EXT_ERROR is None:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.ivl_kernels.*)
+            from .ops import guided_logits as _gl
+
+            _gl._register_cuda_fakes()
+            _CUDA_EXT = _C
+        except Exception as exc:  # not built (pure-Python install), or built against another torch
+            _CUDA_EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    return _CUDA_EXT
+
+
+def cuda_extension_error() -> str:
+    cuda_extension()
+    return _CUDA_EXT_ERROR or ""
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of ``device``, and if not, why."""
+    if not HAS_TRITON:
+        return False, f"Triton is not importable ({TRITON_IMPORT_ERROR})"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and interpreter_enabled():
+        return True, ""
+    if device.type == "cpu":
+        return False, ("CPU tensors run Triton kernels only under the interpreter: set TRITON_INTERPRET=1 "
+                       "before importing triton")
+    return False, f"Triton kernels do not run on {device.type} tensors"
+
+
+def cuda_usable(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"backend='cuda' needs CUDA tensors, got tensors on {device}"
+    if cuda_extension() is None:
+        return False, (f"backend='cuda' needs the compiled extension ivl_kernels._C, which is not available "
+                       f"({_CUDA_EXT_ERROR}); reinstall with a CUDA build of torch and nvcc present")
+    return True, ""
+
+
+def select(backend: str, device: torch.device, *, cuda_supports: Optional[Callable[[], str]] = None,
+           triton_supports: Optional[Callable[[], str]] = None) -> str:
+    """Pick the backend for one call.
+
+    ``cuda_supports`` / ``triton_supports`` return ``""`` when that backend handles this particular call (shape,
+    dtypes, strides), else the reason it does not; ``None`` means the op has no such backend.
+    """
+    backend = requested_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "cuda":
+        if cuda_supports is None:
+            raise RuntimeError("backend='cuda' is not implemented for this op; use 'triton' or 'torch'")
+        ok, why = cuda_usable(device)
+        if not ok:
+            raise RuntimeError(why)
+        why = cuda_supports()
+        if why:
+            raise RuntimeError(f"backend='cuda' does not handle this call: {why}")
+        return "cuda"
+    if backend == "triton":
+        if triton_supports is None:
+            raise RuntimeError("backend='triton' is not implemented for this op; use 'torch'")
+        ok, why = triton_usable(device)
+        if not ok:
+            raise RuntimeError(f"backend='triton' cannot run: {why}")
+        why = triton_supports()
+        if why:
+            raise RuntimeError(f"backend='triton' does not handle this call: {why}")
+        return "triton"
+    # auto: the CPU path is the torch backend (the interpreter is for testing, not for speed).
+    if device.type == "cuda":
+        if cuda_supports is not None and cuda_usable(device)[0] and not cuda_supports():
+            return "cuda"
+        if triton_supports is not None and triton_usable(device)[0] and not triton_supports():
+            return "triton"
+    return "torch"
+
+
+def info() -> dict:
+    """What this installation can run (for ``ivl-kernels info`` and bug reports)."""
+    import platform
+
+    d = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": None,
+        "triton_interpreter": interpreter_enabled(),
+        "cuda_extension": cuda_extension() is not None,
+        "cuda_extension_error": _CUDA_EXT_ERROR,
+    }
+    if HAS_TRITON:
+        import triton
+
+        d["triton"] = triton.__version__
+    else:
+        d["triton_error"] = TRITON_IMPORT_ERROR
+    if d["cuda_available"]:
+        d["device"] = torch.cuda.get_device_name()
+    return d

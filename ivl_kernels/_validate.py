@@ -1,0 +1,368 @@
+"""Argument checks shared by every backend of every op.
+
+Every public op calls one of the ``validate_*`` functions before doing any work, so that a bad call raises a
+``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, value or device) naming the argument and what
+was expected, and leaves every tensor it was given untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+@dataclass
+class GuidedArgs:
+    """Validated, flattened arguments of a guided-logits computation.
+
+    ``value_hidden [M, Hv]``, ``value_weight [Vv, Hv]``; exactly one base form (or none, where allowed):
+    ``base_logits [M, Vb]`` or ``base_hidden [M, Hb]`` with ``base_weight [Vb, Hb]``. ``vocab_map [Vb]`` or
+    ``None`` (identity: ``b -> b`` for ``b < Vv``, else unmapped). ``alpha`` is a float or a ``[M]`` tensor.
+    """
+
+    value_hidden: torch.Tensor
+    value_weight: torch.Tensor
+    base_logits: Optional[torch.Tensor]
+    base_hidden: Optional[torch.Tensor]
+    base_weight: Optional[torch.Tensor]
+    vocab_map: Optional[torch.Tensor]
+    alpha: Union[float, torch.Tensor]
+    fill: float
+    M: int
+    Vb: int
+    Vv: int
+    lead_shape: tuple
+    out_dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def base_mode(self) -> int:
+        """0: no base term, 1: ``base_logits``, 2: ``base_hidden . base_weight``."""
+        if self.base_logits is not None:
+            return 1
+        if self.base_hidden is not None:
+            return 2
+        return 0
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"Tensor(shape={list(t.shape)}, dtype={t.dtype}, device={t.device})"
+    return type(t).__name__
+
+
+def check_tensor(name: str, t, *, dtypes=None, ndim=None, min_ndim=None) -> None:
+    """Type/dtype/rank check for one tensor argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_describe(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {list(t.shape)}")
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_finite_float(name: str, x, *, allow_inf: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x) or (not allow_inf and math.isinf(x)):
+        raise ValueError(f"{name} must be a finite float, got {x}")
+    return x
+
+
+def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``[..., K] -> [M, K]`` as a view when the strides allow it (no silent copy of big tensors)."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        # Leading dims that cannot be merged by a view: a copy of the activations (small next to weights).
+        return t.reshape(-1, t.shape[-1])
+
+
+# Range checks of a vocabulary map cost a device synchronisation; a decoding loop passes the same map every
+# step, so remember the maps already checked (keyed on storage, version counter and the vocab size).
+_CHECKED_MAPS: "OrderedDict[tuple, bool]" = OrderedDict()
+_CHECKED_MAPS_MAX = 16
+
+
+def _map_key(vocab_map: torch.Tensor, Vv: int) -> tuple:
+    return (vocab_map.data_ptr(), vocab_map._version, tuple(vocab_map.shape), vocab_map.stride(),
+            vocab_map.dtype, str(vocab_map.device), Vv)
+
+
+def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_values: bool = True) -> torch.Tensor:
+    """``vocab_map`` must be an int32/int64 ``[Vb]`` tensor with entries in ``[-1, Vv)`` on ``device``.
+
+    Accepts a ``VocabMap`` (anything with an ``.index`` tensor) and returns the index tensor.
+    ``check_values=False`` skips the value range (it needs a device sync, impossible while tracing).
+    """
+    index = getattr(vocab_map, "index", None)
+    if not isinstance(vocab_map, torch.Tensor) and isinstance(index, torch.Tensor):
+        check = getattr(vocab_map, "check_compatible", None)
+        if check is not None:
+            check(Vb, Vv)
+        vocab_map = index.to(device) if index.device != device else index
+    check_tensor("vocab_map", vocab_map, dtypes=INDEX_DTYPES, ndim=1)
+    if vocab_map.shape[0] != Vb:
+        raise ValueError(f"vocab_map must have one entry per base token: expected shape [{Vb}], "
+                         f"got {list(vocab_map.shape)}")
+    if vocab_map.device != device:
+        raise ValueError(f"vocab_map is on {vocab_map.device}, expected {device} (the device of value_hidden)")
+    if not check_values:
+        return vocab_map
+    key = _map_key(vocab_map, Vv)
+    if key in _CHECKED_MAPS:
+        _CHECKED_MAPS.move_to_end(key)
+        return vocab_map
+    if Vb > 0:
+        lo, hi = int(vocab_map.min()), int(vocab_map.max())
+        if lo < -1 or hi >= Vv:
+            raise ValueError(f"vocab_map entries must lie in [-1, {Vv}) (value vocabulary size {Vv}), "
+                             f"got min {lo}, max {hi}")
+    _CHECKED_MAPS[key] = True
+    if len(_CHECKED_MAPS) > _CHECKED_MAPS_MAX:
+        _CHECKED_MAPS.popitem(last=False)
+    return vocab_map
+
+
+def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden=None, base_weight=None,
+                    vocab_map=None, alpha=1.0, fill=0.0, base_required: bool = True,
+                    check_map_values: bool = True) -> GuidedArgs:
+    """Check the arguments of a guided computation and return them flattened to ``[M, ...]``."""
+    check_tensor("value_hidden", value_hidden, dtypes=FLOAT_DTYPES, min_ndim=2)
+    check_tensor("value_weight", value_weight, dtypes=FLOAT_DTYPES, ndim=2)
+    Hv = value_hidden.shape[-1]
+    if value_weight.shape[1] != Hv:
+        raise ValueError(f"value_weight must be [Vv, Hv] with Hv = value_hidden.shape[-1] = {Hv}, "
+                         f"got {list(value_weight.shape)}")
+    if value_weight.dtype != value_hidden.dtype:
+        raise TypeError(f"value_weight dtype {value_weight.dtype} must match value_hidden dtype "
+                        f"{value_hidden.dtype}")
+    device = value_hidden.device
+    if value_weight.device != device:
+        raise ValueError(f"value_weight is on {value_weight.device}, expected {device} (the device of value_hidden)")
+    lead_shape = tuple(value_hidden.shape[:-1])
+    Vv = value_weight.shape[0]
+
+    has_logits = base_logits is not None
+    has_hidden = base_hidden is not None or base_weight is not None
+    if has_logits and has_hidden:
+        raise ValueError("give the base term as base_logits or as base_hidden + base_weight, not both")
+    if base_required and not has_logits and not has_hidden:
+        raise ValueError("a base term is required: pass base_logits [..., Vb] or base_hidden [..., Hb] "
+                         "with base_weight [Vb, Hb]")
+    if has_hidden and (base_hidden is None or base_weight is None):
+        missing = "base_weight" if base_weight is None else "base_hidden"
+        raise ValueError(f"base_hidden and base_weight go together: {missing} is missing")
+
+    if has_logits:
+        check_tensor("base_logits", base_logits, dtypes=FLOAT_DTYPES, min_ndim=2)
+        if tuple(base_logits.shape[:-1]) != lead_shape:
+            raise ValueError(f"base_logits must be [..., Vb] with leading dims {list(lead_shape)} "
+                             f"(those of value_hidden), got {list(base_logits.shape)}")
+        if base_logits.device != device:
+            raise ValueError(f"base_logits is on {base_logits.device}, expected {device} (the device of value_hidden)")
+        Vb = base_logits.shape[-1]
+        out_dtype = base_logits.dtype
+    elif has_hidden:
+        check_tensor("base_hidden", base_hidden, dtypes=FLOAT_DTYPES, min_ndim=2)
+        check_tensor("base_weight", base_weight, dtypes=FLOAT_DTYPES, ndim=2)
+        if tuple(base_hidden.shape[:-1]) != lead_shape:
+            raise ValueError(f"base_hidden must be [..., Hb] with leading dims {list(lead_shape)} "
+                             f"(those of value_hidden), got {list(base_hidden.shape)}")
+        if base_weight.shape[1] != base_hidden.shape[-1]:
+            raise ValueError(f"base_weight must be [Vb, Hb] with Hb = base_hidden.shape[-1] = "
+                             f"{base_hidden.shape[-1]}, got {list(base_weight.shape)}")
+        if base_weight.dtype != base_hidden.dtype:
+            raise TypeError(f"base_weight dtype {base_weight.dtype} must match base_hidden dtype {base_hidden.dtype}")
+        for name, t in (("base_hidden", base_hidden), ("base_weight", base_weight)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device}, expected {device} (the device of value_hidden)")
+        Vb = base_weight.shape[0]
+        out_dtype = torch.float32
+    else:
+        index = vocab_map if isinstance(vocab_map, torch.Tensor) else getattr(vocab_map, "index", None)
+        Vb = index.shape[0] if isinstance(index, torch.Tensor) and index.dim() >= 1 else Vv
+        out_dtype = torch.float32
+
+    if vocab_map is not None:
+        vocab_map = check_vocab_map(vocab_map, Vb, Vv, device, check_values=check_map_values)
+
+    M = math.prod(lead_shape)
+    if isinstance(alpha, torch.Tensor):
+        check_tensor("alpha", alpha, dtypes=FLOAT_DTYPES)
+        if alpha.dim() == 0:
+            alpha = alpha.reshape(1).expand(M)
+        if alpha.dim() != 1 and tuple(alpha.shape) != lead_shape:
+            raise ValueError(f"alpha tensor must be [M] = [{M}] (one strength per row), got {list(alpha.shape)}")
+        alpha = alpha.reshape(-1)
+        if alpha.shape[0] != M:
+            raise ValueError(f"alpha tensor must be [M] = [{M}] (one strength per row), got {list(alpha.shape)}")
+        if alpha.device != device:
+            raise ValueError(f"alpha is on {alpha.device}, expected {device} (the device of value_hidden)")
+    else:
+        alpha = check_finite_float("alpha", alpha)
+    fill = float(fill) if not isinstance(fill, bool) and isinstance(fill, (int, float)) else fill
+    if not isinstance(fill, float) or math.isnan(fill):
+        raise (TypeError if not isinstance(fill, float) else ValueError)(
+            f"fill must be a float (not NaN), got {fill!r}")
+
+    return GuidedArgs(
+        value_hidden=_flatten_rows("value_hidden", value_hidden),
+        value_weight=value_weight,
+        base_logits=_flatten_rows("base_logits", base_logits) if has_logits else None,
+        base_hidden=_flatten_rows("base_hidden", base_hidden) if has_hidden else None,
+        base_weight=base_weight if has_hidden else None,
+        vocab_map=vocab_map,
+        alpha=alpha,
+        fill=fill,
+        M=M, Vb=Vb, Vv=Vv,
+        lead_shape=lead_shape,
+        out_dtype=out_dtype,
+        device=device,
+    )
+
+
+def validate_out(out, args: GuidedArgs) -> Optional[torch.Tensor]:
+    """``out`` must hold ``[M, Vb]`` (or the leading dims of ``value_hidden``) in the result dtype.
+
+    Returns a ``[M, Vb]`` view of it that shares its storage, so writes land in the caller's tensor.
+    """
+    if out is None:
+        return None
+    check_tensor("out", out)
+    expected = [(args.M, args.Vb), args.lead_shape + (args.Vb,)]
+    if tuple(out.shape) not in expected:
+        raise ValueError(f"out must have shape [M, Vb] = [{args.M}, {args.Vb}] or {list(expected[1])}, "
+                         f"got {list(out.shape)}")
+    if out.dtype != args.out_dtype:
+        raise TypeError(f"out must have dtype {args.out_dtype} (base_logits' dtype, or float32 when the base "
+                        f"is given as hidden states), got {out.dtype}")
+    if out.device != args.device:
+        raise ValueError(f"out is on {out.device}, expected {args.device} (the device of value_hidden)")
+    if out.dim() == 2:
+        return out
+    try:
+        return out.view(args.M, args.Vb)
+    except RuntimeError:
+        raise ValueError("out must be viewable as [M, Vb] without a copy (its leading dims must be mergeable)")
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass
+class CrossEntropyArgs:
+    """Validated arguments of ``fused_guided_cross_entropy``: the guided part (``g``, flattened to ``[N, ...]``,
+    ``N = g.M``) plus ``target [N]`` (int32/int64, as given, flattened) and the loss options.
+
+    With a ``process_group``, ``g.Vb`` / ``g.Vv`` are this rank's shard sizes; ``Vb_global`` / ``Vv_global`` the
+    sums over the group and ``vocab_offset`` the first global base id of this rank's shard (ranks hold
+    contiguous shards in rank order). Without one, global == local and the offset is 0.
+    """
+
+    g: GuidedArgs
+    target: torch.Tensor
+    l1_coef: float
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    process_group: object
+    Vb_global: int
+    Vv_global: int
+    vocab_offset: int
+
+
+def _shard_sizes(process_group, Vb: int, Vv: int, device: torch.device) -> tuple:
+    """``(Vb_global, Vv_global, offset)`` from every rank's ``(Vb, Vv)`` (one all_gather of two ints)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+    world = dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    mine = torch.tensor([Vb, Vv], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=process_group)
+    sizes = torch.stack(sizes).cpu()
+    return int(sizes[:, 0].sum()), int(sizes[:, 1].sum()), int(sizes[:rank, 0].sum())
+
+
+def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,
+                           base_weight=None, vocab_map=None, alpha=1.0, fill=0.0, l1_coef=0.0,
+                           ignore_index=-100, label_smoothing=0.0, reduction="mean", process_group=None,
+                           check_values: bool = True) -> CrossEntropyArgs:
+    """Checks of ``fused_guided_cross_entropy`` on top of ``validate_guided(..., base_required=False)``.
+
+    ``target``: int32/int64 with the leading shape of ``value_hidden`` (or flat ``[N]``), entries in
+    ``[0, Vb)`` (global ``Vb`` under a process group) or equal to ``ignore_index``. Base tensors must not
+    require grad (the base is frozen), nor may an ``alpha`` tensor (it is treated as a constant).
+    ``check_values=False`` skips the checks that read tensor values (target range, map range): they need a
+    device sync, impossible while tracing.
+    """
+    for name, t in (("base_logits", base_logits), ("base_hidden", base_hidden), ("base_weight", base_weight)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but the base model is frozen in this loss and gets no "
+                             f"gradient: pass {name}.detach() (or compute it under torch.no_grad())")
+    if isinstance(alpha, torch.Tensor) and alpha.requires_grad:
+        raise ValueError("alpha requires grad, but this loss treats alpha as a constant and gives it no "
+                         "gradient: pass alpha.detach()")
+    g = validate_guided(value_hidden, value_weight, base_logits=base_logits, base_hidden=base_hidden,
+                        base_weight=base_weight, vocab_map=vocab_map, alpha=alpha, fill=fill,
+                        base_required=False, check_map_values=check_values)
+    check_tensor("target", target, dtypes=INDEX_DTYPES)
+    if target.shape != torch.Size(g.lead_shape) and tuple(target.shape) != (g.M,):
+        raise ValueError(f"target must have shape [N] = [{g.M}] (or the leading dims {list(g.lead_shape)} of "
+                         f"value_hidden), one class id per row, got {list(target.shape)}")
+    if target.device != g.device:
+        raise ValueError(f"target is on {target.device}, expected {g.device} (the device of value_hidden)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be a Python int, got {type(ignore_index).__name__}")
+    if isinstance(l1_coef, bool) or not isinstance(l1_coef, (int, float)):
+        raise TypeError(f"l1_coef must be a Python float, got {type(l1_coef).__name__}")
+    l1_coef = float(l1_coef)
+    if not math.isfinite(l1_coef) or l1_coef < 0:
+        raise ValueError(f"l1_coef must be a finite float >= 0, got {l1_coef}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
+    label_smoothing = float(label_smoothing)
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+    if process_group is not None:
+        Vb_global, Vv_global, offset = _shard_sizes(process_group, g.Vb, g.Vv, g.device)
+    else:
+        Vb_global, Vv_global, offset = g.Vb, g.Vv, 0
+    target = target.reshape(-1)
+    if check_values and g.M > 0:
+        bad = (target != ignore_index) & ((target < 0) | (target >= Vb_global))
+        if bool(bad.any()):
+            first = int(target[bad][0])
+            raise ValueError(f"target entries must lie in [0, {Vb_global}) (the base vocabulary size"
+                             f"{' over the process group' if process_group is not None else ''}) or equal "
+                             f"ignore_index={ignore_index}, got {first}")
+    return CrossEntropyArgs(g=g, target=target, l1_coef=l1_coef, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, reduction=reduction, process_group=process_group,
+                            Vb_global=Vb_global, Vv_global=Vv_global, vocab_offset=offset)

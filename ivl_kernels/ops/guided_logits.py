@@ -1,0 +1,292 @@
+"""``fused_guided_logits``: value LM head + vocabulary remap + base logits (or base LM head) in one pass.
+
+    out[m, b] = base[m, b] + alpha[m] * (value_hidden[m] . value_weight[map[b]])     (map[b] >= 0)
+    out[m, b] = base[m, b] + alpha[m] * fill                                          (map[b] == -1)
+
+with ``base`` either loaded from ``base_logits [M, Vb]`` or computed as ``base_hidden[m] . base_weight[b]``
+in the same loop. No ``[M, Vv]`` intermediate exists on the fused backends.
+
+Backends: ``triton`` (any M; one launch over a grid of vocabulary tiles x row tiles), ``cuda`` (the compiled
+decode kernel of ``csrc/``, M <= 16, memory-bound), ``torch`` (``reference.guided_logits_torch``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backends
+from .._triton import interpreter_enabled, tl, triton
+from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
+from ..reference import guided_logits_torch
+
+# The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
+CUDA_MAX_ROWS = 16
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _guided_logits_kernel(
+    vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr, alpha_ptr, out_ptr,
+    M, Vb, Vv, Hv, Hb,
+    stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k,
+    stride_base_m, stride_base_v,
+    stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
+    stride_out_m, stride_out_v, stride_alpha, stride_map,
+    alpha_scalar, fill,
+    HAS_MAP: tl.constexpr, BASE_MODE: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Axis 0 walks the vocabulary (up to 2^31 tiles), axis 1 the rows (decode has a single row tile).
+    pid_v = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_v = offs_v < Vb
+    mask_m = offs_m < M
+
+    if HAS_MAP:
+        idx = tl.load(map_ptr + offs_v * stride_map, mask=mask_v, other=-1).to(tl.int64)
+    else:
+        idx = tl.where(offs_v < Vv, offs_v, -1)
+    mapped = (idx >= 0) & mask_v
+    # Unmapped ids read row 0 under a false mask: no out-of-range address is ever formed.
+    rows_w = tl.where(mapped, idx, 0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, Hv, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < Hv
+        h = tl.load(vh_ptr + offs_m[:, None] * stride_vh_m + offs_k[None, :] * stride_vh_k,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(vw_ptr + rows_w[:, None] * stride_vw_v + offs_k[None, :] * stride_vw_k,
+                    mask=mapped[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+    value = tl.where(mapped[None, :], acc, fill)
+    if ALPHA_IS_TENSOR:
+        alpha = tl.load(alpha_ptr + offs_m * stride_alpha, mask=mask_m, other=0.0).to(tl.float32)
+        result = value * alpha[:, None]
+    else:
+        result = value * alpha_scalar
+
+    mask_out = mask_m[:, None] & mask_v[None, :]
+    if BASE_MODE == 1:
+        base = tl.load(base_ptr + offs_m[:, None] * stride_base_m + offs_v[None, :] * stride_base_v,
+                       mask=mask_out, other=0.0).to(tl.float32)
+        result = base + result
+    elif BASE_MODE == 2:
+        bacc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for k0 in range(0, Hb, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < Hb
+            h = tl.load(bh_ptr + offs_m[:, None] * stride_bh_m + offs_k[None, :] * stride_bh_k,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(bw_ptr + offs_v[:, None] * stride_bw_v + offs_k[None, :] * stride_bw_k,
+                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            bacc = tl.dot(h, tl.trans(w), bacc, input_precision=DOT_PRECISION)
+        result = bacc + result
+
+    tl.store(out_ptr + offs_m[:, None] * stride_out_m + offs_v[None, :] * stride_out_v,
+             result.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+def _triton_config(M: int) -> dict:
+    """Tile sizes by row count: decode streams weights (thin row tile, narrow vocab tile for many programs);
+    scoring/prefill is a gathered GEMM (square tiles)."""
+    if interpreter_enabled():
+        # The interpreter's cost is per program and per op: few, large programs run fastest.
+        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_V=64, BLOCK_K=32, num_warps=4)
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_V=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def _triton_supports(a: GuidedArgs) -> str:
+    dtypes = {a.value_hidden.dtype, a.out_dtype}
+    if a.base_hidden is not None:
+        dtypes.add(a.base_hidden.dtype)
+    if a.base_logits is not None:
+        dtypes.add(a.base_logits.dtype)
+    if torch.float64 in dtypes:
+        return "float64 inputs are handled by backend='torch'"
+    if interpreter_enabled() and torch.bfloat16 in dtypes:
+        return "the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16"
+    return ""
+
+
+def _dummy(a: GuidedArgs) -> torch.Tensor:
+    return a.value_hidden
+
+
+def launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                  alpha_tensor, alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
+    """Run the Triton kernel: all tensors already validated and flattened (``[M, Hv]``, ``[M, Vb]``...)."""
+    M, Hv = value_hidden.shape
+    Vv = value_weight.shape[0]
+    Vb = out.shape[1]
+    if M == 0 or Vb == 0:
+        return
+    base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
+    Hb = base_hidden.shape[1] if base_hidden is not None else 0
+    dummy = value_hidden
+    cfg = _triton_config(M)
+    grid = (triton.cdiv(Vb, cfg["BLOCK_V"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    bl = base_logits if base_logits is not None else None
+    bh = base_hidden if base_hidden is not None else None
+    bw = base_weight if base_weight is not None else None
+    _guided_logits_kernel[grid](
+        value_hidden, value_weight,
+        vocab_map if vocab_map is not None else dummy,
+        bl if bl is not None else dummy,
+        bh if bh is not None else dummy,
+        bw if bw is not None else dummy,
+        alpha_tensor if alpha_tensor is not None else dummy,
+        out,
+        M, Vb, Vv, Hv, Hb,
+        value_hidden.stride(0), value_hidden.stride(1), value_weight.stride(0), value_weight.stride(1),
+        bl.stride(0) if bl is not None else 0, bl.stride(1) if bl is not None else 0,
+        bh.stride(0) if bh is not None else 0, bh.stride(1) if bh is not None else 0,
+        bw.stride(0) if bw is not None else 0, bw.stride(1) if bw is not None else 0,
+        out.stride(0), out.stride(1),
+        alpha_tensor.stride(0) if alpha_tensor is not None else 0,
+        vocab_map.stride(0) if vocab_map is not None else 0,
+        alpha_scalar, fill,
+        HAS_MAP=vocab_map is not None, BASE_MODE=base_mode, ALPHA_IS_TENSOR=alpha_tensor is not None,
+        DOT_PRECISION="ieee" if value_hidden.dtype == torch.float32 else None,
+        **cfg,
+    )
+
+
+@torch.library.custom_op("ivl_kernels::guided_logits_triton", mutates_args=("out",))
+def _guided_logits_triton_op(value_hidden: torch.Tensor, value_weight: torch.Tensor,
+                             base_logits: Optional[torch.Tensor], base_hidden: Optional[torch.Tensor],
+                             base_weight: Optional[torch.Tensor], vocab_map: Optional[torch.Tensor],
+                             alpha_tensor: Optional[torch.Tensor], alpha_scalar: float, fill: float,
+                             out: torch.Tensor) -> None:
+    if vocab_map is not None:
+        # Under torch.compile the public function cannot read map values; check them here, before writing.
+        check_vocab_map(vocab_map, out.shape[1], value_weight.shape[0], value_hidden.device)
+    launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                  alpha_tensor, alpha_scalar, fill, out)
+
+
+@_guided_logits_triton_op.register_fake
+def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+      alpha_scalar, fill, out) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA extension (csrc/guided_logits.cu): ivl_kernels::guided_logits_decode_
+# --------------------------------------------------------------------------------------------------------------
+_CUDA_FAKES_REGISTERED = False
+
+
+def _register_cuda_fakes() -> None:
+    """Fake (meta) implementation of the compiled op so ``torch.compile`` can trace through it."""
+    global _CUDA_FAKES_REGISTERED
+    if _CUDA_FAKES_REGISTERED:
+        return
+
+    @torch.library.register_fake("ivl_kernels::guided_logits_decode_")
+    def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+          alpha_scalar, fill, out) -> None:
+        return None
+
+    _CUDA_FAKES_REGISTERED = True
+
+
+def _vector_aligned(t: torch.Tensor) -> bool:
+    """16-byte loads need a contiguous last dim, rows starting on 16-byte boundaries."""
+    vec = 16 // t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.shape[-1] % vec == 0 and (
+        t.dim() == 1 or t.stride(0) % vec == 0)
+
+
+def _cuda_supports(a: GuidedArgs, out: Optional[torch.Tensor]) -> str:
+    if a.M > CUDA_MAX_ROWS:
+        return f"it handles M <= {CUDA_MAX_ROWS} rows (decode), got M = {a.M}; use backend='triton'"
+    dt = a.value_hidden.dtype
+    if dt not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"value dtype must be float16, bfloat16 or float32, got {dt}"
+    if a.base_mode == 0:
+        return "it needs a base term"
+    if a.base_mode == 1 and a.base_logits.dtype not in (dt, torch.float32):
+        return f"base_logits dtype must be {dt} or float32, got {a.base_logits.dtype}"
+    if a.base_mode == 2 and a.base_hidden.dtype != dt:
+        return f"base_hidden/base_weight dtype must equal the value dtype {dt}, got {a.base_hidden.dtype}"
+    vec_tensors = [("value_hidden", a.value_hidden), ("value_weight", a.value_weight)]
+    if a.base_mode == 2:
+        vec_tensors += [("base_hidden", a.base_hidden), ("base_weight", a.base_weight)]
+    for name, t in vec_tensors:
+        if not _vector_aligned(t):
+            return (f"{name} must have stride(-1) == 1, 16-byte aligned rows and a last dim divisible by "
+                    f"{16 // t.element_size()}")
+    for name, t in (("base_logits", a.base_logits), ("out", out)):
+        if t is not None and t.stride(-1) != 1:
+            return f"{name} must have stride(-1) == 1"
+    if a.vocab_map is not None and a.vocab_map.stride(0) != 1:
+        return "vocab_map must be contiguous"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------
+def fused_guided_logits(value_hidden, value_weight, *, base_logits=None, base_hidden=None, base_weight=None,
+                        vocab_map=None, alpha=1.0, fill=0.0, out=None, backend="auto") -> torch.Tensor:
+    """Guided next-token logits ``[M, Vb]`` in one fused pass.
+
+    ``out[m, b] = base[m, b] + alpha[m] * (value_hidden[m] . value_weight[map[b]])``, and
+    ``base[m, b] + alpha[m] * fill`` where ``map[b] == -1``.
+
+    Args:
+        value_hidden: ``[..., Hv]`` value-network final hidden states; leading dims are flattened to ``M``.
+        value_weight: ``[Vv, Hv]`` value LM head, same dtype as ``value_hidden``.
+        base_logits: ``[..., Vb]`` base logits (leading dims as ``value_hidden``). Or instead:
+        base_hidden: ``[..., Hb]`` base hidden states, with
+        base_weight: ``[Vb, Hb]`` the base LM head, fused into the same pass.
+        vocab_map: int32/int64 ``[Vb]`` (or a ``VocabMap``), entries in ``[-1, Vv)``, ``-1`` = unmapped.
+            ``None`` = identity (``b -> b`` for ``b < Vv``, unmapped beyond).
+        alpha: guidance strength, a float or a ``[M]`` tensor (one per row).
+        fill: the value logit used for unmapped base ids.
+        out: optional ``[M, Vb]`` output; may be ``base_logits`` itself (in place, as a logits processor does).
+        backend: ``"auto" | "cuda" | "triton" | "torch"`` (``IVL_KERNELS_BACKEND`` overrides ``"auto"``).
+
+    Returns:
+        ``out`` if given, else a new ``[M, Vb]`` tensor of ``base_logits.dtype`` (float32 when the base is
+        given as hidden states). Accumulation is float32. No gradient flows through this op.
+    """
+    check_backend(backend)
+    # Under torch.compile, reading the map's values would break the graph: the custom ops check them at run
+    # time instead, before they write anything.
+    a = validate_guided(value_hidden, value_weight, base_logits=base_logits, base_hidden=base_hidden,
+                        base_weight=base_weight, vocab_map=vocab_map, alpha=alpha, fill=fill,
+                        check_map_values=not torch.compiler.is_compiling())
+    out2d = validate_out(out, a)
+    which = _backends.select(backend, a.device, cuda_supports=lambda: _cuda_supports(a, out2d),
+                             triton_supports=lambda: _triton_supports(a))
+    if out2d is None:
+        out2d = torch.empty((a.M, a.Vb), dtype=a.out_dtype, device=a.device)
+    alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None
+    alpha_scalar = 0.0 if alpha_tensor is not None else a.alpha
+    with torch.no_grad():
+        if which == "torch":
+            guided_logits_torch(a, out2d)
+        elif which == "triton":
+            torch.ops.ivl_kernels.guided_logits_triton(
+                a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map,
+                alpha_tensor, alpha_scalar, a.fill, out2d)
+        else:
+            if alpha_tensor is not None and (alpha_tensor.dtype != torch.float32 or alpha_tensor.stride(0) != 1):
+                alpha_tensor = alpha_tensor.float().contiguous()
+            torch.ops.ivl_kernels.guided_logits_decode_(
+                a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map,
+                alpha_tensor, alpha_scalar, a.fill, out2d)
+    return out if out is not None else out2d

@@ -1,0 +1,87 @@
+"""Build script: the optional CUDA extension ``ivl_kernels._C`` (metadata lives in pyproject.toml).
+
+The extension is compiled when torch is a CUDA build and ``nvcc`` is found (``$CUDA_HOME``, else
+``/usr/local/cuda``). ``IVL_KERNELS_SKIP_CUDA_BUILD=1`` skips it. Without a toolchain the install is pure
+Python (Triton and torch backends only) and says so. Nothing here touches the network.
+"""
+
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"[ivl-kernels] {msg}", file=sys.stderr)
+
+
+def _missing_library_headers(cuda_home: str) -> list:
+    """Include dirs for CUDA library headers that torch's headers include (cuSPARSE, cuBLAS) when the toolkit
+    at ``cuda_home`` ships only the compiler and runtime: the pip wheels torch depends on carry them."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in getattr(nvidia, "__path__", []):
+        for sub in sorted(os.listdir(root)):
+            inc = os.path.join(root, sub, "include")
+            if os.path.exists(os.path.join(inc, "cusparse.h")):
+                dirs.append(inc)
+    if dirs:
+        _say(f"CUDA library headers not in {cuda_home}/include; using {dirs[0]} (from the nvidia pip wheels)")
+    return dirs[:1]
+
+
+def _cuda_extension():
+    if os.environ.get("IVL_KERNELS_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        _say("IVL_KERNELS_SKIP_CUDA_BUILD set: pure-Python install (Triton and torch backends)")
+        return None
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        _say("torch is not importable in the build environment: pure-Python install. "
+             "Install torch first and build with `pip install --no-build-isolation .`")
+        return None
+    if torch.version.cuda is None:
+        _say(f"torch {torch.__version__} is a CPU build: pure-Python install (no CUDA extension)")
+        return None
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            _say(f"nvcc not found (looked in {cuda_home}/bin and PATH): pure-Python install")
+            return None
+        cuda_home = os.path.dirname(os.path.dirname(nvcc))
+    os.environ["CUDA_HOME"] = cuda_home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # No GPU to detect here (or a build machine without one): build for Ampere and Hopper.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    include_dirs = _missing_library_headers(cuda_home)
+    _say(f"building the CUDA extension with {nvcc} for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    ext = CUDAExtension(
+        name="ivl_kernels._C",
+        sources=["csrc/bindings.cpp", "csrc/guided_logits.cu"],
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+                     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                     "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
+        },
+    )
+    return ext, BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+_ext = _cuda_extension()
+if _ext is None:
+    setup()
+else:
+    setup(ext_modules=[_ext[0]], cmdclass={"build_ext": _ext[1]})

@@ -1,0 +1,289 @@
+"""fused_guided_logits on every backend against an fp64 plain-torch reference.
+
+Error rule (flash-attention's): ``err_backend <= 2 * err_plain_torch_same_dtype + atol``, where both errors are
+measured against the formula evaluated in float64 on the same inputs. Outputs are poisoned with NaN before the
+call so an element the kernel never writes cannot pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ivl_kernels as ivl
+from ivl_kernels import _backends
+from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
+from ivl_kernels.reference import guided_logits_naive
+
+HAS_GPU = torch.cuda.is_available()
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+
+def _backend_params():
+    """(backend, device) pairs that can run here: torch on CPU always; Triton under the interpreter on CPU or
+    on a GPU; CUDA and the GPU variants only with a GPU."""
+    params = [pytest.param("torch", "cpu", id="torch-cpu")]
+    if HAS_TRITON and interpreter_enabled():
+        params.append(pytest.param("triton", "cpu", id="triton-interp"))
+    gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+    params += [
+        pytest.param("torch", "cuda", id="torch-cuda", marks=gpu),
+        pytest.param("triton", "cuda", id="triton-cuda", marks=gpu),
+        pytest.param("cuda", "cuda", id="cuda-ext", marks=[gpu, pytest.mark.skipif(
+            HAS_GPU and _backends.cuda_extension() is None, reason="CUDA extension not built")]),
+    ]
+    return params
+
+
+BACKENDS = _backend_params()
+
+
+def _dtypes_for(backend, device):
+    if backend == "torch":
+        return [torch.float32, torch.float16, torch.bfloat16]
+    if device == "cpu":  # the Triton interpreter has no bfloat16
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _skip_unsupported(backend, device, dtype):
+    if dtype not in _dtypes_for(backend, device):
+        pytest.skip(f"{backend} on {device} does not run {dtype}")
+
+
+def make_map(kind: str, Vb: int, Vv: int, device) -> torch.Tensor | None:
+    """Vocabulary maps: identity (None), a permutation-like injective map with -1 holes, many-to-one."""
+    if kind == "identity":
+        return None
+    if kind == "injective":
+        perm = torch.randperm(max(Vb, Vv))[:Vb]
+        m = torch.where(perm < Vv, perm, torch.full_like(perm, -1))
+        m[torch.rand(Vb) < 0.1] = -1
+        return m.to(device=device, dtype=torch.int32)
+    if kind == "many_to_one":
+        m = torch.randint(0, max(1, Vv // 4), (Vb,))
+        m[torch.rand(Vb) < 0.2] = -1
+        return m.to(device=device, dtype=torch.int64)
+    raise ValueError(kind)
+
+
+def assert_guided_close(out, ref64, plain_same_dtype, dtype, what=""):
+    """``|out - ref| <= 2 |plain - ref| + atol`` elementwise-max, and identical -inf/+inf positions."""
+    assert out.shape == ref64.shape, (out.shape, ref64.shape)
+    out64 = out.double()
+    assert not torch.isnan(out64).any(), f"{what}: NaN in output (an element was not written?)"
+    inf_ref = torch.isinf(ref64)
+    assert torch.equal(torch.isinf(out64), inf_ref), f"{what}: infinite entries differ from the reference"
+    if inf_ref.any():
+        assert torch.equal(out64[inf_ref], ref64[inf_ref]), f"{what}: sign of infinite entries differs"
+    fin = ~inf_ref
+    err = (out64[fin] - ref64[fin]).abs().max().item() if fin.any() else 0.0
+    err_plain = (plain_same_dtype.double()[fin] - ref64[fin]).abs().max().item() if fin.any() else 0.0
+    bound = 2 * err_plain + ATOL[dtype] * max(1.0, ref64[fin].abs().max().item() if fin.any() else 1.0)
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (plain torch {err_plain:.3e})"
+
+
+def _inputs(M, Hv, Vv, Vb, Hb, dtype, device, base_mode, lead=None):
+    lead = lead or (M,)
+    vh = torch.randn(*lead, Hv, device=device).to(dtype)
+    vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
+    kw = {}
+    if base_mode == "logits":
+        kw["base_logits"] = torch.randn(*lead, Vb, device=device).to(dtype)
+    else:
+        kw["base_hidden"] = torch.randn(*lead, Hb, device=device).to(dtype)
+        kw["base_weight"] = (torch.randn(Vb, Hb, device=device) / math.sqrt(Hb)).to(dtype)
+    return vh, vw, kw
+
+
+def _run_and_check(backend, device, dtype, vh, vw, kw, vocab_map, alpha, fill, what, in_place=False):
+    ref = guided_logits_naive(vh, vw, vocab_map=vocab_map, alpha=alpha, fill=fill, dtype=torch.float64, **kw)
+    plain = guided_logits_naive(vh, vw, vocab_map=vocab_map, alpha=alpha, fill=fill, dtype=dtype, **kw)
+    Vb = ref.shape[1]
+    if in_place:
+        base = kw["base_logits"]
+        result = ivl.fused_guided_logits(vh, vw, vocab_map=vocab_map, alpha=alpha, fill=fill, out=base,
+                                         backend=backend, **kw)
+        assert result is base
+        out = base.reshape(-1, Vb)
+    else:
+        out_dtype = kw["base_logits"].dtype if "base_logits" in kw else torch.float32
+        out = torch.full((ref.shape[0], Vb), float("nan"), dtype=out_dtype, device=device)
+        result = ivl.fused_guided_logits(vh, vw, vocab_map=vocab_map, alpha=alpha, fill=fill, out=out,
+                                         backend=backend, **kw)
+        assert result is out
+    assert_guided_close(out, ref, plain, dtype, what)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("base_mode", ["logits", "hidden"])
+@pytest.mark.parametrize("map_kind", ["identity", "injective", "many_to_one"])
+@pytest.mark.parametrize("M", [1, 7, 123], ids=lambda m: f"M{m}")
+def test_matches_reference(backend, device, dtype, base_mode, map_kind, M):
+    _skip_unsupported(backend, device, dtype)
+    # Vocab sizes that are multiples of no block size; Vb > Vv so the identity map has an unmapped tail.
+    # Hidden sizes divisible by 8 so the CUDA kernel's 16-byte loads apply (odd sizes: test_odd_hidden_sizes).
+    Hv, Vv, Vb, Hb = 40, 1001, 1031, 56
+    vh, vw, kw = _inputs(M, Hv, Vv, Vb, Hb, dtype, device, base_mode)
+    vocab_map = make_map(map_kind, Vb, Vv, device)
+    alpha = torch.rand(M, device=device, dtype=torch.float32) * 2 - 0.5 if M > 1 else 0.75
+    _run_and_check(backend, device, dtype, vh, vw, kw, vocab_map, alpha, fill=-0.25,
+                   what=f"{backend}/{device}/{dtype}/{base_mode}/{map_kind}/M{M}")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "cuda-ext"])
+@pytest.mark.parametrize("Hv,Hb", [(1, 3), (33, 17), (130, 65)], ids=lambda v: str(v))
+def test_odd_hidden_sizes(backend, device, Hv, Hb):
+    vh, vw, kw = _inputs(5, Hv, 77, 95, Hb, torch.float32, device, "hidden")
+    _run_and_check(backend, device, torch.float32, vh, vw, kw, make_map("injective", 95, 77, device), 1.5, 0.0,
+                   what=f"Hv={Hv}, Hb={Hb}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_in_place_on_base_logits_with_neg_inf(backend, device, dtype):
+    """A logits processor writes into ``scores``: masked (-inf) tokens stay -inf, the rest are guided."""
+    _skip_unsupported(backend, device, dtype)
+    M, Hv, Vv, Vb = 6, 48, 300, 333
+    vh, vw, kw = _inputs(M, Hv, Vv, Vb, 0, dtype, device, "logits")
+    kw["base_logits"][torch.rand(M, Vb, device=device) < 0.3] = float("-inf")
+    _run_and_check(backend, device, dtype, vh, vw, kw, make_map("many_to_one", Vb, Vv, device), 2.0, 0.5,
+                   what="in place", in_place=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_float32_scores_with_half_value_network(backend, device):
+    """generate() hands fp32 scores to processors while the value network runs in half precision."""
+    dtype = torch.float16
+    M, Hv, Vv, Vb = 3, 64, 500, 512
+    vh = torch.randn(M, Hv, device=device).to(dtype)
+    vw = (torch.randn(Vv, Hv, device=device) / 8).to(dtype)
+    base = torch.randn(M, Vb, device=device)
+    ref = guided_logits_naive(vh, vw, base_logits=base, alpha=0.5, dtype=torch.float64)
+    plain = guided_logits_naive(vh, vw, base_logits=base, alpha=0.5, dtype=dtype)
+    out = ivl.fused_guided_logits(vh, vw, base_logits=base, alpha=0.5, backend=backend)
+    assert out.dtype == torch.float32
+    assert_guided_close(out, ref, plain, dtype, "fp32 scores")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id != "cuda-ext"])
+def test_non_contiguous_inputs(backend, device):
+    """Strided hidden states, a column-major LM head, a strided map and base/out slices of bigger tensors."""
+    M, Hv, Vv, Vb, Hb = 9, 24, 211, 257, 20
+    vh = torch.randn(M, 2 * Hv, device=device)[:, ::2]
+    vw = (torch.randn(Hv, Vv, device=device) / 5).T  # stride(-1) != 1
+    bh = torch.randn(2 * M, Hb, device=device)[::2]
+    bw = torch.randn(Vb, Hb + 3, device=device)[:, :Hb]
+    vocab_map = make_map("injective", 2 * Vb, Vv, device)[::2].contiguous()[: Vb]
+    vocab_map = torch.stack([vocab_map, vocab_map], 1)[:, 0]  # strided view, stride 2
+    assert not vw.is_contiguous() and vocab_map.stride(0) == 2
+    kw = dict(base_hidden=bh, base_weight=bw)
+    _run_and_check(backend, device, torch.float32, vh, vw, kw, vocab_map, 0.3, 1.0, what="strided hidden")
+    base_big = torch.randn(M, Vb + 11, device=device)
+    base = base_big[:, 5: 5 + Vb]
+    _run_and_check(backend, device, torch.float32, vh, vw, {"base_logits": base}, vocab_map, -1.0, 0.0,
+                   what="strided base, in place", in_place=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_leading_dims_are_flattened(backend, device):
+    B, T, Hv, Vv, Vb = 2, 3, 32, 100, 120
+    vh, vw, kw = _inputs(None, Hv, Vv, Vb, 0, torch.float32, device, "logits", lead=(B, T))
+    out = ivl.fused_guided_logits(vh, vw, alpha=0.5, backend=backend, **kw)
+    assert out.shape == (B * T, Vb)
+    ref = guided_logits_naive(vh, vw, alpha=0.5, dtype=torch.float64, **kw)
+    assert_guided_close(out, ref, guided_logits_naive(vh, vw, alpha=0.5, **kw), torch.float32, "3-D")
+    # out= with the leading dims of value_hidden also works, and the result lands in the caller's tensor.
+    out3 = torch.full((B, T, Vb), float("nan"), device=device)
+    assert ivl.fused_guided_logits(vh, vw, alpha=0.5, out=out3, backend=backend, **kw) is out3
+    assert_guided_close(out3.reshape(-1, Vb), ref, guided_logits_naive(vh, vw, alpha=0.5, **kw), torch.float32, "3-D out")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_alpha_zero_and_empty_rows(backend, device):
+    vh, vw, kw = _inputs(4, 32, 50, 64, 0, torch.float32, device, "logits")
+    out = ivl.fused_guided_logits(vh, vw, alpha=0.0, backend=backend, **kw)
+    # alpha = 0 leaves the base logits exactly as they were (to the last bit).
+    assert torch.equal(out, kw["base_logits"])
+    vh0 = vh[:0]
+    out0 = ivl.fused_guided_logits(vh0, vw, base_logits=kw["base_logits"][:0], backend=backend)
+    assert out0.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_accepts_vocab_map_object(backend, device):
+    """Anything with an ``.index`` tensor (a VocabMap) is accepted as vocab_map."""
+
+    class FakeMap:
+        def __init__(self, index):
+            self.index = index
+
+    vh, vw, kw = _inputs(2, 32, 60, 70, 0, torch.float32, device, "logits")
+    m = make_map("injective", 70, 60, device)
+    a = ivl.fused_guided_logits(vh, vw, vocab_map=FakeMap(m), backend=backend, **kw)
+    b = ivl.fused_guided_logits(vh, vw, vocab_map=m, backend=backend, **kw)
+    assert torch.equal(a, b)
+
+
+def test_auto_backend_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv("IVL_KERNELS_BACKEND", raising=False)
+    assert _backends.select("auto", torch.device("cpu"), triton_supports=lambda: "") == "torch"
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_auto_backend_on_gpu_picks_fused():
+    dev = torch.device("cuda")
+    vh, vw, kw = _inputs(1, 64, 100, 128, 0, torch.float16, "cuda", "logits")
+    from ivl_kernels.ops.guided_logits import _cuda_supports, _triton_supports
+    from ivl_kernels._validate import validate_guided
+
+    a = validate_guided(vh, vw, **kw)
+    expected = "cuda" if _backends.cuda_extension() is not None else "triton"
+    assert _backends.select("auto", dev, cuda_supports=lambda: _cuda_supports(a, None),
+                            triton_supports=lambda: _triton_supports(a)) == expected
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_compile_fullgraph(backend):
+    if backend == "cuda" and _backends.cuda_extension() is None:
+        pytest.skip("CUDA extension not built")
+    vh, vw, kw = _inputs(4, 64, 300, 320, 0, torch.float16, "cuda", "logits")
+    vocab_map = make_map("injective", 320, 300, "cuda")
+
+    def step(vh, vw, base, m):
+        return ivl.fused_guided_logits(vh, vw, base_logits=base, vocab_map=m, alpha=0.5, backend=backend) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(vh, vw, kw["base_logits"], vocab_map)
+    want = step(vh, vw, kw["base_logits"], vocab_map)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and interpreter_enabled()), reason="needs the Triton interpreter")
+def test_triton_interpreter_rejects_bf16_explicitly():
+    vh, vw, kw = _inputs(2, 32, 40, 40, 0, torch.bfloat16, "cpu", "logits")
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ivl.fused_guided_logits(vh, vw, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("backend", ["cuda"] + ([] if HAS_GPU else ["triton"]))
+def test_unavailable_backend_names_what_is_missing(backend, monkeypatch):
+    vh, vw, kw = _inputs(2, 32, 40, 40, 0, torch.float32, "cpu", "logits")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA tensors" if backend == "cuda" else "TRITON_INTERPRET"):
+        ivl.fused_guided_logits(vh, vw, backend=backend, **kw)
+
+
+def test_env_backend_override(monkeypatch):
+    vh, vw, kw = _inputs(2, 32, 40, 40, 0, torch.float32, "cpu", "logits")
+    monkeypatch.setenv("IVL_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        ivl.fused_guided_logits(vh, vw, **kw)
+    monkeypatch.setenv("IVL_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="IVL_KERNELS_BACKEND"):
+        ivl.fused_guided_logits(vh, vw, **kw)
