@@ -14,8 +14,18 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+REQUIRE = os.environ.get("IVL_KERNELS_REQUIRE_CUDA_BUILD", "0") not in ("", "0")
+
+
 def _say(msg: str) -> None:
     print(f"[ivl-kernels] {msg}", file=sys.stderr)
+
+
+def _no_extension(msg: str):
+    if REQUIRE:
+        raise RuntimeError(f"IVL_KERNELS_REQUIRE_CUDA_BUILD=1 but the CUDA extension cannot be built: {msg}")
+    _say(msg)
+    return None
 
 
 def _missing_library_headers(cuda_home: str) -> list:
@@ -40,29 +50,25 @@ def _missing_library_headers(cuda_home: str) -> list:
 
 def _cuda_extension():
     if os.environ.get("IVL_KERNELS_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-        _say("IVL_KERNELS_SKIP_CUDA_BUILD set: pure-Python install (Triton and torch backends)")
-        return None
+        return _no_extension("IVL_KERNELS_SKIP_CUDA_BUILD set: pure-Python install (Triton and torch backends)")
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
-        _say("torch is not importable in the build environment: pure-Python install. "
-             "Install torch first and build with `pip install --no-build-isolation .`")
-        return None
+        return _no_extension("torch is not importable in the build environment: pure-Python install. "
+                             "Install torch first and build with `pip install --no-build-isolation .`")
     if torch.version.cuda is None:
-        _say(f"torch {torch.__version__} is a CPU build: pure-Python install (no CUDA extension)")
-        return None
+        return _no_extension(f"torch {torch.__version__} is a CPU build: pure-Python install (no CUDA extension)")
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
     if not os.path.exists(nvcc):
         nvcc = shutil.which("nvcc")
         if nvcc is None:
-            _say(f"nvcc not found (looked in {cuda_home}/bin and PATH): pure-Python install")
-            return None
+            return _no_extension(f"nvcc not found (looked in {cuda_home}/bin and PATH): pure-Python install")
         cuda_home = os.path.dirname(os.path.dirname(nvcc))
     os.environ["CUDA_HOME"] = cuda_home
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        # No GPU to detect here (or a build machine without one): build for Ampere and Hopper.
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to detect the architecture from: build for Ampere and Hopper.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     include_dirs = _missing_library_headers(cuda_home)
     _say(f"building the CUDA extension with {nvcc} for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")

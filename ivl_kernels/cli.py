@@ -14,10 +14,29 @@ def _info(argv) -> int:
     return 0
 
 
-def _bench(argv) -> int:
-    from .bench import main
+BENCHMARKS = {"logits": "bench_guided_logits.py", "loss": "bench_guided_loss.py", "generate": "bench_generate.py"}
 
-    return main(argv)
+
+def _bench(argv) -> int:
+    """``ivl-kernels bench [logits|loss|generate|all] [benchmark args]``: runs the scripts in benchmarks/."""
+    import importlib.util
+    import os
+
+    which = argv[0] if argv and argv[0] in (*BENCHMARKS, "all") else "logits"
+    rest = argv[1:] if argv and argv[0] == which else argv
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if not os.path.isdir(root):
+        print(f"benchmarks/ not found next to the package ({root}): run from a source checkout "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
+    status = 0
+    for name in (BENCHMARKS if which == "all" else [which]):
+        path = os.path.join(root, BENCHMARKS[name])
+        spec = importlib.util.spec_from_file_location(f"ivl_bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        status |= module.main(rest) or 0
+    return status
 
 
 def _demo(argv) -> int:

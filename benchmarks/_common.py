@@ -1,0 +1,142 @@
+"""Shared benchmark plumbing: environment header, timing, memory-floor bandwidth, CSV and plot output.
+
+GPU times are ``triton.testing.do_bench`` medians (ms); CPU times are ``torch.utils.benchmark`` medians.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import sys
+from typing import Callable, Iterable
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def environment(device: torch.device) -> dict:
+    """Device, date and versions, printed at the top of every benchmark and kept in its CSV."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads)",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "not installed"
+    try:
+        import ivl_kernels
+        from ivl_kernels._backends import cuda_extension
+
+        env["ivl_kernels"] = ivl_kernels.__version__
+        env["cuda_extension"] = "built" if cuda_extension() is not None else "not built"
+    except Exception as exc:  # the benchmark still reports the peers
+        env["ivl_kernels"] = f"import failed: {exc}"
+    return env
+
+
+def print_environment(env: dict) -> None:
+    for k, v in env.items():
+        print(f"# {k}: {v}")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.5) -> float:
+    """Median time of ``fn()`` in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    fn()  # warm-up (first-call allocations, compilation)
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    return m.median * 1e3
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
+    """Measured device copy bandwidth (bytes read + bytes written per second, in GB/s)."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (1 << 27))
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def write_csv(path: str, rows: list[dict], env: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        for k, v in env.items():
+            f.write(f"# {k}: {v}\n")
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: str, title: str,
+              ylabel: str, log: bool = False) -> None:
+    """Grouped bar chart: one group per ``group`` value, one bar per ``series`` value."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(names)) / 3), 4))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            for r in rows:
+                if r[group] == g and r[series] == name and isinstance(r.get(value), (int, float)):
+                    xs.append(j + i * width)
+                    ys.append(r[value])
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(groups))])
+    ax.set_xticklabels([str(g) for g in groups])
+    ax.set_xlabel(group)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def format_table(rows: Iterable[dict], cols: list[str]) -> str:
+    rows = list(rows)
+    cells = [[str(c) for c in cols]] + [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
