@@ -29,6 +29,23 @@ CUDA_MAX_ROWS = 16
 # Triton kernel
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
+def tile_dot(h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K,
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``[BLOCK_M, BLOCK_V]`` fp32 tile of ``h[offs_m] . w[rows_w]^T`` over ``K`` (the LM-head projection of a row
+    tile onto a tile of (possibly gathered) weight rows). Masked-out rows contribute zeros; shared by every op."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        h = tl.load(h_ptr + offs_m[:, None] * stride_h_m + offs_k[None, :] * stride_h_k,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + rows_w[:, None] * stride_w_v + offs_k[None, :] * stride_w_k,
+                    mask=mask_w[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _guided_logits_kernel(
     vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr, alpha_ptr, out_ptr,
     M, Vb, Vv, Hv, Hb,
@@ -56,15 +73,8 @@ def _guided_logits_kernel(
     # Unmapped ids read row 0 under a false mask: no out-of-range address is ever formed.
     rows_w = tl.where(mapped, idx, 0)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, Hv, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < Hv
-        h = tl.load(vh_ptr + offs_m[:, None] * stride_vh_m + offs_k[None, :] * stride_vh_k,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(vw_ptr + rows_w[:, None] * stride_vw_v + offs_k[None, :] * stride_vw_k,
-                    mask=mapped[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k, rows_w,
+                   mapped, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
 
     value = tl.where(mapped[None, :], acc, fill)
     if ALPHA_IS_TENSOR:
@@ -79,15 +89,8 @@ def _guided_logits_kernel(
                        mask=mask_out, other=0.0).to(tl.float32)
         result = base + result
     elif BASE_MODE == 2:
-        bacc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-        for k0 in range(0, Hb, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < Hb
-            h = tl.load(bh_ptr + offs_m[:, None] * stride_bh_m + offs_k[None, :] * stride_bh_k,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(bw_ptr + offs_v[:, None] * stride_bw_v + offs_k[None, :] * stride_bw_k,
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
-            bacc = tl.dot(h, tl.trans(w), bacc, input_precision=DOT_PRECISION)
+        bacc = tile_dot(bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v, stride_bw_k,
+                        offs_v, mask_v, Hb, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         result = bacc + result
 
     tl.store(out_ptr + offs_m[:, None] * stride_out_m + offs_v[None, :] * stride_out_v,
