@@ -1,0 +1,184 @@
+"""Shared plumbing of the transformers integration: splitting a causal LM into backbone + LM head weight,
+vocabulary checks, base-id -> value-id translation, position ids from a padding mask.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+# Generation modes whose caller reorders or rewinds sequences between logits-processor calls (beam search
+# reorders beams, assisted decoding verifies several candidate tokens and rolls back): a value KV cache fed one
+# token per call cannot follow them. Detected by the name of the generation method on the call stack.
+UNSUPPORTED_GENERATION_METHODS = {
+    "_beam_search": "beam search (num_beams > 1)",
+    "_group_beam_search": "group beam search",
+    "_constrained_beam_search": "constrained beam search",
+    "_assisted_decoding": "assisted / speculative decoding (assistant_model, prompt_lookup_num_tokens)",
+    "get_candidates": "assisted / speculative decoding (assistant_model, prompt_lookup_num_tokens)",
+    "_contrastive_search": "contrastive search",
+    "_dola_decoding": "DoLa decoding",
+}
+
+# generate() kwargs that select a mode the guided decoders do not support, with the reason.
+UNSUPPORTED_GENERATE_KWARGS = {
+    "num_beams": "beam search is not supported (the value network's KV cache is not reordered with the beams); "
+                 "use greedy or sampling",
+    "assistant_model": "assisted / speculative decoding is not supported",
+    "prompt_lookup_num_tokens": "prompt-lookup (assisted) decoding is not supported",
+    "penalty_alpha": "contrastive search is not supported",
+    "num_beam_groups": "group beam search is not supported",
+    "constraints": "constrained beam search is not supported",
+    "force_words_ids": "constrained beam search is not supported",
+    "dola_layers": "DoLa decoding is not supported",
+}
+
+
+def check_generate_kwargs(kwargs: dict, generation_config=None) -> None:
+    """Raise ``ValueError`` for generate() arguments that select an unsupported decoding mode."""
+    for name, why in UNSUPPORTED_GENERATE_KWARGS.items():
+        value = kwargs.get(name)
+        if value is None and generation_config is not None and name in ("num_beams", "num_beam_groups",
+                                                                          "penalty_alpha", "prompt_lookup_num_tokens"):
+            value = getattr(generation_config, name, None)
+        if value is None or value is False:
+            continue
+        if name in ("num_beams", "num_beam_groups") and int(value) <= 1:
+            continue
+        raise ValueError(f"{name}={value!r}: {why}. Guided decoding supports greedy search and sampling.")
+    nrs = kwargs.get("num_return_sequences", getattr(generation_config, "num_return_sequences", None))
+    if nrs is not None and int(nrs) > 1:
+        raise ValueError(f"num_return_sequences={nrs} is not supported: repeat the prompts in the batch instead")
+
+
+def check_caller_generation_mode() -> None:
+    """Raise ``ValueError`` when called (at any depth) from a generation method that reorders or rewinds the
+    sequences (beam search, assisted decoding...). Called once, on a logits processor's first call: it runs
+    after the base model's prompt forward but before any token is chosen."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name in UNSUPPORTED_GENERATION_METHODS and "transformers" in frame.f_code.co_filename:
+            raise ValueError(
+                f"IVLLogitsProcessor does not support {UNSUPPORTED_GENERATION_METHODS[name]}: the value network "
+                f"is run incrementally with its own KV cache, one token per step, which cannot follow reordered "
+                f"or rewound sequences. Use greedy search or sampling (num_beams=1, no assistant model).")
+        frame = frame.f_back
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a PEFT wrapper (LoRA layers are injected in place, so running
+    the unwrapped model's backbone runs the adapters too); other models are returned as they are."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and type(model).__name__.startswith("Peft"):
+        return get_base()
+    return model
+
+
+def split_causal_lm(model: nn.Module, role: str = "value") -> Tuple[nn.Module, torch.Tensor]:
+    """``(backbone, lm_head_weight [V, H])`` of a transformers causal LM.
+
+    The backbone (``get_decoder()``, e.g. ``LlamaModel``) returns the final (normed) hidden states
+    ``[B, T, H]``; the fused kernels apply the LM head themselves, so heads that are not a plain bias-free
+    linear map (a bias, final-logit softcapping, a logit scale) are rejected with ``ValueError``.
+    Tied embeddings need nothing special: ``lm_head.weight`` is the embedding matrix then.
+    """
+    lm = unwrap_causal_lm(model)
+    get_decoder = getattr(lm, "get_decoder", None)
+    backbone = get_decoder() if callable(get_decoder) else getattr(lm, "model", None)
+    if backbone is None or backbone is lm:
+        raise ValueError(f"{role} model {type(model).__name__}: cannot find its backbone (expected a transformers "
+                         f"*ForCausalLM with get_decoder() or .model)")
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else getattr(lm, "lm_head", None)
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{role} model {type(model).__name__}: cannot find its LM head weight (get_output_embeddings)")
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        raise ValueError(f"{role} model: an adapter on the LM head is not supported (the fused kernel reads "
+                         f"lm_head.weight directly); target the backbone's modules only")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{role} model {type(model).__name__}: its LM head has a bias, which the fused guided "
+                         f"kernels do not apply; not supported")
+    cfg = getattr(lm, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        v = getattr(text_cfg, attr, None)
+        if v is not None and not (attr != "final_logit_softcapping" and float(v) == 1.0):
+            raise ValueError(f"{role} model {type(model).__name__}: {attr}={v} transforms the logits after the LM "
+                             f"head, which the fused guided kernels do not apply; not supported")
+    return backbone, head.weight
+
+
+def input_vocab_size(model: nn.Module) -> int:
+    """Rows of the model's input embedding: the token ids it can read."""
+    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
+
+
+def resolve_vocab_map(vocab_map, Vb: int, Vv: int, device, *, role: str = "value") -> Optional[torch.Tensor]:
+    """Check a (base -> value) vocabulary map against the two vocabulary sizes; ``ValueError`` when it cannot
+    work. Returns the int ``[Vb]`` index tensor on ``device`` (``None`` = identity).
+
+    Without a map, base id ``b`` reads value id ``b``: that needs ``Vv <= Vb`` (a value head scoring ids the
+    base cannot emit means another vocabulary); base ids ``>= Vv`` are unmapped (the Qwen2.5-7B/0.5B case).
+    """
+    if vocab_map is None:
+        if Vv > Vb:
+            raise ValueError(
+                f"the {role} model's vocabulary ({Vv} ids) does not fit the base vocabulary ({Vb} ids) without a "
+                f"map: pass vocab_map=VocabMap.from_tokenizers(base_tokenizer, value_tokenizer) (or an int tensor "
+                f"[{Vb}] of value ids, -1 = unmapped)")
+        return None
+    index = vocab_map if isinstance(vocab_map, torch.Tensor) else getattr(vocab_map, "index", None)
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"vocab_map must be a VocabMap or an int tensor [Vb], got {type(vocab_map).__name__}")
+    if index.dim() != 1 or index.shape[0] != Vb:
+        raise ValueError(f"vocab_map has shape {list(index.shape)} but the base vocabulary has {Vb} ids: it must "
+                         f"be [{Vb}] (one value id per base id, -1 = unmapped)")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"vocab_map must be int32 or int64, got {index.dtype}")
+    if Vb:
+        lo, hi = int(index.min()), int(index.max())
+        if lo < -1 or hi >= Vv:
+            raise ValueError(f"vocab_map entries must lie in [-1, {Vv}) for a {role} vocabulary of {Vv} ids, got "
+                             f"min {lo}, max {hi}")
+    return index.to(device)
+
+
+class BaseToValueIds:
+    """Translate base token ids into ids the value model reads, when both share one tokenizer (or a map).
+
+    With a map, base id ``b`` is read as value id ``map[b]``; without one, as ``b`` itself. Ids with no
+    counterpart (``map[b] == -1``, or ``b >= `` the value embedding size) are read as ``fallback_id`` (the
+    value config's ``pad_token_id``, else 0): the value model sees *some* token there, and its logits for
+    such base ids are ``fill`` anyway.
+    """
+
+    def __init__(self, vocab_map: Optional[torch.Tensor], value_input_size: int, fallback_id: int):
+        self.map = vocab_map.long() if vocab_map is not None else None
+        self.size = value_input_size
+        self.fallback = int(fallback_id)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.map is not None:
+            if self.map.device != ids.device:
+                self.map = self.map.to(ids.device)
+            out = self.map[ids]
+            return torch.where(out >= 0, out, self.fallback)
+        return torch.where(ids < self.size, ids, self.fallback)
+
+
+def fallback_input_id(model: nn.Module) -> int:
+    cfg = getattr(unwrap_causal_lm(model), "config", None)
+    pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+    return int(pad) if isinstance(pad, int) and pad >= 0 else 0
+
+
+def position_ids_from_mask(mask: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, T]`` positions: the count of real (mask 1) tokens before each one (plus ``offset [B]``), as
+    transformers' generate() does, so left padding does not shift positions. Padding positions get 0."""
+    pos = mask.long().cumsum(-1) - 1
+    if offset is not None:
+        pos = pos + offset.long().unsqueeze(1)
+    return pos.masked_fill(mask == 0, 0).clamp_(min=0)

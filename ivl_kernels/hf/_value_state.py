@@ -1,0 +1,122 @@
+"""Incremental runner of a guidance model (value network) over a batch, with its own KV cache.
+
+The cache holds one column per fed token; a ``[B, L]`` 0/1 mask says which columns each row may attend to.
+Rows may receive different numbers of new tokens in one step (re-tokenised text grows unevenly): the new chunk
+is right-aligned per row with masked holes before, so every row's newest token sits in the chunk's last column
+and its final hidden state is ``last_hidden_state[:, -1]``. A row whose tail changed (re-tokenisation merged the
+last tokens differently) masks its stale columns out; columns stale in every row are cropped from the cache.
+Positions count each row's real tokens only, so holes and left padding never shift them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._common import position_ids_from_mask
+
+
+def _dynamic_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    cfg = getattr(model, "config", None)
+    try:
+        return DynamicCache(config=cfg) if cfg is not None else DynamicCache()
+    except TypeError:  # older signatures
+        return DynamicCache()
+
+
+class ValueRunner:
+    """Feeds tokens to ``backbone`` (returns final hidden states) incrementally; see the module docstring."""
+
+    def __init__(self, backbone: nn.Module, pad_id: int = 0):
+        self.backbone = backbone
+        self.pad_id = int(pad_id)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = None
+        self.mask: Optional[torch.Tensor] = None        # [B, L] long, 1 = column valid for that row
+        self.tokens: Optional[List[List[int]]] = None   # per row, the tokens in the cache (re-tokenising path)
+        self.cols: Optional[List[List[int]]] = None     # per row, their cache columns
+        self.last_hidden: Optional[torch.Tensor] = None  # [B, H]
+
+    @property
+    def started(self) -> bool:
+        return self.cache is not None
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append ``ids [B, k]`` (``mask [B, k]``: 1 = real token, 0 = hole); return ``[B, H]``, each row's final
+        hidden state after its newest real token (rows whose chunk is all holes keep their previous one)."""
+        if self.cache is None:
+            self.cache = _dynamic_cache(self.backbone)
+            self.mask = mask.new_zeros((mask.shape[0], 0))
+        full_mask = torch.cat([self.mask, mask.to(self.mask.dtype)], dim=1)
+        # A row's next position is its count of valid columns (columns masked out by a rollback do not count).
+        pos = position_ids_from_mask(mask, offset=self.mask.sum(1))
+        out = self.backbone(input_ids=ids, attention_mask=full_mask, position_ids=pos,
+                            past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else self.cache
+        hidden = out.last_hidden_state[:, -1]
+        fed = mask[:, -1].bool()
+        if self.last_hidden is not None and not bool(fed.all()):
+            hidden = torch.where(fed.unsqueeze(1), hidden, self.last_hidden)
+        self.mask = full_mask
+        self.last_hidden = hidden
+        return hidden
+
+    # ---- re-tokenising path: per-row token lists, longest-common-prefix reuse ------------------------------
+    @torch.no_grad()
+    def sync(self, sequences: Sequence[Sequence[int]], device) -> torch.Tensor:
+        """Make the cache hold exactly ``sequences[r]`` for each row ``r`` (value-token ids), reusing the
+        longest common prefix with what it holds; return the ``[B, H]`` final hidden states."""
+        B = len(sequences)
+        if self.tokens is None:
+            self.tokens = [[] for _ in range(B)]
+            self.cols = [[] for _ in range(B)]
+        if any(len(s) == 0 for s in sequences):
+            raise ValueError("the value tokenizer produced no token for a row: give the value tokenizer a BOS "
+                             "token, or start prompts with text")
+        new_parts = []
+        invalid = []
+        for r, seq in enumerate(sequences):
+            old = self.tokens[r]
+            n = min(len(old), len(seq))
+            lcp = 0
+            while lcp < n and old[lcp] == seq[lcp]:
+                lcp += 1
+            if lcp == len(old) == len(seq):
+                new_parts.append([])  # unchanged (e.g. a base token that decodes to half a UTF-8 character)
+                continue
+            # Re-feed at least the last token so its hidden state is recomputed in the new context.
+            lcp = min(lcp, len(seq) - 1)
+            invalid.append((r, self.cols[r][lcp:]))
+            del self.tokens[r][lcp:], self.cols[r][lcp:]
+            new_parts.append(list(seq[lcp:]))
+        if self.mask is not None:
+            for r, cols in invalid:
+                if cols:
+                    self.mask[r, cols] = 0
+            # Columns that no row uses any more at the end of the cache: crop them (the common suffix).
+            valid_any = self.mask.any(0)
+            keep = int(valid_any.nonzero().max()) + 1 if bool(valid_any.any()) else 0
+            drop = self.mask.shape[1] - keep
+            if drop > 0:
+                self.cache.crop(-drop)
+                self.mask = self.mask[:, :keep]
+        k = max(len(p) for p in new_parts)
+        if k == 0:
+            return self.last_hidden
+        ids = torch.full((B, k), self.pad_id, dtype=torch.long)
+        chunk_mask = torch.zeros((B, k), dtype=torch.long)
+        L0 = 0 if self.mask is None else self.mask.shape[1]
+        for r, part in enumerate(new_parts):
+            if part:
+                ids[r, k - len(part):] = torch.tensor(part, dtype=torch.long)
+                chunk_mask[r, k - len(part):] = 1
+                self.tokens[r].extend(part)
+                self.cols[r].extend(range(L0 + k - len(part), L0 + k))
+        return self.feed(ids.to(device), chunk_mask.to(device))

@@ -1,0 +1,169 @@
+"""``IVLLogitsProcessor``: attach a value network to any ``model.generate()`` as a logits processor.
+
+    scores[b, :] += alpha * remap(value_logits[b, :])        (in place, one fused kernel call per step)
+
+The value model runs incrementally with its own KV cache (one new token per step, never a recompute), batched,
+left padding respected. The kernel gets the value model's last hidden state and its LM head weight and does the
+head, the remap and the add in one pass: the value model's ``[B, Vv]`` logits are never materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.guided_logits import fused_guided_logits
+from ._common import (BaseToValueIds, check_caller_generation_mode, fallback_input_id, input_vocab_size,
+                      resolve_vocab_map, split_causal_lm)
+from ._value_state import ValueRunner
+
+try:  # subclass transformers' LogitsProcessor when available (generate() accepts any callable in the list)
+    from transformers import LogitsProcessor as _LogitsProcessorBase
+except Exception:  # pragma: no cover
+    _LogitsProcessorBase = object
+
+
+def _vocab_of(tokenizer) -> dict:
+    get = getattr(tokenizer, "get_vocab", None)
+    return get() if callable(get) else {}
+
+
+def tokenizers_differ(base_tokenizer, value_tokenizer) -> bool:
+    """Whether two tokenizers may split text differently (same vocabulary = same ids -> no re-tokenising)."""
+    if base_tokenizer is None or value_tokenizer is None or base_tokenizer is value_tokenizer:
+        return False
+    return _vocab_of(base_tokenizer) != _vocab_of(value_tokenizer) or \
+        type(base_tokenizer).__name__ != type(value_tokenizer).__name__
+
+
+class IVLLogitsProcessor(_LogitsProcessorBase):
+    """Guide ``base_model.generate()`` with a value network: ``scores += alpha * remap(value_logits)``.
+
+    Args:
+        value_model: a transformers causal LM (or a PEFT model wrapping one) whose LM head is a plain
+            bias-free linear map (tied or not).
+        alpha: guidance strength.
+        vocab_map: ``VocabMap`` or int tensor ``[Vb]`` (base id -> value id, -1 = unmapped). ``None`` =
+            identity (value vocabulary ``Vv <= Vb``; base ids ``>= Vv`` unmapped).
+        attention_mask: ``[B, T]`` the prompt mask given to ``generate`` (left padding). ``None`` = no padding.
+        value_tokenizer, base_tokenizer: give both when the two models tokenise differently: the value model
+            then reads the generated text re-tokenised with its own tokenizer (cache reused for the unchanged
+            prefix), and ``vocab_map`` is required to carry its logits onto the base vocabulary.
+        fill: the value logit used for unmapped base ids.
+        backend: ``fused_guided_logits`` backend (``"auto" | "cuda" | "triton" | "torch"``).
+
+    Call shapes (transformers' contract): ``input_ids [B, t]`` (prompt + tokens so far), ``scores [B, Vb]``;
+    returns ``scores``, modified in place. Supported: greedy search and sampling. Beam search, assisted
+    decoding, contrastive search... raise ``ValueError`` on the first call, before any token is chosen. One
+    processor serves one prompt batch: call ``reset(attention_mask=...)`` before reusing it for another.
+    """
+
+    def __init__(self, value_model: nn.Module, *, alpha: float = 1.0, vocab_map=None,
+                 attention_mask: Optional[torch.Tensor] = None, value_tokenizer=None, base_tokenizer=None,
+                 fill: float = 0.0, backend: str = "auto"):
+        self.value_model = value_model
+        self.backbone, self.value_weight = split_causal_lm(value_model, "value")
+        self.alpha = alpha
+        self.fill = float(fill)
+        self.backend = backend
+        self.value_tokenizer = value_tokenizer
+        self.base_tokenizer = base_tokenizer
+        if (value_tokenizer is None) != (base_tokenizer is None):
+            raise ValueError("give both value_tokenizer and base_tokenizer (to re-tokenise for the value model), "
+                             "or neither (both models share one tokenizer)")
+        self.retokenize = tokenizers_differ(base_tokenizer, value_tokenizer)
+        if self.retokenize and vocab_map is None:
+            raise ValueError("the base and value tokenizers differ but no vocab_map was given: pass "
+                             "vocab_map=VocabMap.from_tokenizers(base_tokenizer, value_tokenizer) so value logits "
+                             "can be carried onto the base vocabulary")
+        self._vocab_map_arg = vocab_map
+        if vocab_map is not None:
+            index = vocab_map if isinstance(vocab_map, torch.Tensor) else getattr(vocab_map, "index", None)
+            if isinstance(index, torch.Tensor) and index.dim() == 1:
+                # The base vocabulary size is known from the map: check it now, not at the first step.
+                resolve_vocab_map(vocab_map, index.shape[0], self.value_weight.shape[0], self.value_weight.device)
+            if base_tokenizer is not None and isinstance(index, torch.Tensor) and len(base_tokenizer) > index.shape[0]:
+                raise ValueError(f"vocab_map has {index.shape[0]} entries but the base tokenizer has "
+                                 f"{len(base_tokenizer)} tokens: it must have one entry per base id")
+        self.reset(attention_mask=attention_mask)
+
+    def reset(self, attention_mask: Optional[torch.Tensor] = None) -> None:
+        """Forget the value cache; the next call starts a new prompt batch with this prompt mask."""
+        self.attention_mask = attention_mask
+        self._runner = ValueRunner(self.backbone, pad_id=fallback_input_id(self.value_model))
+        self._vocab_map = None
+        self._translate = None
+        self._prompt = None
+        self._seen = 0
+
+    def check_base_vocab(self, base_vocab_size: int) -> None:
+        """Raise ``ValueError`` now if the value model cannot guide a base with ``base_vocab_size`` ids."""
+        self._vocab_map = resolve_vocab_map(self._vocab_map_arg, base_vocab_size, self.value_weight.shape[0],
+                                            self.value_weight.device)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _start(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        check_caller_generation_mode()
+        B, T = input_ids.shape
+        mask = self.attention_mask
+        if mask is not None:
+            if mask.shape[0] != B:
+                raise ValueError(
+                    f"the prompt attention_mask has batch size {mask.shape[0]} but generate() runs {B} sequences: "
+                    f"num_beams > 1 (beam search) and num_return_sequences > 1 are not supported by "
+                    f"IVLLogitsProcessor; repeat prompts in the batch for several samples per prompt")
+            if mask.shape[1] != T:
+                raise ValueError(f"attention_mask must be the prompt mask given to generate(): it has "
+                                 f"{mask.shape[1]} columns but the prompt has {T} tokens")
+        self.check_base_vocab(scores.shape[-1])
+        self._translate = BaseToValueIds(self._vocab_map, input_vocab_size(self.value_model),
+                                         fallback_input_id(self.value_model))
+        self._prompt = input_ids.clone()
+        self._seen = T
+
+    def _value_sequences(self, input_ids: torch.Tensor) -> list:
+        """Re-tokenise each row's text (prompt without padding + generated tokens) with the value tokenizer."""
+        T0 = self._prompt.shape[1]
+        rows = []
+        for r in range(input_ids.shape[0]):
+            ids = input_ids[r]
+            if self.attention_mask is not None:
+                keep = torch.cat([self.attention_mask[r].to(ids.device).bool(),
+                                  torch.ones(ids.shape[0] - T0, dtype=torch.bool, device=ids.device)])
+                ids = ids[keep]
+            text = self.base_tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+            rows.append(self.value_tokenizer(text, add_special_tokens=True)["input_ids"])
+        return rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        B, T = input_ids.shape
+        if self._prompt is not None:
+            new_prompt = (T == self._prompt.shape[1] and B == self._prompt.shape[0]
+                          and torch.equal(input_ids, self._prompt.to(input_ids.device)))
+            if new_prompt:
+                self.reset(attention_mask=self.attention_mask)  # the same prompt generated again
+            elif B != self._prompt.shape[0] or T != self._seen + 1:
+                raise ValueError(
+                    f"IVLLogitsProcessor expected {self._prompt.shape[0]} sequences of {self._seen + 1} tokens "
+                    f"(one new token per call) but got input_ids of shape {[B, T]}: either a new prompt batch "
+                    f"(call processor.reset(attention_mask=...) first) or a decoding mode that rewinds or "
+                    f"reorders sequences (beam search, assisted decoding), which is not supported")
+        if self._prompt is None:
+            self._start(input_ids, scores)
+            if self.retokenize:
+                hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
+            else:
+                mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(input_ids)
+                hidden = self._runner.feed(self._translate(input_ids), mask.to(input_ids.device).long())
+        else:
+            self._seen = T
+            if self.retokenize:
+                hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
+            else:
+                hidden = self._runner.feed(self._translate(input_ids[:, -1:]),
+                                           torch.ones((B, 1), dtype=torch.long, device=input_ids.device))
+        fused_guided_logits(hidden, self.value_weight, base_logits=scores, out=scores, vocab_map=self._vocab_map,
+                            alpha=self.alpha, fill=self.fill, backend=self.backend)
+        return scores

@@ -1,0 +1,194 @@
+"""Guided generation (IVLLogitsProcessor, GuidedCausalLM) against a no-cache reference loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM, IVLLogitsProcessor  # noqa: E402
+
+from ._models import (BASE_VOCAB, VALUE_VOCAB, left_pad, make_base, make_value, random_map,  # noqa: E402
+                      random_prompts, reference_greedy, reference_next_logits)
+
+NEW = 8
+LENGTHS = [5, 11, 2]
+ALPHA = 1.5
+
+# (base tie_word_embeddings, value tie_word_embeddings, map kind)
+CASES = [
+    pytest.param(False, True, "identity-tail", id="base-untied-value-tied-identity-tail"),
+    pytest.param(True, False, "random-map", id="base-tied-value-untied-random-map"),
+]
+
+
+def _setup(tie_base, tie_value, kind):
+    base = make_base(tie=tie_base)
+    value = make_value(tie=tie_value)
+    vmap = None if kind == "identity-tail" else random_map()
+    return base, value, vmap
+
+
+def _hf_generate(base, ids, mask, processor, **kw):
+    return base.generate(ids, attention_mask=mask, logits_processor=[processor], max_new_tokens=NEW,
+                         do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("tie_base,tie_value,kind", CASES)
+def test_processor_greedy_left_padded_matches_reference(tie_base, tie_value, kind):
+    base, value, vmap = _setup(tie_base, tie_value, kind)
+    prompts = random_prompts(LENGTHS)
+    ids, mask = left_pad(prompts)
+    proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap, attention_mask=mask)
+    out = _hf_generate(base, ids, mask, proc)
+    for i, p in enumerate(prompts):
+        expected = reference_greedy(base, [(value, ALPHA, vmap)], p, NEW)
+        assert out[i, ids.shape[1]:].tolist() == expected.tolist(), f"row {i}"
+    # The guidance changes the tokens (otherwise the comparison above proves nothing).
+    plain = base.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert not torch.equal(plain, out)
+
+
+@pytest.mark.parametrize("tie_base,tie_value,kind", CASES)
+def test_guided_causal_lm_greedy_left_padded_matches_reference(tie_base, tie_value, kind):
+    base, value, vmap = _setup(tie_base, tie_value, kind)
+    prompts = random_prompts(LENGTHS, seed=7)
+    ids, mask = left_pad(prompts)
+    model = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    assert out.shape == (len(prompts), ids.shape[1] + NEW) and out.dtype == torch.long
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+    for i, p in enumerate(prompts):
+        expected = reference_greedy(base, [(value, ALPHA, vmap)], p, NEW)
+        assert out[i, ids.shape[1]:].tolist() == expected.tolist(), f"row {i}"
+
+
+def test_processor_and_guided_lm_agree_on_a_padded_batch():
+    base, value, vmap = _setup(False, True, "random-map")
+    ids, mask = left_pad(random_prompts([3, 9, 6, 1], seed=11))
+    a = GuidedCausalLM(base, value, alpha=0.7, vocab_map=vmap).generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    proc = IVLLogitsProcessor(value, alpha=0.7, vocab_map=vmap, attention_mask=mask)
+    b = _hf_generate(base, ids, mask, proc)
+    assert torch.equal(a, b)
+
+
+def test_several_terms_proxy_tuning_matches_reference():
+    base = make_base()
+    expert, anti = make_value(seed=2), make_value(vocab=BASE_VOCAB, hidden=40, seed=4, tie=False)
+    vmap = random_map()
+    terms = [GuidanceTerm(expert, 1.0, vmap), GuidanceTerm(anti, -1.0, None)]
+    prompts = random_prompts([4, 7], seed=13)
+    ids, mask = left_pad(prompts)
+    out = GuidedCausalLM(base, terms).generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    for i, p in enumerate(prompts):
+        expected = reference_greedy(base, [(expert, 1.0, vmap), (anti, -1.0, None)], p, NEW)
+        assert out[i, ids.shape[1]:].tolist() == expected.tolist(), f"row {i}"
+
+
+def _tv(counts, p):
+    emp = counts / counts.sum()
+    return 0.5 * (emp - p).abs().sum().item()
+
+
+@pytest.mark.parametrize("path", ["processor", "guided-lm"])
+def test_sampling_first_step_draws_from_softmax_of_guided_logits(path):
+    base, value, vmap = _setup(False, True, "random-map")
+    prompt = random_prompts([6], seed=17)[0]
+    N = 20000
+    ids = prompt.repeat(N, 1)
+    torch.manual_seed(123)
+    if path == "processor":
+        proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap)
+        out = base.generate(ids, logits_processor=[proc], max_new_tokens=1, do_sample=True, top_k=0, pad_token_id=0)
+    else:
+        out = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap).generate(ids, max_new_tokens=1, do_sample=True)
+    counts = torch.bincount(out[:, -1], minlength=BASE_VOCAB).double()
+    p = torch.softmax(reference_next_logits(base, [(value, ALPHA, vmap)], prompt), -1)
+    p_base = torch.softmax(reference_next_logits(base, [], prompt), -1)
+    # E[TV(empirical, p)] <= 0.5 * sum_v sqrt(p_v / N): allow 2x that plus a small margin.
+    bound = 2 * 0.5 * torch.sqrt(p / N).sum().item() + 0.01
+    assert _tv(counts, p) < bound
+    assert 0.5 * (p - p_base).abs().sum().item() > 2 * bound, "guidance too weak for the test to discriminate"
+    assert _tv(counts, p_base) > bound
+
+
+def test_seeded_sampling_equals_multinomial_of_reference():
+    """Same seed, same draws: transformers' sampling calls torch.multinomial(softmax(scores), 1) per step."""
+    base, value, vmap = _setup(False, True, "identity-tail")
+    prompt = random_prompts([6], seed=19)[0]
+    torch.manual_seed(7)
+    proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap)
+    out = base.generate(prompt[None], logits_processor=[proc], max_new_tokens=NEW, do_sample=True, top_k=0,
+                        pad_token_id=0)
+    g = torch.Generator().manual_seed(7)
+    out2 = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap).generate(prompt[None], max_new_tokens=NEW,
+                                                                              do_sample=True, generator=g)
+    torch.manual_seed(7)
+    ids = prompt.clone()
+    for _ in range(NEW):
+        probs = torch.softmax(reference_next_logits(base, [(value, ALPHA, vmap)], ids).float(), -1)
+        ids = torch.cat([ids, torch.multinomial(probs[None], 1)[0]])
+    assert out[0].tolist() == ids.tolist()
+    assert out2[0].tolist() == ids.tolist()
+
+
+def test_eos_pad_min_new_tokens_and_streamer():
+    base, value, vmap = _setup(False, True, "identity-tail")
+    ids, mask = left_pad(random_prompts([4, 6], seed=23))
+    model = GuidedCausalLM(base, value, alpha=ALPHA)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    eos = int(free[0, ids.shape[1] + 2])  # row 0 emits this token at step 3 when unconstrained
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=5)
+    T = ids.shape[1]
+    first = out[0, T:].tolist().index(eos)
+    assert first <= 2 and out.shape[1] <= T + NEW
+    assert all(t == 5 for t in out[0, T + first + 1:].tolist()), "finished rows are padded with pad_token_id"
+    constrained = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=5,
+                                 min_new_tokens=5)
+    assert eos not in constrained[0, T:T + 5].tolist()
+
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, x):
+            self.chunks.append(x.clone())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    single = model.generate(ids[1:, -6:], max_new_tokens=4, streamer=rec)
+    assert rec.ended and torch.equal(rec.chunks[0], ids[1:, -6:])
+    assert [int(c) for c in rec.chunks[1:]] == single[0, 6:].tolist()
+
+
+def test_triton_backend_under_interpreter_matches_torch_backend():
+    base, value, vmap = _setup(False, True, "random-map")
+    ids, mask = left_pad(random_prompts([3, 5], seed=29))
+    ref = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap, backend="torch").generate(
+        ids, attention_mask=mask, max_new_tokens=3)
+    tri = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap, backend="triton").generate(
+        ids, attention_mask=mask, max_new_tokens=3)
+    proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap, attention_mask=mask, backend="triton")
+    tri_proc = base.generate(ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=3, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(ref, tri) and torch.equal(ref, tri_proc)
+
+
+def test_processor_reused_for_the_same_prompt_and_reset_for_a_new_one():
+    base, value, _ = _setup(False, True, "identity-tail")
+    ids, mask = left_pad(random_prompts([4, 6], seed=31))
+    proc = IVLLogitsProcessor(value, alpha=ALPHA, attention_mask=mask)
+    a = _hf_generate(base, ids, mask, proc)
+    b = _hf_generate(base, ids, mask, proc)  # same prompt: the processor restarts by itself
+    assert torch.equal(a, b)
+    ids2, mask2 = left_pad(random_prompts([5, 2], seed=37))
+    with pytest.raises(ValueError, match="reset"):
+        _hf_generate(base, ids2, mask2, proc)
+    proc.reset(attention_mask=mask2)
+    fresh = IVLLogitsProcessor(value, alpha=ALPHA, attention_mask=mask2)
+    assert torch.equal(_hf_generate(base, ids2, mask2, proc), _hf_generate(base, ids2, mask2, fresh))
