@@ -13,15 +13,14 @@ Usage: python benchmarks/bench_generate.py [--device cpu|cuda] [--quick] [--out 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, format_table, plot_bars, print_environment, write_csv  # noqa: E402
 
 
 def _models(device, dtype, big):
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
-    ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new", type=int, default=48)
@@ -117,43 +116,23 @@ def main(argv=None) -> int:
         t = _time(fn, device, repeats)
         rows.append((name, tokens / t, t, tokens))
 
-    tps = {r[0]: r[1] for r in rows}
     floor_t = rows[2][2] / rows[2][3]
-    ref = tps["ivl-reference (no cache, batch 1)"]
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({dev_name}), threads {torch.get_num_threads()}, dtype {dtype}")
-    print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
-    print(f"workload: batch {args.batch}, prompt {args.prompt_len}, new {new} tokens; base {base.config.hidden_size}x"
-          f"{base.config.num_hidden_layers} V{base.config.vocab_size}, value {value.config.hidden_size}x"
-          f"{value.config.num_hidden_layers} V{value.config.vocab_size}")
-    print(f"{'method':42s} {'tokens/s':>10s} {'vs reference':>13s} {'time / floor':>13s}")
-    for name, tp, t, tok in rows:
-        print(f"{name:42s} {tp:10.1f} {tp / ref:12.2f}x {(t / tok) / floor_t:12.2f}x")
-
+    ref = rows[3][1]
+    env = environment(device)
+    env["transformers"] = transformers.__version__
+    print_environment(env)
+    print(f"# workload: batch {args.batch}, prompt {args.prompt_len}, new {new} tokens, {dtype}; base "
+          f"{base.config.hidden_size}x{base.config.num_hidden_layers} V{base.config.vocab_size}, value "
+          f"{value.config.hidden_size}x{value.config.num_hidden_layers} V{value.config.vocab_size}; best of {repeats}")
+    table = [dict(method=name, tokens_per_s=tp, seconds=t, tokens=tok, speedup_vs_reference=tp / ref,
+                  time_vs_floor=(t / tok) / floor_t) for name, tp, t, tok in rows]
+    print(format_table(table, list(table[0])))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"generate_{device.type}")
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "tokens_per_s", "seconds", "tokens", "speedup_vs_reference", "time_vs_floor", "device",
-                    "torch", "transformers"])
-        for name, tp, t, tok in rows:
-            w.writerow([name, f"{tp:.2f}", f"{t:.4f}", tok, f"{tp / ref:.3f}", f"{(t / tok) / floor_t:.3f}", dev_name,
-                        torch.__version__, transformers.__version__])
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["C0", "C1", "C2", "C3"])
-        ax.set_xlabel("generated tokens / s")
-        ax.set_title(f"guided generation, {dev_name}, batch {args.batch}")
-        fig.tight_layout()
-        fig.savefig(stem + ".png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot")
-    print(f"wrote {stem}.csv and {stem}.png")
+    write_csv(stem + ".csv", table, env)
+    plot_bars(stem + ".png", [dict(r, group="") for r in table], group="group", series="method",
+              value="tokens_per_s", title=f"guided generation on {env['device']}, batch {args.batch}",
+              ylabel="generated tokens / s")
     return 0
 
 
