@@ -105,7 +105,8 @@ def guided_cross_entropy_naive(value_hidden, value_weight, target, *, base_logit
 
     ``z = guided_logits_naive(...)``, ``loss_n = F.cross_entropy(z, target)[n]`` (label smoothing as torch)
     ``+ l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv`` for kept rows, 0 for ignored rows;
-    ``"mean"`` divides the sum by the number of kept rows (0 when there is none).
+    ``"mean"`` divides the sum by the number of kept rows (0 when there is none); ``"none"`` has the leading
+    shape of ``value_hidden``.
     """
     import torch.nn.functional as F
 
@@ -121,7 +122,7 @@ def guided_cross_entropy_naive(value_hidden, value_weight, target, *, base_logit
         l1 = (vh @ vw.T).abs().sum(-1) * (l1_coef / vw.shape[0])
         loss = loss + torch.where(kept, l1, torch.zeros_like(l1))
     if reduction == "none":
-        return loss
+        return loss.view(value_hidden.shape[:-1])
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / kept.sum().clamp(min=1).to(loss.dtype)
