@@ -18,18 +18,16 @@ counts every byte the call touched including allocator slack. Times are reported
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import os
-import platform
 import sys
-import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, print_environment, time_ms, write_csv  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="smaller N, fewer repeats")
@@ -37,17 +35,16 @@ def parse_args():
     p.add_argument("--N", type=int, default=None, help="tokens (default: 4096 on CPU, 16384 on GPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import torch
     import torch.nn.functional as F
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     import ivl_kernels as ivl
-    from ivl_kernels import _backends
     from ivl_kernels.reference import guided_cross_entropy_naive
 
     gpu = device.startswith("cuda")
@@ -61,10 +58,7 @@ def main():
         dtype = getattr(torch, args.dtype or "float32")
         torch.set_num_threads(os.cpu_count() or 1)
 
-    info = _backends.info()
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": info.get("triton"),
-                "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()},"
-                                                                    f" {os.cpu_count()} cores)"}
+    versions = environment(torch.device(device))
     for mod in ("liger_kernel", "cut_cross_entropy"):
         try:
             from importlib.metadata import version
@@ -73,8 +67,7 @@ def main():
         except Exception:
             versions[mod] = "not installed"
     print("ivl-kernels guided-loss benchmark")
-    for k, v in versions.items():
-        print(f"  {k:18s} {v}")
+    print_environment(versions)
     print(f"  workload: N={N} Vb={Vb} Hb={Hb} Vv={Vv} Hv={Hv} dtype={str(dtype).replace('torch.', '')} "
           f"device={device}{' (quick)' if args.quick else ''}")
 
@@ -155,7 +148,7 @@ def main():
             fn = make()
             fn()  # warm-up (compilation, autotuning)
             row["peak_mem_MiB"] = f"{_peak_mem(fn, gpu) / 2**20:.1f}"
-            row["time_ms"] = f"{_time(fn, gpu, args.quick) * 1e3:.2f}"
+            row["time_ms"] = f"{time_ms(fn, torch.device(device), min_run_time=1.0 if args.quick else 5.0):.2f}"
         except _Unavailable as exc:
             row["status"] = str(exc)
         except Exception as exc:  # report, keep benchmarking the others
@@ -169,17 +162,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     tag = f"guided_loss_{'gpu' if gpu else 'cpu'}_N{N}_{str(dtype).replace('torch.', '')}"
     csv_path = os.path.join(args.out, tag + ".csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) + ["versions"])
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(r, versions="; ".join(f"{k}={v}" for k, v in versions.items())))
-    print(f"wrote {csv_path}")
+    write_csv(csv_path, rows, versions)
     try:
         _plot(rows, os.path.join(args.out, tag + ".png"), versions, f"N={N}, {str(dtype).replace('torch.', '')}")
         print(f"wrote {os.path.join(args.out, tag + '.png')}")
     except Exception as exc:
         print(f"plot skipped: {type(exc).__name__}: {exc}")
+    return 0
 
 
 class _Unavailable(Exception):
@@ -222,19 +211,6 @@ def _peak_mem(fn, gpu: bool) -> int:
     return _status("VmHWM") - before
 
 
-def _time(fn, gpu: bool, quick: bool) -> float:
-    """Median seconds per call."""
-    if gpu:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=50 if quick else 200,
-                                       return_mode="median") / 1e3
-    import torch.utils.benchmark as tb
-
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0 if quick else 5.0)
-    return m.median
-
-
 def _plot(rows, path, versions, title):
     import matplotlib
 
@@ -257,4 +233,4 @@ def _plot(rows, path, versions, title):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

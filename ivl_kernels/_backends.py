@@ -67,9 +67,9 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
 
 def cuda_usable(device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
-        return False, f"backend='cuda' needs CUDA tensors, got tensors on {device}"
+        return False, f"it needs CUDA tensors, got tensors on {device}"
     if cuda_extension() is None:
-        return False, (f"backend='cuda' needs the compiled extension ivl_kernels._C, which is not available "
+        return False, (f"it needs the compiled extension ivl_kernels._C, which is not available "
                        f"({_CUDA_EXT_ERROR}); reinstall with a CUDA build of torch and nvcc present")
     return True, ""
 
@@ -84,26 +84,18 @@ def select(backend: str, device: torch.device, *, cuda_supports: Optional[Callab
     backend = requested_backend(backend)
     if backend == "torch":
         return "torch"
-    if backend == "cuda":
-        if cuda_supports is None:
-            raise RuntimeError("backend='cuda' is not implemented for this op; use 'triton' or 'torch'")
-        ok, why = cuda_usable(device)
+    if backend in ("cuda", "triton"):
+        usable, supports = (cuda_usable, cuda_supports) if backend == "cuda" else (triton_usable, triton_supports)
+        if supports is None:
+            raise RuntimeError(f"backend={backend!r} is not implemented for this op; use "
+                               f"{'triton' if backend == 'cuda' and triton_supports else 'torch'!r}")
+        ok, why = usable(device)
         if not ok:
-            raise RuntimeError(why)
-        why = cuda_supports()
+            raise RuntimeError(f"backend={backend!r} cannot run: {why}")
+        why = supports()
         if why:
-            raise RuntimeError(f"backend='cuda' does not handle this call: {why}")
-        return "cuda"
-    if backend == "triton":
-        if triton_supports is None:
-            raise RuntimeError("backend='triton' is not implemented for this op; use 'torch'")
-        ok, why = triton_usable(device)
-        if not ok:
-            raise RuntimeError(f"backend='triton' cannot run: {why}")
-        why = triton_supports()
-        if why:
-            raise RuntimeError(f"backend='triton' does not handle this call: {why}")
-        return "triton"
+            raise RuntimeError(f"backend={backend!r} does not handle this call: {why}")
+        return backend
     # auto: the CPU path is the torch backend (the interpreter is for testing, not for speed).
     if device.type == "cuda":
         if cuda_supports is not None and cuda_usable(device)[0] and not cuda_supports():

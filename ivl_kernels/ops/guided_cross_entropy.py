@@ -244,17 +244,10 @@ def _ce_bwd_kernel(
                           mask=valid_w[:, None] & mask_k[None, :], sem="relaxed")
 
 
-def _fwd_config(N: int) -> dict:
+def _tile_config(N: int) -> dict:
+    """Tile sizes of both loss kernels (forward statistics and backward recompute)."""
     if interpreter_enabled():
         # The interpreter's cost is per program and per op: few, large programs run fastest.
-        return dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4)
-    if N <= 64:
-        return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
-
-
-def _bwd_config(N: int) -> dict:
-    if interpreter_enabled():
         return dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4)
     if N <= 64:
         return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -294,7 +287,7 @@ def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
         return out
     Hb = base_hidden.shape[1] if base_hidden is not None else 0
     base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
-    cfg = _fwd_config(N)
+    cfg = _tile_config(N)
     row_tiles = triton.cdiv(N, cfg["BLOCK_M"])
     col_tiles = triton.cdiv(Vloop, cfg["BLOCK_V"])
     # Split the vocabulary over several programs per row tile when there are few row tiles (fills the GPU;
@@ -345,7 +338,7 @@ def launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
     if N > 0 and Vloop > 0:
         Hb = base_hidden.shape[1] if base_hidden is not None else 0
         base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
-        cfg = _bwd_config(N)
+        cfg = _tile_config(N)
         row_tiles = triton.cdiv(N, cfg["BLOCK_M"])
         dummy = value_hidden
         strides = _strides(value_hidden, value_weight, vocab_map, base_logits, base_hidden, base_weight,
