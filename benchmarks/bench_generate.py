@@ -48,15 +48,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, repeats):
-    fn()  # warm-up
-    best = float("inf")
+def _time_interleaved(fns, device, repeats):
+    """Best wall time of each function over ``repeats`` rounds; every round runs all of them in turn, so a
+    slow spell of a shared machine hits each method alike instead of whichever ran during it."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
     import transformers
@@ -106,16 +110,14 @@ def main(argv=None) -> int:
         value.generate(ids, attention_mask=mask, **gen)
 
     ref_new = max(4, new // 4) if device.type == "cpu" else new  # the reference is slow: time fewer steps
-    rows = []
-    for name, fn, tokens in [
+    methods = [
         ("guided-lm", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new), args.batch * new),
         ("processor", run_processor, args.batch * new),
         ("floor (base.generate + value.generate)", run_floor, args.batch * new),
         ("ivl-reference (no cache, batch 1)", lambda: _reference(base, value, list(ids), ref_new), args.batch * ref_new),
-    ]:
-        t = _time(fn, device, repeats)
-        rows.append((name, tokens / t, t, tokens))
-
+    ]
+    times = _time_interleaved([m[1] for m in methods], device, repeats)
+    rows = [(name, tokens / t, t, tokens) for (name, _, tokens), t in zip(methods, times)]
     floor_t = rows[2][2] / rows[2][3]
     ref = rows[3][1]
     env = environment(device)
