@@ -276,6 +276,29 @@ def _loop_shape(value_weight, vocab_map, base_logits, base_weight, Vb_hint: int)
     return Vb, Vv, (max(Vb, Vv) if fuse else Vb), fuse
 
 
+def _kernel_inputs(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                   target_local) -> tuple:
+    """What both loss kernels take: ``(tensors, strides, Hb, flags)``; absent optional inputs are replaced by a
+    dummy pointer that their ``tl.constexpr`` flag keeps from being read."""
+    N = value_hidden.shape[0]
+    dummy = value_hidden
+    tensors = (value_hidden, value_weight,
+               vocab_map if vocab_map is not None else dummy,
+               base_logits if base_logits is not None else dummy,
+               base_hidden if base_hidden is not None else dummy,
+               base_weight if base_weight is not None else dummy,
+               alpha_tensor if alpha_tensor is not None else dummy,
+               target_local)
+    strides = _strides(value_hidden, value_weight, vocab_map, base_logits, base_hidden, base_weight,
+                       alpha_tensor, target_local)
+    Hb = base_hidden.shape[1] if base_hidden is not None else 0
+    flags = dict(HAS_MAP=vocab_map is not None,
+                 BASE_MODE=1 if base_logits is not None else (2 if base_hidden is not None else 0),
+                 ALPHA_IS_TENSOR=alpha_tensor is not None,
+                 DOT_PRECISION="ieee" if value_hidden.dtype == torch.float32 else None, **_tile_config(N))
+    return tensors, strides, Hb, flags
+
+
 def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                alpha_scalar: float, fill: float, target_local: torch.Tensor, Vb: int, with_l1: bool) -> torch.Tensor:
     """Forward statistics ``[4, N]`` fp32: this shard's lse, target logit, sum_b z, sum_v |value logit|."""
@@ -285,28 +308,15 @@ def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
     out[0].fill_(float("-inf"))
     if N == 0 or Vloop == 0:
         return out
-    Hb = base_hidden.shape[1] if base_hidden is not None else 0
-    base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
-    cfg = _tile_config(N)
-    row_tiles = triton.cdiv(N, cfg["BLOCK_M"])
-    col_tiles = triton.cdiv(Vloop, cfg["BLOCK_V"])
+    args, strides, Hb, common = _kernel_inputs(value_hidden, value_weight, base_logits, base_hidden, base_weight,
+                                               vocab_map, alpha_tensor, target_local)
+    row_tiles = triton.cdiv(N, common["BLOCK_M"])
+    col_tiles = triton.cdiv(Vloop, common["BLOCK_V"])
     # Split the vocabulary over several programs per row tile when there are few row tiles (fills the GPU;
     # under the interpreter a split of 2 exercises the combine at little cost).
     target_programs = 2 if interpreter_enabled() else 4 * _sm_count(value_hidden.device)
     split = max(1, min(col_tiles, triton.cdiv(target_programs, row_tiles)))
     st = torch.empty((5, split, N), dtype=torch.float32, device=value_hidden.device)
-    dummy = value_hidden
-    strides = _strides(value_hidden, value_weight, vocab_map, base_logits, base_hidden, base_weight,
-                       alpha_tensor, target_local)
-    common = dict(HAS_MAP=vocab_map is not None, BASE_MODE=base_mode, ALPHA_IS_TENSOR=alpha_tensor is not None,
-                  DOT_PRECISION="ieee" if value_hidden.dtype == torch.float32 else None, **cfg)
-    args = (value_hidden, value_weight,
-            vocab_map if vocab_map is not None else dummy,
-            base_logits if base_logits is not None else dummy,
-            base_hidden if base_hidden is not None else dummy,
-            base_weight if base_weight is not None else dummy,
-            alpha_tensor if alpha_tensor is not None else dummy,
-            target_local)
     _ce_fwd_kernel[(row_tiles, split)](*args, st, N, Vb, Vv, Vloop, Hv, Hb, *strides, alpha_scalar, fill,
                                        FUSE_L1=fuse and with_l1, L1_ONLY=False, **common)
     m, s = st[0], st[1]
@@ -318,7 +328,7 @@ def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
         if fuse:
             out[3] = st[4].sum(0)
         elif Vv > 0:
-            l1_split = max(1, min(triton.cdiv(Vv, cfg["BLOCK_V"]), triton.cdiv(target_programs, row_tiles)))
+            l1_split = max(1, min(triton.cdiv(Vv, common["BLOCK_V"]), triton.cdiv(target_programs, row_tiles)))
             st1 = torch.empty((5, l1_split, N), dtype=torch.float32, device=value_hidden.device)
             _ce_fwd_kernel[(row_tiles, l1_split)](*args, st1, N, Vb, Vv, Vv, Hv, Hb, *strides, alpha_scalar,
                                                   fill, FUSE_L1=False, L1_ONLY=True, **common)
@@ -336,31 +346,19 @@ def launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
     dvh = torch.zeros((N, Hv), dtype=torch.float32, device=value_hidden.device)
     dvw = torch.zeros((Vv, Hv), dtype=torch.float32, device=value_hidden.device)
     if N > 0 and Vloop > 0:
-        Hb = base_hidden.shape[1] if base_hidden is not None else 0
-        base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
-        cfg = _tile_config(N)
-        row_tiles = triton.cdiv(N, cfg["BLOCK_M"])
-        dummy = value_hidden
-        strides = _strides(value_hidden, value_weight, vocab_map, base_logits, base_hidden, base_weight,
-                           alpha_tensor, target_local)
-        common = dict(HAS_MAP=vocab_map is not None, BASE_MODE=base_mode,
-                      ALPHA_IS_TENSOR=alpha_tensor is not None, GRAD_SKIP=skip_threshold > 0,
-                      DOT_PRECISION="ieee" if value_hidden.dtype == torch.float32 else None, **cfg)
-        args = (value_hidden, value_weight,
-                vocab_map if vocab_map is not None else dummy,
-                base_logits if base_logits is not None else dummy,
-                base_hidden if base_hidden is not None else dummy,
-                base_weight if base_weight is not None else dummy,
-                alpha_tensor if alpha_tensor is not None else dummy,
-                target_local, lse, g, dvh, dvw)
+        tensors, strides, Hb, common = _kernel_inputs(value_hidden, value_weight, base_logits, base_hidden,
+                                                      base_weight, vocab_map, alpha_tensor, target_local)
+        row_tiles = triton.cdiv(N, common["BLOCK_M"])
+        common = dict(common, GRAD_SKIP=skip_threshold > 0)
+        args = tensors + (lse, g, dvh, dvw)
         scalars = (alpha_scalar, fill, smooth_self, smooth_all, l1_scale, skip_threshold)
         with_l1 = l1_scale != 0.0
-        _ce_bwd_kernel[(triton.cdiv(Vloop, cfg["BLOCK_V"]), row_tiles)](
+        _ce_bwd_kernel[(triton.cdiv(Vloop, common["BLOCK_V"]), row_tiles)](
             *args, N, Vb, Vv, Vloop, Hv, Hb, *strides, *scalars,
             FUSE_L1=fuse and with_l1, L1_ONLY=False, **common)
         if with_l1 and not fuse and Vv > 0:
             # With a map the L1 term runs over the value vocabulary, not over mapped ids: its own pass.
-            _ce_bwd_kernel[(triton.cdiv(Vv, cfg["BLOCK_V"]), row_tiles)](
+            _ce_bwd_kernel[(triton.cdiv(Vv, common["BLOCK_V"]), row_tiles)](
                 *args, N, Vb, Vv, Vv, Hv, Hb, *strides, *scalars, FUSE_L1=False, L1_ONLY=True, **common)
     return dvh.to(value_hidden.dtype), dvw.to(value_weight.dtype)
 
