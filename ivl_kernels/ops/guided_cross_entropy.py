@@ -39,7 +39,8 @@ import torch
 
 from .. import _backends
 from .._triton import interpreter_enabled, tl, triton
-from .._validate import CrossEntropyArgs, check_backend, check_finite_float, validate_cross_entropy
+from .._validate import (CrossEntropyArgs, check_backend, check_finite_float, check_vocab_map,
+                         validate_cross_entropy)
 from ..reference import gather_columns
 from .guided_logits import tile_dot
 
@@ -380,6 +381,9 @@ def _guided_ce_fwd_op(value_hidden: torch.Tensor, value_weight: torch.Tensor, ba
                       base_hidden: Optional[torch.Tensor], base_weight: Optional[torch.Tensor],
                       vocab_map: Optional[torch.Tensor], alpha_tensor: Optional[torch.Tensor], alpha_scalar: float,
                       fill: float, target_local: torch.Tensor, Vb: int, with_l1: bool) -> torch.Tensor:
+    if vocab_map is not None:
+        # Under torch.compile the public function cannot read map values; check them here (cached per map).
+        check_vocab_map(vocab_map, vocab_map.shape[0], value_weight.shape[0], value_hidden.device)
     return launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                       alpha_scalar, fill, target_local, Vb, with_l1)
 
@@ -593,7 +597,6 @@ class _GuidedCrossEntropy(torch.autograd.Function):
                               alpha_tensor, target_local, kept, lse)
         ctx.cfg = cfg
         ctx.n_kept = n_kept
-        ctx.mark_non_differentiable(target_local, kept)
         return loss.to(value_hidden.dtype)
 
     @staticmethod
@@ -628,13 +631,6 @@ class _GuidedCrossEntropy(torch.autograd.Function):
             dvh = dvh32.to(value_hidden.dtype)
         return (dvh if ctx.needs_input_grad[0] else None, dvw if ctx.needs_input_grad[1] else None,
                 None, None, None, None, None, None, None, None)
-
-
-@torch.compiler.disable
-def _apply(*args):
-    # torch 2.14's dynamo fails to trace this autograd.Function ("Expected fwd_out to be a BaseListVariable"):
-    # under torch.compile it runs as one opaque eager call (a graph break); the kernels inside are custom ops.
-    return _GuidedCrossEntropy.apply(*args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -711,7 +707,7 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
     cfg = _Config(backend=which, alpha_scalar=float(alpha_scalar), fill=g.fill, Vb=g.Vb, Vb_global=a.Vb_global,
                   Vv_global=a.Vv_global, smoothing=a.label_smoothing, l1_coef=a.l1_coef, reduction=a.reduction,
                   skip_threshold=skip, process_group=a.process_group, compute=compute)
-    loss = _apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
+    loss = _GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
                                      g.vocab_map, alpha_tensor, target_local, kept, cfg)
     if a.reduction == "none" and len(g.lead_shape) != 1:
         loss = loss.view(g.lead_shape)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import ivl_kernels as ivl
+from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
 from ivl_kernels.ops import guided_cross_entropy as gce
 from ivl_kernels.reference import guided_cross_entropy_naive
 
@@ -370,11 +371,15 @@ def test_triton_memory_on_gpu_grows_with_N_times_H():
     assert extra <= 4 * (N * H + V * H) * 4 + 64 * N * 4 + (1 << 20), extra
 
 
-def test_runs_under_torch_compile():
-    """Under torch.compile the loss is an opaque eager call (graph break); results equal eager."""
-    vh, vw, target, kw = _make(N=7, Vv=50, base="logits", l1_coef=0.5, device="cpu")
-    fn = torch.compile(lambda h, w: ivl.fused_guided_cross_entropy(h, w, target, backend="torch", **kw))
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON and (interpreter_enabled() or HAS_GPU) else []))
+def test_traced_whole_by_torch_compile(backend):
+    """torch.compile(fullgraph=True) traces the loss and its backward (no graph break); results equal eager.
+    aot_eager runs dynamo + AOTAutograd (functionalisation, the custom ops' fakes) without a C++ toolchain."""
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(N=7, Vv=50, base="logits", l1_coef=0.5, device=device)
+    fn = torch.compile(lambda h, w: ivl.fused_guided_cross_entropy(h, w, target, backend=backend, **kw),
+                       fullgraph=True, backend="aot_eager")
     compiled = _run(lambda h, w, t, **k: fn(h, w), vh, vw, target, {})
-    eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="torch"), vh, vw, target, kw)
+    eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend), vh, vw, target, kw)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e)
