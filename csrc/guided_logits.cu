@@ -84,7 +84,7 @@ __device__ __forceinline__ void row_dots(const uint4* __restrict__ wrow, const T
 }
 
 template <typename scalar_t, typename base_t, typename out_t, int ROWS, int BASE_MODE>
-__global__ void __launch_bounds__(kThreads) guided_logits_decode_kernel(
+__global__ void __launch_bounds__(kThreads, 2) guided_logits_decode_kernel(
     const scalar_t* __restrict__ value_hidden, int64_t vh_stride,
     const scalar_t* __restrict__ value_weight, int64_t vw_stride,
     const void* __restrict__ vocab_map, bool has_map, bool map_is_int64,
