@@ -206,9 +206,14 @@ def _register_cuda_fakes() -> None:
 
 
 def _vector_aligned(t: torch.Tensor) -> bool:
-    """16-byte loads need a contiguous last dim, rows starting on 16-byte boundaries."""
+    """16-byte loads need a contiguous last dim, rows starting on 16-byte boundaries.
+
+    While tracing (torch.compile) there is no data pointer to look at: the compiled op re-checks the
+    alignment of the real tensors and raises if it does not hold.
+    """
     vec = 16 // t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.shape[-1] % vec == 0 and (
+    aligned_start = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return t.stride(-1) == 1 and aligned_start and t.shape[-1] % vec == 0 and (
         t.dim() == 1 or t.stride(0) % vec == 0)
 
 

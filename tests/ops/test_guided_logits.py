@@ -15,6 +15,7 @@ import torch
 import ivl_kernels as ivl
 from ivl_kernels import _backends
 from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
+from ivl_kernels.ops.guided_logits import CUDA_MAX_ROWS
 from ivl_kernels.reference import guided_logits_naive
 
 HAS_GPU = torch.cuda.is_available()
@@ -124,6 +125,8 @@ def _run_and_check(backend, device, dtype, vh, vw, kw, vocab_map, alpha, fill, w
 @pytest.mark.parametrize("M", [1, 7, 123], ids=lambda m: f"M{m}")
 def test_matches_reference(backend, device, dtype, base_mode, map_kind, M):
     _skip_unsupported(backend, device, dtype)
+    if backend == "cuda" and M > CUDA_MAX_ROWS:
+        pytest.skip(f"the CUDA decode kernel handles M <= {CUDA_MAX_ROWS} (larger M: test_cuda_rejects_large_m)")
     # Vocab sizes that are multiples of no block size; Vb > Vv so the identity map has an unmapped tail.
     # Hidden sizes divisible by 8 so the CUDA kernel's 16-byte loads apply (odd sizes: test_odd_hidden_sizes).
     Hv, Vv, Vb, Hb = 40, 1001, 1031, 56
@@ -312,3 +315,15 @@ def test_torch_compile_fullgraph_cpu(backend, device, in_place):
         bad[0] = 100
         with pytest.raises(ValueError, match="vocab_map"):
             torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_logits"].clone(), bad)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_cuda_rejects_large_m_and_auto_uses_triton():
+    if _backends.cuda_extension() is None:
+        pytest.skip("CUDA extension not built")
+    vh, vw, kw = _inputs(CUDA_MAX_ROWS + 1, 64, 100, 128, 0, torch.float16, "cuda", "logits")
+    with pytest.raises(RuntimeError, match=f"M <= {CUDA_MAX_ROWS}"):
+        ivl.fused_guided_logits(vh, vw, backend="cuda", **kw)
+    ref = guided_logits_naive(vh, vw, dtype=torch.float64, **kw)
+    assert_guided_close(ivl.fused_guided_logits(vh, vw, **kw), ref, guided_logits_naive(vh, vw, **kw),
+                        torch.float16, "auto, M = 17")
