@@ -24,6 +24,8 @@ POINTER_TYPES = {
 }
 FLOAT_ARGS = {"alpha_scalar", "fill", "smooth_self", "smooth_all", "l1_scale", "skip_threshold"}
 TRITON_TYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 
 def compile_kernel(kernel, dtype: str, out_type: str, constexprs: dict, options: dict, cc: int):
@@ -50,6 +52,8 @@ def compile_kernel(kernel, dtype: str, out_type: str, constexprs: dict, options:
     opts = {k: v for k, v in options.items() if k in ("num_warps", "num_stages")}
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+    # A launch that asks for more shared memory than the SM has fails only at run time ("out of resources").
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[cc], (kernel.__name__, constexprs, compiled.metadata.shared)
     return compiled
 
 
@@ -96,8 +100,8 @@ def _run_job(job) -> str:
 
     module, name, dtype, out_type, constexprs, cfg, cc = job
     kernel = getattr(importlib.import_module(f"ivl_kernels.ops.{module}"), name)
-    compile_kernel(kernel, dtype, out_type, constexprs, cfg, cc)
-    return f"{name} {dtype} sm_{cc} {constexprs}"
+    compiled = compile_kernel(kernel, dtype, out_type, constexprs, cfg, cc)
+    return f"{name} {dtype} sm_{cc} shared={compiled.metadata.shared} {constexprs}"
 
 
 def main() -> int:
@@ -106,6 +110,7 @@ def main() -> int:
     todo = jobs()
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         done = list(pool.map(_run_job, todo))
+    print("\n".join(done))
     print(f"compiled {len(done)} kernel variants")
     return 0
 
