@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .._validate import check_vocab_map
+
 # Generation modes whose caller reorders or rewinds sequences between logits-processor calls (beam search
 # reorders beams, assisted decoding verifies several candidate tokens and rolls back): a value KV cache fed one
 # token per call cannot follow them. Detected by the name of the generation method on the call stack.
@@ -133,17 +135,10 @@ def resolve_vocab_map(vocab_map, Vb: int, Vv: int, device, *, role: str = "value
     index = vocab_map if isinstance(vocab_map, torch.Tensor) else getattr(vocab_map, "index", None)
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"vocab_map must be a VocabMap or an int tensor [Vb], got {type(vocab_map).__name__}")
-    if index.dim() != 1 or index.shape[0] != Vb:
-        raise ValueError(f"vocab_map has shape {list(index.shape)} but the base vocabulary has {Vb} ids: it must "
-                         f"be [{Vb}] (one value id per base id, -1 = unmapped)")
-    if index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"vocab_map must be int32 or int64, got {index.dtype}")
-    if Vb:
-        lo, hi = int(index.min()), int(index.max())
-        if lo < -1 or hi >= Vv:
-            raise ValueError(f"vocab_map entries must lie in [-1, {Vv}) for a {role} vocabulary of {Vv} ids, got "
-                             f"min {lo}, max {hi}")
-    return index.to(device)
+    if isinstance(vocab_map, torch.Tensor):
+        vocab_map = vocab_map.to(device)
+    # The kernels' own check (shape, dtype, range, a VocabMap's recorded sizes), once, before generation.
+    return check_vocab_map(vocab_map, Vb, Vv, torch.device(device))
 
 
 class BaseToValueIds:

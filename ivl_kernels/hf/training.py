@@ -91,9 +91,6 @@ class IVLForCausalLM(nn.Module):
         with torch.no_grad():
             base_hidden = self._base_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=pos, use_cache=False).last_hidden_state
-        if self.vocab_map is not None and self._translate.map is not None and \
-                self._translate.map.device != self.vocab_map.device:
-            self._translate.map = self.vocab_map.long()
         value_hidden = self._value_backbone(input_ids=self._translate(input_ids), attention_mask=attention_mask,
                                             position_ids=pos, use_cache=False).last_hidden_state
         value_weight = self._value_weight()
