@@ -87,7 +87,7 @@ def check_finite_float(name: str, x, *, allow_inf: bool = False) -> float:
     return x
 
 
-def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
     """``[..., K] -> [M, K]`` as a view when the strides allow it (no silent copy of big tensors)."""
     if t.dim() == 2:
         return t
@@ -227,10 +227,10 @@ def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden
             f"fill must be a float (not NaN), got {fill!r}")
 
     return GuidedArgs(
-        value_hidden=_flatten_rows("value_hidden", value_hidden),
+        value_hidden=_flatten_rows(value_hidden),
         value_weight=value_weight,
-        base_logits=_flatten_rows("base_logits", base_logits) if has_logits else None,
-        base_hidden=_flatten_rows("base_hidden", base_hidden) if has_hidden else None,
+        base_logits=_flatten_rows(base_logits) if has_logits else None,
+        base_hidden=_flatten_rows(base_hidden) if has_hidden else None,
         base_weight=base_weight if has_hidden else None,
         vocab_map=vocab_map,
         alpha=alpha,
