@@ -107,9 +107,10 @@ __global__ void __launch_bounds__(kThreads, 2) guided_logits_decode_kernel(
     } else {
       idx = b < Vv ? b : -1;
     }
-    // The Python entry point checks map ranges eagerly; inside a compiled graph this is the guard (as in
-    // PyTorch's own indexing kernels).
-    CUDA_KERNEL_ASSERT(idx >= -1 && idx < Vv);
+    // Memory safety must not rest on the host's range check (it is skipped inside CUDA graphs and compiled
+    // graphs, and cannot see a map mutated behind the version counter): an entry outside [-1, Vv) is treated
+    // as unmapped (fill), so no address is ever formed from it and the CUDA context survives.
+    if (idx < 0 || idx >= Vv) idx = -1;
 
     float acc[ROWS];
 #pragma unroll

@@ -8,6 +8,7 @@ was expected, and leaves every tensor it was given untouched.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -98,22 +99,45 @@ def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
-# Range checks of a vocabulary map cost a device synchronisation; a decoding loop passes the same map every
-# step, so remember the maps already checked (keyed on storage, version counter and the vocab size).
-_CHECKED_MAPS: "OrderedDict[tuple, bool]" = OrderedDict()
+# Range checks of a CUDA map cost a device synchronisation; a decoding loop passes the same map tensor every
+# step, so remember the tensors already checked: keyed on the object itself (a weak reference, so a new map
+# allocated at a freed map's address is checked again) and its version counter (in-place edits through torch
+# bump it). A CUDA map written behind torch's back (DLPack, raw pointers) is not seen here; the kernels treat
+# any entry outside [-1, Vv) as unmapped, so memory safety never rests on this check.
+_CHECKED_MAPS: "OrderedDict[int, tuple]" = OrderedDict()
 _CHECKED_MAPS_MAX = 16
 
 
-def _map_key(vocab_map: torch.Tensor, Vv: int) -> tuple:
-    return (vocab_map.data_ptr(), vocab_map._version, tuple(vocab_map.shape), vocab_map.stride(),
-            vocab_map.dtype, str(vocab_map.device), Vv)
+def _map_checked(vocab_map: torch.Tensor, Vv: int) -> bool:
+    entry = _CHECKED_MAPS.get(id(vocab_map))
+    if entry is None:
+        return False
+    ref, version, checked_Vv = entry
+    if ref() is not vocab_map or version != vocab_map._version or checked_Vv != Vv:
+        return False
+    _CHECKED_MAPS.move_to_end(id(vocab_map))
+    return True
+
+
+def _remember_map(vocab_map: torch.Tensor, Vv: int) -> None:
+    _CHECKED_MAPS[id(vocab_map)] = (weakref.ref(vocab_map), vocab_map._version, Vv)
+    _CHECKED_MAPS.move_to_end(id(vocab_map))
+    if len(_CHECKED_MAPS) > _CHECKED_MAPS_MAX:
+        _CHECKED_MAPS.popitem(last=False)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_values: bool = True) -> torch.Tensor:
     """``vocab_map`` must be an int32/int64 ``[Vb]`` tensor with entries in ``[-1, Vv)`` on ``device``.
 
     Accepts a ``VocabMap`` (anything with an ``.index`` tensor) and returns the index tensor.
-    ``check_values=False`` skips the value range (it needs a device sync, impossible while tracing).
+    ``check_values=False`` skips the value range (it needs a device sync, impossible while tracing). The range
+    is read on every call for CPU maps (no sync), once per tensor and version for CUDA maps, and not at all
+    while a CUDA graph is being captured (a sync would break the capture); entries that escape the check are
+    treated as unmapped by every backend.
     """
     index = getattr(vocab_map, "index", None)
     if not isinstance(vocab_map, torch.Tensor) and isinstance(index, torch.Tensor):
@@ -127,20 +151,18 @@ def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_val
                          f"got {list(vocab_map.shape)}")
     if vocab_map.device != device:
         raise ValueError(f"vocab_map is on {vocab_map.device}, expected {device} (the device of value_hidden)")
-    if not check_values:
+    if not check_values or Vb == 0:
         return vocab_map
-    key = _map_key(vocab_map, Vv)
-    if key in _CHECKED_MAPS:
-        _CHECKED_MAPS.move_to_end(key)
+    cached = vocab_map.device.type != "cpu"
+    if cached and (_map_checked(vocab_map, Vv) or _capturing(vocab_map.device)):
         return vocab_map
-    if Vb > 0:
-        lo, hi = int(vocab_map.min()), int(vocab_map.max())
-        if lo < -1 or hi >= Vv:
-            raise ValueError(f"vocab_map entries must lie in [-1, {Vv}) (value vocabulary size {Vv}), "
-                             f"got min {lo}, max {hi}")
-    _CHECKED_MAPS[key] = True
-    if len(_CHECKED_MAPS) > _CHECKED_MAPS_MAX:
-        _CHECKED_MAPS.popitem(last=False)
+    lo, hi = torch.aminmax(vocab_map)
+    lo, hi = int(lo), int(hi)
+    if lo < -1 or hi >= Vv:
+        raise ValueError(f"vocab_map entries must lie in [-1, {Vv}) (value vocabulary size {Vv}), "
+                         f"got min {lo}, max {hi}")
+    if cached:
+        _remember_map(vocab_map, Vv)
     return vocab_map
 
 

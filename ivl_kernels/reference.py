@@ -21,7 +21,9 @@ def gather_columns(vocab_map: Optional[torch.Tensor], Vb: int, Vv: int, device) 
     """``(cols [Vb] int64, unmapped [Vb] bool or None)``: the value column read by each base id.
 
     ``vocab_map=None`` is the identity: base id ``b`` reads value id ``b`` for ``b < Vv``; ids ``b >= Vv`` are
-    unmapped. Unmapped ids read column 0 (any valid column) and are replaced by ``fill`` afterwards.
+    unmapped. Unmapped ids read column 0 (any valid column) and are replaced by ``fill`` afterwards. Entries
+    outside ``[-1, Vv)`` (which validation rejects, but which a map mutated after its check can hold) are
+    unmapped too, as in every kernel: no index out of range is ever formed.
     """
     if vocab_map is None:
         cols = torch.arange(Vb, device=device)
@@ -30,8 +32,8 @@ def gather_columns(vocab_map: Optional[torch.Tensor], Vb: int, Vv: int, device) 
         unmapped = cols >= Vv
         return cols.masked_fill(unmapped, 0), unmapped
     vocab_map = vocab_map.long()
-    unmapped = vocab_map < 0
-    return vocab_map.clamp(min=0), unmapped
+    unmapped = (vocab_map < 0) | (vocab_map >= Vv)
+    return vocab_map.masked_fill(unmapped, 0), unmapped
 
 
 def guided_logits_naive(value_hidden, value_weight, *, base_logits=None, base_hidden=None, base_weight=None,

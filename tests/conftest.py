@@ -18,6 +18,8 @@ except Exception:  # pragma: no cover
     pass
 if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS is deterministic only with a fixed workspace, read when it initialises (tests/ops/test_determinism.py).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -160,7 +160,9 @@ class BaseToValueIds:
             if self.map.device != ids.device:
                 self.map = self.map.to(ids.device)
             out = self.map[ids]
-            return torch.where(out >= 0, out, self.fallback)
+            # An entry the value embedding cannot hold (-1, or one written after the map was checked) reads
+            # the fallback id: never an out-of-range embedding lookup.
+            return torch.where((out >= 0) & (out < self.size), out, self.fallback)
         return torch.where(ids < self.size, ids, self.fallback)
 
 

@@ -32,6 +32,7 @@ divides by the global ``Vv = sum_r Vv_r``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,7 +70,8 @@ def _guided_tile(vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr,
     mask_b = offs_v < Vb
     if HAS_MAP:
         idx = tl.load(map_ptr + offs_v * stride_map, mask=mask_b, other=-1).to(tl.int64)
-        valid_w = (idx >= 0) & mask_b
+        # Entries outside [-1, Vv) count as unmapped (fill, no gradient): no address from an unchecked entry.
+        valid_w = (idx >= 0) & (idx < Vv) & mask_b
     else:
         idx = offs_v
         valid_w = offs_v < Vv
@@ -401,6 +403,10 @@ def _guided_ce_bwd_op(value_hidden: torch.Tensor, value_weight: torch.Tensor, ba
                       fill: float, target_local: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, Vb: int,
                       smooth_self: float, smooth_all: float, l1_scale: float,
                       skip_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.are_deterministic_algorithms_enabled():
+        # warn_only=True (strict mode never selects this backend): warn as torch's own nondeterministic ops do.
+        warnings.warn(f"fused_guided_cross_entropy(backend='triton'): {_NONDETERMINISTIC}", UserWarning,
+                      stacklevel=2)
     return launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                       alpha_scalar, fill, target_local, lse, g, Vb, smooth_self, smooth_all, l1_scale,
                       skip_threshold)
@@ -412,7 +418,14 @@ def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_m
     return torch.empty_like(value_hidden), torch.empty_like(value_weight)
 
 
+_NONDETERMINISTIC = ("its backward adds gradients with float32 atomics, so they are not bit-reproducible, and "
+                     "torch.use_deterministic_algorithms(True) is set; backend='torch' is the deterministic path "
+                     "(exact, chunked over rows) and backend='auto' picks it in that mode")
+
+
 def _triton_supports(a: CrossEntropyArgs) -> str:
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return _NONDETERMINISTIC
     g = a.g
     dtypes = {g.value_hidden.dtype}
     for t in (g.base_logits, g.base_hidden):
@@ -506,8 +519,11 @@ def torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight,
         if smooth_all:
             dz.sub_(smooth_all)
         t = target_local[r0:r1]
-        has_t = ((t >= 0) & (t < Vb)).to(compute).unsqueeze(1)
-        dz.scatter_add_(1, t.clamp(0, max(Vb - 1, 0)).long().unsqueeze(1), -smooth_self * has_t)
+        has_t = ((t >= 0) & (t < Vb)).to(compute)
+        # One target per row: an indexed subtract writes distinct elements, deterministic on every device
+        # (scatter_add_ on a 2-D CUDA tensor is not, under torch.use_deterministic_algorithms).
+        rows_c = torch.arange(r1 - r0, device=dz.device)
+        dz[rows_c, t.clamp(0, max(Vb - 1, 0)).long()] -= smooth_self * has_t
         dz.mul_(g_c * alpha_c)
         if identity_view and Vb == Vv:
             dvl = dz

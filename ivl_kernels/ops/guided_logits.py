@@ -69,7 +69,9 @@ def _guided_logits_kernel(
         idx = tl.load(map_ptr + offs_v * stride_map, mask=mask_v, other=-1).to(tl.int64)
     else:
         idx = tl.where(offs_v < Vv, offs_v, -1)
-    mapped = (idx >= 0) & mask_v
+    # Entries outside [-1, Vv) (a map mutated after its host check) count as unmapped: the kernel never forms
+    # an address from an unchecked entry, whatever the map holds.
+    mapped = (idx >= 0) & (idx < Vv) & mask_v
     # Unmapped ids read row 0 under a false mask: no out-of-range address is ever formed.
     rows_w = tl.where(mapped, idx, 0)
 
