@@ -63,11 +63,21 @@ def _kwargs(case, p, dtype, rank=None):
     return kw
 
 
+def _to(p, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else
+                [t.to(device) for t in v] if isinstance(v, list) else v) for k, v in p.items()}
+
+
 def _worker(rank, init, case, out_dir):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    nccl = case.get("dist") == "nccl"
+    if not nccl:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import ivl_kernels as ivl
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    device = torch.device("cuda", rank) if nccl else torch.device("cpu")
+    if nccl:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if nccl else "gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         dtype = torch.float32 if case["backend"] == "triton" else torch.float64
@@ -77,6 +87,7 @@ def _worker(rank, init, case, out_dir):
             p["Vv_shards"] = p["Vb_shards"]
             p["vw"] = torch.randn(sum(p["Vb_shards"]), p["vh"].shape[1], generator=torch.Generator().manual_seed(5),
                                   dtype=torch.float64) / 4
+        p = _to(p, device)
         v0 = sum(p["Vv_shards"][:rank])
         v1 = v0 + p["Vv_shards"][rank]
 
@@ -84,7 +95,7 @@ def _worker(rank, init, case, out_dir):
             h = p["vh"].to(dtype).detach().clone().requires_grad_()
             w = vw.to(dtype).detach().clone().requires_grad_()
             loss = ivl.fused_guided_cross_entropy(h, w, p["target"], backend=case["backend"], **kw, **extra)
-            up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+            up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=device).reshape(loss.shape)
             loss.backward(up)
             return loss.detach(), h.grad, w.grad
 
@@ -112,10 +123,17 @@ def _worker(rank, init, case, out_dir):
     pytest.param(dict(backend="torch", base="none", map=True, reduction="sum"), id="torch-valueonly-localmap-sum"),
     pytest.param(dict(backend="triton", base="hidden", map=True, reduction="mean"), id="triton-hidden-localmap-mean"),
     pytest.param(dict(backend="triton", base="none", map=False, reduction="sum"), id="triton-valueonly-identity-sum"),
+    pytest.param(dict(backend="triton", base="hidden", map=True, reduction="mean", dist="nccl"),
+                 id="nccl-triton-hidden-localmap-mean"),
+    pytest.param(dict(backend="torch", base="logits", map=False, reduction="none", dist="nccl"),
+                 id="nccl-torch-logits-identity-none"),
 ])
 def test_sharded_vocab_matches_single_process(case):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
+    if case.get("dist") == "nccl" and not (torch.cuda.is_available() and torch.cuda.device_count() >= WORLD
+                                           and dist.is_nccl_available()):
+        pytest.skip(f"NCCL needs {WORLD} CUDA GPUs (found {torch.cuda.device_count()}) and an NCCL build")
     if case["backend"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
     with tempfile.TemporaryDirectory() as out_dir:
