@@ -263,7 +263,11 @@ def fused_guided_logits(value_hidden, value_weight, *, base_logits=None, base_hi
         base_hidden: ``[..., Hb]`` base hidden states, with
         base_weight: ``[Vb, Hb]`` the base LM head, fused into the same pass.
         vocab_map: int32/int64 ``[Vb]`` (or a ``VocabMap``), entries in ``[-1, Vv)``, ``-1`` = unmapped.
-            ``None`` = identity (``b -> b`` for ``b < Vv``, unmapped beyond).
+            ``None`` = identity (``b -> b`` for ``b < Vv``, unmapped beyond). Other entries raise
+            ``ValueError``; the range is read on every call for a CPU map, once per tensor and version for a
+            CUDA map (no host sync in a decode loop), and not during CUDA-graph capture. An entry that escapes
+            the check (written behind torch's version counter, or first seen inside a capture) is treated as
+            unmapped by every backend: no out-of-range address is ever formed.
         alpha: guidance strength, a float or a ``[M]`` tensor (one per row).
         fill: the value logit used for unmapped base ids.
         out: optional ``[M, Vb]`` output; may be ``base_logits`` itself (in place, as a logits processor does).
