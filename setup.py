@@ -53,7 +53,6 @@ def _cuda_extension():
         return _no_extension("IVL_KERNELS_SKIP_CUDA_BUILD set: pure-Python install (Triton and torch backends)")
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
         return _no_extension("torch is not importable in the build environment: pure-Python install. "
                              "Install torch first and build with `pip install --no-build-isolation .`")
@@ -65,8 +64,10 @@ def _cuda_extension():
         nvcc = shutil.which("nvcc")
         if nvcc is None:
             return _no_extension(f"nvcc not found (looked in {cuda_home}/bin and PATH): pure-Python install")
-        cuda_home = os.path.dirname(os.path.dirname(nvcc))
+        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    # torch.utils.cpp_extension reads CUDA_HOME once, when it is imported: set it first.
     os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to detect the architecture from: build for Ampere and Hopper.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

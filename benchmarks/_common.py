@@ -1,6 +1,13 @@
 """Shared benchmark plumbing: environment header, timing, memory-floor bandwidth, CSV and plot output.
 
-GPU times are ``triton.testing.do_bench`` medians (ms); CPU times are ``torch.utils.benchmark`` medians.
+Timing, in milliseconds:
+  * ``time_ms``: GPU ``triton.testing.do_bench`` median (L2 flushed before each call), CPU
+    ``torch.utils.benchmark`` median. For work long enough that host overhead hides behind the GPU (the loss).
+  * ``time_gpu_graph``: ``triton.testing.do_bench_cudagraph`` median, the GPU time of a call with the host
+    taken out (the calls are replayed from a CUDA graph). A call that cannot be captured falls back to
+    ``do_bench`` and says why.
+  * ``time_launch_loop``: back-to-back eager calls, no graph, no cache flush: what a decode loop pays per call,
+    host overhead (Python front end, launches) included when the host is slower than the GPU.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ import csv
 import datetime
 import os
 import platform
+import signal
 import sys
 from typing import Callable, Iterable
 
@@ -52,18 +60,77 @@ def print_environment(env: dict) -> None:
         print(f"# {k}: {v}")
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.5) -> float:
+def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.5, rep_ms: int = 100) -> float:
     """Median time of ``fn()`` in milliseconds."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
     import torch.utils.benchmark as tb
 
     fn()  # warm-up (first-call allocations, compilation)
     m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return m.median * 1e3
+
+
+def time_gpu_graph(fn: Callable[[], object], *, rep_ms: int = 50) -> tuple[float, str]:
+    """``(median ms, how it was measured)`` of ``fn()`` replayed from a CUDA graph.
+
+    ``fn`` must have run once already (compilation, autotuning, first allocations happen outside the capture).
+    A call that cannot be captured (a host sync, a CPU tensor read) is timed by ``do_bench`` instead, and ``how``
+    carries the capture error so the CSV says which number is which.
+    """
+    import triton.testing
+
+    torch.cuda.synchronize()  # do_bench_cudagraph runs fn on a side stream: inputs must be ready
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")), "cuda graph"
+    except Exception as exc:
+        reason = f"cuda graph timing failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    lost = cuda_context_error()
+    if lost:
+        raise RuntimeError(f"{reason}; CUDA context lost: {lost}")
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")), f"do_bench, {reason}"
+
+
+def time_launch_loop(fn: Callable[[], object], gpu_ms: float, *, target_ms: float = 50.0) -> float:
+    """Per-call ms of back-to-back eager calls (enough of them to take about ``target_ms`` of GPU time)."""
+    n = max(10, min(2000, int(target_ms / max(gpu_ms, 1e-3))))
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+class Stopped(BaseException):
+    """The benchmark was told to stop (SIGTERM) and writes what it has measured. Not an ``Exception``: the
+    per-implementation ``except Exception`` that records a failing competitor must let it through."""
+
+
+def stop_on_sigterm() -> None:
+    """gpu_session.sh ends a step at its time limit with SIGTERM (``timeout``): raise ``Stopped`` instead of
+    dying, so the rows measured so far still reach the CSV."""
+    def handler(signum, frame):
+        raise Stopped("SIGTERM (time limit)")
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cuda_context_error() -> str:
+    """``""`` while CUDA still works in this process, else the error: a kernel fault (illegal address, device
+    assert) poisons the context, and every later CUDA call fails with it."""
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+        return ""
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
@@ -91,8 +158,9 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
 
 
 def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: str, title: str,
-              ylabel: str, log: bool = False) -> None:
-    """Grouped bar chart: one group per ``group`` value, one bar per ``series`` value."""
+              ylabel: str, log: bool = False, panel: str | None = None) -> None:
+    """Grouped bar chart: one group per ``group`` value, one bar per ``series`` value; one subplot per
+    ``panel`` value when given."""
     try:
         import matplotlib
 
@@ -101,26 +169,30 @@ def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: st
     except ImportError:
         print("matplotlib not installed: no plot")
         return
+    panels = list(dict.fromkeys(r[panel] for r in rows)) if panel else [None]
     groups = list(dict.fromkeys(r[group] for r in rows))
     names = list(dict.fromkeys(r[series] for r in rows))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(names)) / 3), 4))
-    for i, name in enumerate(names):
-        xs, ys = [], []
-        for j, g in enumerate(groups):
-            for r in rows:
-                if r[group] == g and r[series] == name and isinstance(r.get(value), (int, float)):
-                    xs.append(j + i * width)
-                    ys.append(r[value])
-        ax.bar(xs, ys, width, label=name)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(groups))])
-    ax.set_xticklabels([str(g) for g in groups])
-    ax.set_xlabel(group)
-    ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    fig_w = max(6, 1.6 * len(groups) * max(1, len(names)) / 3)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, 4 * len(panels)), squeeze=False)
+    for ax, pv in zip(axes[:, 0], panels):
+        for i, name in enumerate(names):
+            xs, ys = [], []
+            for j, g in enumerate(groups):
+                for r in rows:
+                    if (r[group] == g and r[series] == name and (panel is None or r[panel] == pv)
+                            and isinstance(r.get(value), (int, float))):
+                        xs.append(j + i * width)
+                        ys.append(r[value])
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(groups))])
+        ax.set_xticklabels([str(g) for g in groups])
+        ax.set_xlabel(group)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title if pv is None else f"{title}: {pv}", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

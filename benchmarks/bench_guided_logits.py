@@ -1,12 +1,31 @@
 """Guided LM head, side by side: fused backends vs unfused eager torch vs torch.compile vs the memory floor.
 
-The computation is DESIGN's "guided head": ``base_hidden . base_weight^T + alpha * remap(value_hidden .
-value_weight^T)`` with a vocabulary map, written as ``[M, Vb]`` float32 logits. The memory floor is the bytes
-that must move (both weight matrices and both hidden states read, the logits written) over the device's
-measured copy bandwidth: no implementation can beat it at decode sizes.
+    out[m, b] = base[m, b] + alpha * (value_hidden[m] . value_weight[map[b]])      ([M, Vb] float32 logits)
+
+Two ways to give the base term, each with two vocabulary maps:
+  * base "hidden": base hidden states + base LM head, both heads in one pass (GuidedCausalLM; DESIGN's target);
+    base "logits": float32 base logits given (IVLLogitsProcessor: the value head alone, ~0.09 ms on an H100).
+  * map "identity": ``vocab_map=None`` (same tokenizer, base ids beyond the value vocabulary unmapped);
+    map "permuted": a random permutation as an int32 map (cross-vocabulary guidance: a gather per id).
+
+Each fused backend is timed twice: "ivl BACKEND op" calls ``torch.ops.ivl_kernels.*`` with arguments validated
+once beforehand (the kernel launch alone), "ivl BACKEND" the public ``fused_guided_logits`` (validation and
+dispatch in Python on every call). On a GPU:
+  * ``ms`` is GPU time from ``triton.testing.do_bench_cudagraph`` (replayed CUDA graph, no host overhead; no L2
+    flush, which the "qwen" weights, 27x the L2, make irrelevant); a call that cannot be captured is timed by
+    ``do_bench`` and the ``timing`` column says so;
+  * ``launch_loop_ms`` is the per-call time of back-to-back eager calls: what a decode loop pays, host overhead
+    included where the host is slower than the kernel (compare "ivl cuda op" with "ivl cuda").
+The memory floor (DESIGN): bytes that must move over the measured copy bandwidth (read + write), i.e. the
+weight matrices read, the base logits read (base "logits"), the float32 logits written; ``x_floor`` = ms /
+floor. Hidden states and the map add < 0.1 % and are left out. ``rel_err`` is ||out - ref|| / ||ref|| against
+float32 arithmetic on the same (upcast) inputs. DESIGN's target: ivl within 1.18x of the floor for base
+"hidden" at M = 1, 8, 64, and faster than eager and torch.compile at every M.
 
     python benchmarks/bench_guided_logits.py                 # GPU: "qwen" workload, M = 1, 8, 64, 512
     python benchmarks/bench_guided_logits.py --device cpu    # CPU: a scaled-down workload
+    TRITON_INTERPRET=1 python benchmarks/bench_guided_logits.py --device cpu --workload tiny --quick
+                                                             # also checks the Triton rows (interpreted, untimed)
 """
 
 from __future__ import annotations
@@ -16,29 +35,187 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (copy_bandwidth_gbs, environment, format_table, plot_bars, print_environment,  # noqa: E402
-                     time_ms, write_csv)
+from _common import (Stopped, copy_bandwidth_gbs, cuda_context_error, environment, format_table,  # noqa: E402
+                     plot_bars, print_environment, stop_on_sigterm, time_gpu_graph, time_launch_loop, time_ms,
+                     write_csv)
 
 import ivl_kernels as ivl  # noqa: E402
 from ivl_kernels import _backends  # noqa: E402
-from ivl_kernels._triton import HAS_TRITON, interpreter_enabled  # noqa: E402
+from ivl_kernels._triton import interpreter_enabled  # noqa: E402
+from ivl_kernels._validate import validate_guided, validate_out  # noqa: E402
+from ivl_kernels.ops.guided_logits import _cuda_supports, _triton_supports  # noqa: E402
 
 WORKLOADS = {
     # DESIGN's "qwen": base head Qwen2.5-7B, value head Qwen2.5-0.5B.
     "qwen": dict(Vb=152064, Hb=3584, Vv=151936, Hv=896, dtype="bfloat16", M=[1, 8, 64, 512]),
     # CPU-sized: a 32k-vocabulary base over a 32000-token value head (SentencePiece v3 -> v1 shape).
     "small": dict(Vb=32768, Hb=512, Vv=32000, Hv=256, dtype="float32", M=[1, 8, 64]),
+    # Plumbing checks (the Triton interpreter): odd sizes, seconds per row.
+    "tiny": dict(Vb=1000, Hb=64, Vv=936, Hv=32, dtype="float32", M=[1, 7]),
 }
+ALPHA = 0.7
+FILL = 0.0
 
 
-def eager_guided(bh, bw, vh, vw, cols, unmapped, alpha):
-    """The unfused expression: two LM heads, a gather, a masked fill, a scale and an add."""
-    base = torch.nn.functional.linear(bh, bw).float()
-    value = torch.nn.functional.linear(vh, vw).float().index_select(1, cols)
-    value = value.masked_fill(unmapped, 0.0)
-    return base + alpha * value
+def value_term(vh, vw, cols, unmapped, Vb):
+    """The value head's logits in base-vocabulary order: a pad (identity map) or a gather + fill (a map)."""
+    value = F.linear(vh, vw).float()
+    if cols is None:
+        return F.pad(value, (0, Vb - value.shape[1]), value=FILL)
+    return value.index_select(1, cols).masked_fill(unmapped, FILL)
+
+
+def unfused_from_hidden(bh, bw, vh, vw, cols, unmapped):
+    return F.linear(bh, bw).float() + ALPHA * value_term(vh, vw, cols, unmapped, bw.shape[0])
+
+
+def unfused_from_logits(base_logits, vh, vw, cols, unmapped):
+    return base_logits + ALPHA * value_term(vh, vw, cols, unmapped, base_logits.shape[1])
+
+
+def make_map(kind: str, Vb: int, Vv: int, g: torch.Generator, device) -> torch.Tensor | None:
+    if kind == "identity":
+        return None
+    vocab_map = torch.full((Vb,), -1, dtype=torch.int32)
+    n = min(Vb, Vv)
+    vocab_map[:n] = torch.randperm(Vv, generator=g)[:n].to(torch.int32)
+    return vocab_map.to(device)
+
+
+class ContextLost(RuntimeError):
+    """A kernel fault poisoned the CUDA context: nothing after it can run in this process."""
+
+
+def measure(fn, device: torch.device, quick: bool) -> dict:
+    if device.type == "cuda":
+        ms, how = time_gpu_graph(fn)
+        return dict(ms=ms, timing=how, launch_loop_ms=time_launch_loop(fn, ms))
+    return dict(ms=time_ms(fn, device, min_run_time=0.2 if quick else 0.5), timing="torch.utils.benchmark")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    d = got.double() - ref.double()
+    return float(d.norm() / ref.double().norm())
+
+
+def fused_candidates(vh, vw, base_kw, vocab_map, out, device):
+    """``({impl: fn}, [(impl, why not run)])`` for the fused backends that can take this call."""
+    a = validate_guided(vh, vw, vocab_map=vocab_map, alpha=ALPHA, fill=FILL, **base_kw)
+    out2d = validate_out(out, a)
+
+    def public(backend):
+        return lambda: ivl.fused_guided_logits(vh, vw, vocab_map=vocab_map, alpha=ALPHA, fill=FILL, out=out,
+                                               backend=backend, **base_kw)
+
+    def bare(op):
+        def call():
+            op(a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map, None,
+               a.alpha, a.fill, out2d)
+            return out2d
+        return call
+
+    cands = {"ivl torch": public("torch")}
+    skipped = []
+    for backend in ("cuda", "triton"):
+        if backend == "cuda":
+            ok, why = _backends.cuda_usable(device)
+            why = why if not ok else _cuda_supports(a, out2d)
+        else:
+            ok, why = _backends.triton_usable(device)
+            why = why if not ok else _triton_supports(a)
+        if why:
+            skipped.append((f"ivl {backend}", why))
+            continue
+        op = (torch.ops.ivl_kernels.guided_logits_decode_ if backend == "cuda"
+              else torch.ops.ivl_kernels.guided_logits_triton)
+        cands[f"ivl {backend} op"] = bare(op)
+        cands[f"ivl {backend}"] = public(backend)
+    return cands, skipped
+
+
+def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compiled, device, bw_gbs, quick, g):
+    bw, vw = weights
+    Vb = wl["Vb"]
+    key = dict(M=M, base=base, map=map_name)
+    vh = torch.randn(M, wl["Hv"], generator=g).to(device=device, dtype=dtype)
+    cols = None if vocab_map is None else vocab_map.clamp(min=0).long()
+    unmapped = None if vocab_map is None else vocab_map < 0
+    if base == "hidden":
+        bh = torch.randn(M, wl["Hb"], generator=g).to(device=device, dtype=dtype)
+        base_kw = dict(base_hidden=bh, base_weight=bw)
+        args = (bh, bw, vh, vw, cols, unmapped)
+        ref = unfused_from_hidden(bh.float(), bw.float(), vh.float(), vw.float(), cols, unmapped)
+        moved = bw.numel() * bw.element_size() + vw.numel() * vw.element_size() + M * Vb * 4
+    else:
+        base_logits = (4 * torch.randn(M, Vb, generator=g)).to(device)
+        base_kw = dict(base_logits=base_logits)
+        args = (base_logits, vh, vw, cols, unmapped)
+        ref = unfused_from_logits(base_logits, vh.float(), vw.float(), cols, unmapped)
+        moved = vw.numel() * vw.element_size() + 2 * M * Vb * 4
+    floor_ms = moved / (bw_gbs * 1e9) * 1e3
+    eager = unfused_from_hidden if base == "hidden" else unfused_from_logits
+
+    cands = {"eager (unfused)": lambda: eager(*args)}
+    if compiled is not None:
+        cands["torch.compile (unfused)"] = lambda: compiled(*args)
+    out = torch.empty(M, Vb, device=device, dtype=torch.float32)
+    fused, skipped = fused_candidates(vh, vw, base_kw, vocab_map, out, device)
+    cands.update(fused)
+    for impl, why in skipped:
+        rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
+        print_row(rows[-1])
+    for impl, fn in cands.items():
+        row = dict(key, impl=impl)
+        try:
+            out.fill_(float("nan"))  # an element the kernel never writes cannot pass
+            row["rel_err"] = rel_err(fn(), ref)
+            if device.type == "cpu" and impl.startswith("ivl triton"):
+                row["note"] = "Triton interpreter: checked, not timed"
+            else:
+                row.update(measure(fn, device, quick))
+                row["x_floor"] = row["ms"] / floor_ms
+                row["GBps"] = moved / (row["ms"] * 1e-3) / 1e9
+        except Exception as exc:  # report, never hide, an implementation that cannot run here
+            row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+            lost = cuda_context_error() if device.type == "cuda" else ""
+            if lost:
+                rows.append(row)
+                raise ContextLost(f"after {impl} at {key}: {lost}") from exc
+        rows.append(row)
+        print_row(row)
+    rows.append(dict(key, impl="memory floor", ms=floor_ms, x_floor=1.0, GBps=bw_gbs, note=f"{moved / 1e6:.1f} MB"))
+    print_row(rows[-1])
+
+
+def print_row(r: dict) -> None:
+    """Each row as it is measured: a step stopped at its time limit still leaves its numbers in the log."""
+    def f(k):
+        v = r.get(k)
+        return f"{v:.4g}" if isinstance(v, float) else "-"
+    print(f"  M={r['M']:<4} {r['base']:6s} {r['map']:8s} {r['impl']:24s} ms {f('ms'):>9s}  x_floor {f('x_floor'):>7s}"
+          f"  loop_ms {f('launch_loop_ms'):>9s}  rel_err {f('rel_err'):>9s}  {r.get('timing', '')} {r.get('note', '')}",
+          flush=True)
+
+
+def print_summary(rows, gpu: bool) -> None:
+    """One line per (M, base, map): each implementation's ms and its multiple of the floor; on a GPU also the
+    back-to-back eager loop's ms per call."""
+    configs = list(dict.fromkeys((r["M"], r["base"], r["map"]) for r in rows if r["impl"] != "(stopped)"))
+    for field, title in (("ms", "ms (x floor)"), ("launch_loop_ms", "eager loop ms per call"))[: 2 if gpu else 1]:
+        impls = list(dict.fromkeys(r["impl"] for r in rows
+                                   if r["impl"] != "memory floor" and isinstance(r.get(field), float)))
+        table = []
+        for M, base, map_name in configs:
+            line = dict(M=M, base=base, map=map_name)
+            for r in rows:
+                if (r["M"], r["base"], r["map"]) == (M, base, map_name) and isinstance(r.get(field), float):
+                    line[r["impl"]] = f"{r[field]:.3g}" + (f" ({r['x_floor']:.2f}x)" if field == "ms" else "")
+            table.append(line)
+        print(f"\n# summary: {title}")
+        print(format_table(table, ["M", "base", "map"] + (["memory floor"] if field == "ms" else []) + impls))
 
 
 def main(argv=None) -> int:
@@ -47,88 +224,59 @@ def main(argv=None) -> int:
     p.add_argument("--workload", default=None, choices=sorted(WORKLOADS), help="default: qwen on GPU, small on CPU")
     p.add_argument("--M", type=int, nargs="*", default=None, help="rows (tokens) to time")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    p.add_argument("--quick", action="store_true", help="smallest M only, short timing")
+    p.add_argument("--base", nargs="*", default=["hidden", "logits"], choices=["hidden", "logits"])
+    p.add_argument("--map", nargs="*", default=["identity", "permuted"], choices=["identity", "permuted"])
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--quick", action="store_true", help="the two smallest M only, shorter CPU timing")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    wl = dict(WORKLOADS[args.workload or ("qwen" if device.type == "cuda" else "small")])
+    name = args.workload or ("qwen" if device.type == "cuda" else "small")
+    wl = WORKLOADS[name]
     dtype = getattr(torch, args.dtype or wl["dtype"])
     Ms = args.M or wl["M"]
     if args.quick:
         Ms = Ms[:2]
     env = environment(device)
+    env["triton_interpreter"] = str(interpreter_enabled())
     print_environment(env)
-    name = args.workload or ("qwen" if device.type == "cuda" else "small")
-    print(f"# workload {name}: Vb={wl['Vb']} Hb={wl['Hb']} Vv={wl['Vv']} Hv={wl['Hv']} dtype={dtype}")
+    print(f"# workload {name}: Vb={wl['Vb']} Hb={wl['Hb']} Vv={wl['Vv']} Hv={wl['Hv']} dtype={dtype} alpha={ALPHA}")
 
     g = torch.Generator(device="cpu").manual_seed(0)
     bw = (torch.randn(wl["Vb"], wl["Hb"], generator=g) / wl["Hb"] ** 0.5).to(device=device, dtype=dtype)
     vw = (torch.randn(wl["Vv"], wl["Hv"], generator=g) / wl["Hv"] ** 0.5).to(device=device, dtype=dtype)
-    # A realistic cross-vocabulary map: most ids shared, a tail of base ids unmapped.
-    vocab_map = torch.arange(wl["Vb"], dtype=torch.int32)
-    vocab_map[vocab_map >= wl["Vv"]] = -1
-    vocab_map = vocab_map.to(device)
-    cols = vocab_map.clamp(min=0).long()
-    unmapped = vocab_map < 0
-    alpha = 0.7
-    bw_bytes = copy_bandwidth_gbs(device)
-    print(f"# measured copy bandwidth: {bw_bytes:.1f} GB/s (read + write)")
+    bw_gbs = copy_bandwidth_gbs(device)
+    print(f"# measured copy bandwidth: {bw_gbs:.1f} GB/s (read + write)")
 
-    rows = []
-    for M in Ms:
-        bh = torch.randn(M, wl["Hb"], generator=g).to(device=device, dtype=dtype)
-        vh = torch.randn(M, wl["Hv"], generator=g).to(device=device, dtype=dtype)
-        moved = (bw.numel() * bw.element_size() + vw.numel() * vw.element_size()
-                 + bh.numel() * bh.element_size() + vh.numel() * vh.element_size() + M * wl["Vb"] * 4)
-        floor_ms = moved / (bw_bytes * 1e9) * 1e3
-        want = eager_guided(bh, bw, vh, vw, cols, unmapped, alpha)
-        cands = {"eager (unfused)": lambda: eager_guided(bh, bw, vh, vw, cols, unmapped, alpha)}
-        if not args.no_compile:
-            compiled = torch.compile(eager_guided)
-            cands["torch.compile (unfused expr)"] = lambda: compiled(bh, bw, vh, vw, cols, unmapped, alpha)
-        out = torch.empty(M, wl["Vb"], device=device, dtype=torch.float32)
-        for backend in ("cuda", "triton", "torch"):
-            why = ""
-            if backend == "cuda":
-                ok, why = _backends.cuda_usable(device)
-            elif backend == "triton":
-                ok, why = _backends.triton_usable(device)
-                if ok and device.type == "cpu":
-                    ok, why = False, "interpreter only on CPU (not timed)"
-            else:
-                ok = True
-            if ok:
-                def run(backend=backend):
-                    return ivl.fused_guided_logits(vh, vw, base_hidden=bh, base_weight=bw, vocab_map=vocab_map,
-                                                   alpha=alpha, out=out, backend=backend)
-                try:
-                    run()
-                except RuntimeError as exc:  # e.g. the CUDA kernel's M limit
-                    ok, why = False, str(exc)[:80]
-            if ok:
-                cands[f"ivl {backend}"] = run
-            else:
-                rows.append(dict(M=M, impl=f"ivl {backend}", ms=None, note=f"not run: {why[:70]}"))
-        for impl, fn in cands.items():
-            try:
-                got = fn()
-                err = (got.float() - want).abs().max().item()
-                ms = time_ms(fn, device, min_run_time=0.2 if args.quick else 0.5)
-                rows.append(dict(M=M, impl=impl, ms=ms, x_floor=ms / floor_ms, GBps=moved / (ms * 1e-3) / 1e9,
-                                 max_abs_diff_vs_eager=err, note=""))
-            except Exception as exc:  # report, never hide, a competitor that cannot run here
-                rows.append(dict(M=M, impl=impl, ms=None, note=f"failed: {type(exc).__name__}: {exc}"[:100]))
-        rows.append(dict(M=M, impl="memory floor", ms=floor_ms, x_floor=1.0, GBps=bw_bytes, note=f"{moved/1e6:.1f} MB"))
+    rows: list[dict] = []
+    stop_on_sigterm()
+    try:
+        for base in args.base:
+            for map_name in args.map:
+                vocab_map = make_map(map_name, wl["Vb"], wl["Vv"], g, device)
+                # One compiled function per expression, static shapes: each M gets its own specialised graph.
+                compiled = None if args.no_compile else torch.compile(
+                    unfused_from_hidden if base == "hidden" else unfused_from_logits, dynamic=False)
+                for M in Ms:
+                    run_config(rows, M=M, base=base, map_name=map_name, vocab_map=vocab_map, wl=wl, dtype=dtype,
+                               weights=(bw, vw), compiled=compiled, device=device, bw_gbs=bw_gbs,
+                               quick=args.quick, g=g)
+    except (ContextLost, Stopped) as exc:
+        why = f"CUDA context lost {exc}" if isinstance(exc, ContextLost) else str(exc)
+        print(f"# STOPPED: {why}; the rows so far are kept")
+        rows.append(dict(M="", base="", map="", impl="(stopped)", note=why[:200]))
 
-    print(format_table(rows, ["M", "impl", "ms", "x_floor", "GBps", "max_abs_diff_vs_eager", "note"]))
+    cols = ["M", "base", "map", "impl", "ms", "x_floor", "GBps", "launch_loop_ms", "rel_err", "timing", "note"]
+    print_summary(rows, gpu=device.type == "cuda")
     tag = f"guided_logits_{name}_{device.type}"
     os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, f"{tag}.csv"), rows, env)
-    plot_bars(os.path.join(args.out, f"{tag}.png"), [r for r in rows if r.get("ms")], group="M", series="impl",
-              value="ms", title=f"guided head ({name}, {dtype}) on {env['device']}", ylabel="ms (median)", log=True)
+    write_csv(os.path.join(args.out, f"{tag}.csv"), [{c: r.get(c, "") for c in cols} for r in rows], env)
+    plot_bars(os.path.join(args.out, f"{tag}.png"),
+              [dict(r, panel=f"base {r['base']}, map {r['map']}") for r in rows if r.get("ms")],
+              group="M", series="impl", value="ms", panel="panel", log=True, ylabel="ms (median)",
+              title=f"guided head ({name}, {dtype}) on {env['device']}")
     return 0
 
 

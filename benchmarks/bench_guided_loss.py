@@ -1,18 +1,32 @@
 """Guided cross-entropy loss: forward+backward time and peak memory, every implementation side by side.
 
-    python benchmarks/bench_guided_loss.py [--device cpu|cuda] [--quick] [--out benchmarks/results/]
+    python benchmarks/bench_guided_loss.py [--device cpu|cuda] [--quick] [--N 16384] [--out benchmarks/results/]
 
 Two cases:
   * "guided": frozen base head given as hidden+weight + value head (the IVL training loss, identity map):
-    naive eager (materialised logits), torch.compile of the naive loss, ours (each available backend).
-  * "value-only": fused linear cross-entropy over the value head alone: naive eager, F.linear_cross_entropy
-    (if this torch has it), Liger-Kernel's LigerFusedLinearCrossEntropyLoss, cut-cross-entropy's
-    linear_cross_entropy (each when installed and able to run on the device), ours.
+    naive eager (materialised logits), torch.compile of the naive loss, ours (each backend).
+  * "value-only": fused linear cross-entropy over the value head alone: naive eager, torch's
+    F.linear_cross_entropy (chunked, when this torch has it), Liger-Kernel's LigerFusedLinearCrossEntropyLoss,
+    cut-cross-entropy's linear_cross_entropy with its default gradient filtering (``filter_eps="high"``, i.e.
+    bf16 eps / 32: backward skips blocks whose softmax is below it) and exact (``filter_eps=None``), ours.
+Ours runs exact (the default) and with ``grad_skip_threshold`` = cut-cross-entropy's filter value, so each
+filtering choice has a like-for-like peer. Each head's logits have std ``LOGIT_STD`` = 3 over the vocabulary (a
+peaked softmax, as an LM's): what filtering skips depends on it. DESIGN's targets (N = 16384): guided loss
+memory under 1 % of naive eager's and faster than it; value-only within 1.1x of cut-cross-entropy, faster than
+Liger-Kernel and F.linear_cross_entropy.
+
 Defaults: CPU N=4096, V=32000, H=64, fp32; GPU DESIGN's "qwen" workload (Vb 152064 / Hb 3584, Vv 151936 / Hv 896,
-bf16) at N=16384. Timing: GPU ``triton.testing.do_bench`` (median), CPU ``torch.utils.benchmark`` (median).
-Peak memory: GPU ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call; CPU the growth
-of the process's peak RSS (Linux VmHWM, reset through /proc/self/clear_refs after ``malloc_trim``), which
-counts every byte the call touched including allocator slack. Times are reported, never asserted.
+bf16) at N=16384. On a GPU with N > 4096 the torch backend of ours is not timed (a plain-torch chunked loop,
+the CPU path and test oracle, not a GPU contender; it would take minutes): run ``--N 4096`` to time it.
+Timing: GPU ``triton.testing.do_bench`` (median; a call over 1 s: the median of 3), CPU ``torch.utils.benchmark``
+(median); the ``timing`` column says which. Peak memory: GPU ``torch.cuda.max_memory_allocated`` minus the
+memory allocated before the call; CPU the growth of the process's peak RSS (Linux VmHWM, reset through
+/proc/self/clear_refs after ``malloc_trim``), which counts every byte the call touched including allocator slack.
+``loss_mem`` (DESIGN's "loss memory", also as % of naive eager's): on a GPU the peak minus the bytes of the two
+gradients every implementation returns, on CPU the peak itself. ``loss`` and ``grad_rel_err`` (||grad - naive's||
+/ ||naive's||, both gradients stacked) check that every implementation computes the same thing. Peers run before
+ours, so a fault in one of our kernels (which poisons the CUDA context) cannot hide their rows. Times are
+reported, never asserted.
 """
 
 from __future__ import annotations
@@ -21,10 +35,21 @@ import argparse
 import ctypes
 import os
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, print_environment, time_ms, write_csv  # noqa: E402
+from _common import (Stopped, cuda_context_error, environment, format_table, print_environment,  # noqa: E402
+                     stop_on_sigterm, time_ms, write_csv)
+
+# The torch backend of ours is timed on a GPU only up to this many tokens (see the module docstring).
+TORCH_BACKEND_MAX_N_GPU = 4096
+# A GPU forward+backward slower than this (seconds) is timed over 3 calls only: the step has minutes, not hours.
+SLOW_S = 1.0
+# Standard deviation of each head's logits over the vocabulary. LM logits are peaked (a few units), so gradient
+# filtering skips part of the vocabulary; unit-scale random logits would give a flat softmax (every p ~ 1/V, under
+# the filter's eps) and let the filtering rows skip nearly everything.
+LOGIT_STD = 3.0
 
 
 def parse_args(argv=None):
@@ -36,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     return p.parse_args(argv)
+
+
+class _Unavailable(Exception):
+    pass
 
 
 def main(argv=None) -> int:
@@ -57,6 +86,8 @@ def main(argv=None) -> int:
         Vb, Hb, Vv, Hv = 32000, 64, 32000, 64
         dtype = getattr(torch, args.dtype or "float32")
         torch.set_num_threads(os.cpu_count() or 1)
+    # cut-cross-entropy's default filter ("high"), and the same threshold for ours.
+    filter_eps = torch.finfo(dtype).eps / 32
 
     versions = environment(torch.device(device))
     for mod in ("liger_kernel", "cut_cross_entropy"):
@@ -73,10 +104,10 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     vh = torch.randn(N, Hv, device=device, dtype=dtype)
-    vw = (torch.randn(Vv, Hv, device=device, dtype=dtype) / Hv ** 0.5).requires_grad_()
+    vw = (torch.randn(Vv, Hv, device=device, dtype=dtype) * (LOGIT_STD / Hv ** 0.5)).requires_grad_()
     vh.requires_grad_()
     bh = torch.randn(N, Hb, device=device, dtype=dtype)
-    bw = torch.randn(Vb, Hb, device=device, dtype=dtype) / Hb ** 0.5
+    bw = torch.randn(Vb, Hb, device=device, dtype=dtype) * (LOGIT_STD / Hb ** 0.5)
     target = torch.randint(0, min(Vb, Vv), (N,), device=device)
     target[::17] = -100
 
@@ -86,9 +117,8 @@ def main(argv=None) -> int:
             vw.grad = None
             loss = loss_fn()
             loss.backward()
+            return loss.detach()
         return run
-
-    rows = []
 
     def naive_guided():
         return guided_cross_entropy_naive(vh, vw, target, base_hidden=bh, base_weight=bw)
@@ -96,69 +126,129 @@ def main(argv=None) -> int:
     def naive_value():
         return F.cross_entropy((vh @ vw.T).float() if dtype != torch.float32 else vh @ vw.T, target)
 
-    impls = [("guided", "naive eager (materialised logits)", lambda: step(naive_guided))]
-    if not args.no_compile:
-        def compiled():
-            fn = torch.compile(lambda h, w, t, a, b: guided_cross_entropy_naive(h, w, t, base_hidden=a,
-                                                                                base_weight=b))
-            return step(lambda: fn(vh, vw, target, bh, bw))
-        impls.append(("guided", "torch.compile(naive)", compiled))
-    for backend in ("torch", "triton"):
-        impls.append(("guided", f"ivl fused_guided_cross_entropy [{backend}]", (lambda b=backend: step(
-            lambda: ivl.fused_guided_cross_entropy(vh, vw, target, base_hidden=bh, base_weight=bw, backend=b)))))
-
-    impls.append(("value-only", "naive eager (F.linear + F.cross_entropy)", lambda: step(naive_value)))
+    def compiled():
+        fn = torch.compile(lambda h, w, t, a, b: guided_cross_entropy_naive(h, w, t, base_hidden=a, base_weight=b))
+        return step(lambda: fn(vh, vw, target, bh, bw))
 
     def torch_lce():
         if not hasattr(F, "linear_cross_entropy"):
-            raise _Unavailable("this torch has no F.linear_cross_entropy")
-        return step(lambda: F.linear_cross_entropy(vh, vw, target))
-    impls.append(("value-only", "torch F.linear_cross_entropy", torch_lce))
+            raise _Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy")
+        # The chunked path (never [N, V] logits) where this torch has it; options=None is naive eager again.
+        options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+        kw = {"options": options()} if options is not None else {}
+        return step(lambda: F.linear_cross_entropy(vh, vw, target, ignore_index=-100, **kw))
 
     def liger():
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except Exception as exc:
-            raise _Unavailable(f"not installed ({type(exc).__name__})")
+            raise _Unavailable(f"not installed ({type(exc).__name__}: {exc})"[:150])
         if not gpu:
             raise _Unavailable("Triton kernels, needs CUDA")
-        loss = LigerFusedLinearCrossEntropyLoss()
+        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
         return step(lambda: loss(vw, vh, target))
-    impls.append(("value-only", "Liger LigerFusedLinearCrossEntropyLoss", liger))
 
-    def cce():
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except Exception as exc:
-            raise _Unavailable(f"not installed ({type(exc).__name__})")
-        if not gpu:
-            raise _Unavailable("Triton kernels, needs CUDA")
-        return step(lambda: linear_cross_entropy(vh, vw, target))
-    impls.append(("value-only", "cut-cross-entropy linear_cross_entropy", cce))
-    for backend in ("torch", "triton"):
-        impls.append(("value-only", f"ivl fused_guided_cross_entropy [{backend}]", (lambda b=backend: step(
-            lambda: ivl.fused_guided_cross_entropy(vh, vw, target, backend=b)))))
+    def cce(eps):
+        def make():
+            try:
+                from cut_cross_entropy import linear_cross_entropy
+            except Exception as exc:
+                raise _Unavailable(f"not installed ({type(exc).__name__}: {exc})"[:150])
+            if not gpu:
+                raise _Unavailable("Triton kernels, needs CUDA")
+            return step(lambda: linear_cross_entropy(vh, vw, target, ignore_index=-100, filter_eps=eps))
+        return make
 
-    for case, name, make in impls:
-        row = dict(case=case, implementation=name, status="ok", time_ms="", peak_mem_MiB="",
-                   mem_method="cuda max_memory_allocated delta" if gpu else "peak RSS growth (VmHWM)")
-        try:
-            if "[triton]" in name and not gpu:
+    def ours(backend, skip=0.0, guided=True):
+        def make():
+            if backend == "triton" and not gpu:
                 raise _Unavailable("Triton on CPU runs only under the interpreter (not benchmarked)")
+            if backend == "torch" and gpu and N > TORCH_BACKEND_MAX_N_GPU:
+                raise _Unavailable(f"torch backend not timed on GPU above N={TORCH_BACKEND_MAX_N_GPU} "
+                                   "(plain-torch loop, minutes): run --N 4096")
+            base = dict(base_hidden=bh, base_weight=bw) if guided else {}
+            kw = dict(grad_skip_threshold=skip) if skip else {}
+            return step(lambda: ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **base, **kw))
+        return make
+
+    skip_name = f"grad_skip_threshold={filter_eps:.3g}"
+    impls = [("guided", "naive eager (materialised logits)", lambda: step(naive_guided))]
+    if not args.no_compile:
+        impls.append(("guided", "torch.compile(naive)", compiled))
+    impls += [
+        ("guided", "ivl fused_guided_cross_entropy [torch]", ours("torch")),
+        ("guided", "ivl fused_guided_cross_entropy [triton]", ours("triton")),
+        ("guided", f"ivl fused_guided_cross_entropy [triton, {skip_name}]", ours("triton", filter_eps)),
+        ("value-only", "naive eager (F.linear + F.cross_entropy)", lambda: step(naive_value)),
+        ("value-only", "torch F.linear_cross_entropy", torch_lce),
+        ("value-only", "Liger LigerFusedLinearCrossEntropyLoss", liger),
+        ("value-only", "cut-cross-entropy linear_cross_entropy [filter_eps=high, default]", cce("high")),
+        ("value-only", "cut-cross-entropy linear_cross_entropy [filter_eps=None, exact]", cce(None)),
+        ("value-only", "ivl fused_guided_cross_entropy [torch]", ours("torch", guided=False)),
+        ("value-only", "ivl fused_guided_cross_entropy [triton]", ours("triton", guided=False)),
+        ("value-only", f"ivl fused_guided_cross_entropy [triton, {skip_name}]",
+         ours("triton", filter_eps, guided=False)),
+    ]
+    order = sorted(range(len(impls)), key=lambda i: impls[i][1].startswith("ivl"))  # peers first (stable)
+    rows: list = [None] * len(impls)
+    naive = {}  # case -> (loss memory, gradients) of the naive row, the reference of that case
+    # Every implementation returns these two gradients: memory beyond them is what the loss itself costs. RSS
+    # growth (CPU) does not see them when they land in pages the process already holds: nothing to subtract.
+    grad_bytes = (vh.numel() + vw.numel()) * vh.element_size() if gpu else 0
+    lost = ""
+    stop_on_sigterm()
+    stopped = ""
+    for i in order:
+        case, name, make = impls[i]
+        row = dict(case=case, implementation=name, status="ok", time_ms="", peak_mem_MiB="", loss_mem_MiB="",
+                   loss_mem_vs_naive_pct="",
+                   loss="", grad_rel_err="", timing="",
+                   mem_method="cuda max_memory_allocated delta" if gpu else "peak RSS growth (VmHWM)")
+        rows[i] = row
+        if lost or stopped:
+            row["status"] = f"not run: {stopped or f'CUDA context lost earlier ({lost})'}"[:160]
+            continue
+        try:
             fn = make()
             fn()  # warm-up (compilation, autotuning)
-            row["peak_mem_MiB"] = f"{_peak_mem(fn, gpu) / 2**20:.1f}"
-            row["time_ms"] = f"{time_ms(fn, torch.device(device), min_run_time=1.0 if args.quick else 5.0):.2f}"
+            t0 = time.perf_counter()
+            peak, loss = _peak_mem(fn, gpu)
+            once_s = time.perf_counter() - t0
+            grads = (vh.grad.detach().float().clone(), vw.grad.detach().float().clone())
+            loss_mem = peak - grad_bytes
+            row["peak_mem_MiB"] = f"{peak / 2**20:.1f}"
+            row["loss_mem_MiB"] = f"{loss_mem / 2**20:.1f}"
+            row["loss"] = f"{float(loss):.6g}"
+            if name.startswith("naive"):
+                naive[case] = (loss_mem, grads)
+            elif case in naive:
+                row["loss_mem_vs_naive_pct"] = f"{100 * loss_mem / naive[case][0]:.3g}"
+                row["grad_rel_err"] = f"{_rel_err(grads, naive[case][1]):.3g}"
+            del grads
+            if gpu and once_s > SLOW_S:
+                # do_bench would spend at least 7 more calls estimating and warming up: time 3 and keep the median.
+                ms, row["timing"] = _median_of_3_ms(fn), f"median of 3 calls (one took over {SLOW_S} s)"
+            else:
+                ms = time_ms(fn, torch.device(device), min_run_time=1.0 if args.quick else 5.0, rep_ms=300)
+                row["timing"] = "do_bench median" if gpu else "torch.utils.benchmark median"
+            row["time_ms"] = f"{ms:.2f}"
         except _Unavailable as exc:
             row["status"] = str(exc)
+        except Stopped as exc:
+            stopped = f"stopped ({exc})"
+            row["status"] = stopped
         except Exception as exc:  # report, keep benchmarking the others
-            row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            row["status"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
             if os.environ.get("IVL_BENCH_DEBUG"):
                 traceback.print_exc()
-        rows.append(row)
-        print(f"  {case:10s} {name:45s} {row['time_ms']:>10s} ms {row['peak_mem_MiB']:>10s} MiB  {row['status']}",
+            lost = cuda_context_error() if gpu else ""
+        if gpu:
+            torch.cuda.empty_cache()
+        print(f"  {case:10s} {name:72s} {row['time_ms']:>10s} ms {row['peak_mem_MiB']:>10s} MiB  {row['status']}",
               flush=True)
 
+    print(format_table(rows, ["case", "implementation", "time_ms", "peak_mem_MiB", "loss_mem_MiB",
+                              "loss_mem_vs_naive_pct", "loss", "grad_rel_err", "timing", "status"]))
     os.makedirs(args.out, exist_ok=True)
     tag = f"guided_loss_{'gpu' if gpu else 'cpu'}_N{N}_{str(dtype).replace('torch.', '')}"
     csv_path = os.path.join(args.out, tag + ".csv")
@@ -171,8 +261,24 @@ def main(argv=None) -> int:
     return 0
 
 
-class _Unavailable(Exception):
-    pass
+def _median_of_3_ms(fn) -> float:
+    import torch
+
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def _rel_err(got, ref) -> float:
+    num = sum(float((g - r).double().pow(2).sum()) for g, r in zip(got, ref))
+    den = sum(float(r.double().pow(2).sum()) for r in ref)
+    return (num / den) ** 0.5 if den else float("nan")
 
 
 def _malloc_trim():
@@ -190,7 +296,8 @@ def _status(key):
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _peak_mem(fn, gpu: bool) -> int:
+def _peak_mem(fn, gpu: bool):
+    """``(peak extra bytes, fn's result)`` of one call."""
     import gc
 
     import torch
@@ -200,15 +307,15 @@ def _peak_mem(fn, gpu: bool) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        fn()
+        result = fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        return torch.cuda.max_memory_allocated() - before, result
     _malloc_trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status("VmRSS")
-    fn()
-    return _status("VmHWM") - before
+    result = fn()
+    return _status("VmHWM") - before, result
 
 
 def _plot(rows, path, versions, title):
@@ -217,13 +324,14 @@ def _plot(rows, path, versions, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and r["time_ms"]]
     labels = [f"{r['case']}: {r['implementation']}" for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(ok) + 2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 0.45 * len(ok) + 2), sharey=True)
     axes[0].barh(labels, [float(r["time_ms"]) for r in ok], color="tab:blue")
     axes[0].set_xlabel("forward+backward, median ms")
     axes[1].barh(labels, [float(r["peak_mem_MiB"]) for r in ok], color="tab:orange")
     axes[1].set_xlabel(f"peak memory MiB ({ok[0]['mem_method'] if ok else ''})")
+    axes[1].set_xscale("log")
     axes[0].invert_yaxis()
     fig.suptitle(f"guided cross-entropy, {title} - {versions['device']}, torch {versions['torch']}, "
                  f"triton {versions['triton']}", fontsize=9)
