@@ -15,8 +15,9 @@ with ``g_n`` the upstream gradient of row n (``1 / kept_rows`` for "mean"). ``dv
 backends recompute logits (per chunk of rows, or per tile) in the backward pass.
 
 Backends: ``triton`` (blockwise, like cut-cross-entropy: a forward kernel keeps per-row online log-sum-exp,
-target logit, smoothing sum and L1 sum over vocabulary tiles; a backward kernel recomputes each
-[rows x vocab] tile and atomically accumulates d value_hidden / d value_weight in float32), ``torch`` (an
+smoothing sum and L1 sum over vocabulary tiles, and takes the target logit as one gathered row dot per row; a
+backward kernel recomputes each [rows x vocab] tile and atomically accumulates d value_hidden / d value_weight in
+float32, the target column's term added row by row), ``torch`` (an
 ``autograd.Function`` chunked over rows; extra memory is one chunk of logits, not ``[N, V]``). There is no
 ``cuda`` backend for this op.
 
@@ -54,47 +55,150 @@ CHUNK_ELEMS = 1 << 22
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _guided_tile(vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr,
-                 offs_m, mask_m, offs_v, alpha_row, alpha_scalar, fill, Vb, Vv, Hv, Hb,
-                 stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map,
-                 stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
-                 HAS_MAP: tl.constexpr, BASE_MODE: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """One tile of column ids ``offs_v``: returns ``(acc, z, rows_w, valid_w, mask_b)``.
+def _tile_columns(map_ptr, v0, Vb, Vv, stride_map, HAS_MAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``(offs_v, rows_w, valid_w, mask_b)`` of the column tile ``[v0, v0 + BLOCK_V)``: the column ids, the value
+    row each column reads (valid where ``valid_w``; without a map, column c is value row c, valid for c < Vv even
+    past Vb so the fused L1 term can use it) and the columns inside the base vocabulary (``mask_b``).
 
-    ``acc``: value logits of value rows ``rows_w`` (valid where ``valid_w``; without a map, column c is value
-    row c, valid for c < Vv even past Vb so the fused L1 term can use it); ``z``: guided logits, ``-inf``
-    outside the base vocabulary (``mask_b``).
+    The masks compare int32 column ids relative to the tile: a ``[BLOCK_V]`` vector is replicated over the
+    rows of the MMA layout (a quarter of the tile's columns in every thread), and int64 ones cost twice the
+    registers.
     """
-    mask_b = offs_v < Vb
+    cols = tl.arange(0, BLOCK_V)
+    offs_v = v0 + cols.to(tl.int64)
+    mask_b = cols < (Vb - v0).to(tl.int32)
     if HAS_MAP:
         idx = tl.load(map_ptr + offs_v * stride_map, mask=mask_b, other=-1).to(tl.int64)
         # Entries outside [-1, Vv) count as unmapped (fill, no gradient): no address from an unchecked entry.
         valid_w = (idx >= 0) & (idx < Vv) & mask_b
     else:
         idx = offs_v
-        valid_w = offs_v < Vv
+        valid_w = cols < (Vv - v0).to(tl.int32)
     # Unmapped ids read row 0 under a false mask: no out-of-range address is ever formed.
     rows_w = tl.where(valid_w, idx, 0)
-    acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k,
-                   rows_w, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    return offs_v, rows_w, valid_w, mask_b
+
+
+@triton.jit
+def _dot_into(acc, h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K,
+              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + h[offs_m] . w[rows_w]^T`` over ``K``: ``tile_dot`` accumulating into an existing fp32 tile."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        h = tl.load(h_ptr + offs_m[:, None] * stride_h_m + offs_k[None, :] * stride_h_k,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + rows_w[:, None] * stride_w_v + offs_k[None, :] * stride_w_k,
+                    mask=mask_w[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _base_tile(base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, offs_v, mask_b, Hb, stride_base_m, stride_base_v,
+               stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
+               BASE_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """The base term of a tile (``BASE_MODE`` 1 or 2): the base logits as stored (``.to(tl.float32)`` at use),
+    or the base LM head's fp32 dot. Zero outside ``mask_m`` x ``mask_b``."""
+    if BASE_MODE == 1:
+        base = tl.load(base_ptr + offs_m[:, None] * stride_base_m + offs_v[None, :] * stride_base_v,
+                       mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+    else:
+        base = tile_dot(bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v, stride_bw_k,
+                        offs_v, mask_b, Hb, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    return base
+
+
+@triton.jit
+def _scaled_value(acc, valid_w, alpha_row, alpha_scalar, fill, ALPHA_IS_TENSOR: tl.constexpr):
+    """``alpha * value`` of a tile from its value logits ``acc``: ``fill`` on unmapped columns."""
     value = tl.where(valid_w[None, :], acc, fill)
     if ALPHA_IS_TENSOR:
         z = value * alpha_row[:, None]
     else:
         z = value * alpha_scalar
-    mask_mb = mask_m[:, None] & mask_b[None, :]
+    return z
+
+
+@triton.jit
+def _target_rows(map_ptr, tgt, mask_m, Vb, Vv, stride_map, HAS_MAP: tl.constexpr):
+    """``(t, has_t, row_w, valid)`` of each row's target column: the column (0 where ``has_t`` is false: no
+    target in this shard) and the value row it reads (valid where ``valid``, an entry in ``[0, Vv)`` as in
+    ``_tile_columns``; ``row_w`` is clamped into ``[0, Vv)``, so no entry forms an out-of-range address. A clamp,
+    not ``tl.where(valid, idx, 0)``: Triton 3.6's layout pass fails on that select in the backward kernel)."""
+    has_t = (tgt >= 0) & (tgt < Vb) & mask_m
+    t = tl.where(has_t, tgt, 0)
+    if HAS_MAP:
+        idx = tl.load(map_ptr + t * stride_map, mask=has_t, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < Vv) & has_t
+    else:
+        idx = t
+        valid = (t < Vv) & has_t
+    return t, has_t, tl.maximum(tl.minimum(idx, Vv - 1), 0), valid
+
+
+@triton.jit
+def _row_dot(h_ptr, stride_h_m, stride_h_k, offs_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask, K,
+             BLOCK_K: tl.constexpr):
+    """``h[offs_m[i]] . w[rows_w[i]]`` for each i (0 where ``mask`` is false), fp32 accumulation."""
+    acc = tl.zeros(offs_m.shape, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_hk = mask[:, None] & (offs_k < K)[None, :]
+        h = tl.load(h_ptr + offs_m[:, None] * stride_h_m + offs_k[None, :] * stride_h_k, mask=mask_hk, other=0.0)
+        w = tl.load(w_ptr + rows_w[:, None] * stride_w_v + offs_k[None, :] * stride_w_k, mask=mask_hk, other=0.0)
+        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), axis=1)
+    return acc
+
+
+@triton.jit
+def _target_logit(vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, tgt, alpha_row,
+                  alpha_scalar, fill, Vb, Vv, Hv, Hb, stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map,
+                  stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
+                  HAS_MAP: tl.constexpr, BASE_MODE: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """``z[n, t_n]`` of rows ``offs_m`` (0 where the target is not a column of this shard), fp32.
+
+    Computed row by row (one gathered weight row per row) rather than picked out of every logit tile: a
+    ``[BLOCK_M, BLOCK_V]`` compare against the targets in each tile cost the forward kernel ~100 registers
+    and made it spill.
+    """
+    t, has_t, row_w, valid = _target_rows(map_ptr, tgt, mask_m, Vb, Vv, stride_map, HAS_MAP)
+    acc = _row_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, vw_ptr, stride_vw_v, stride_vw_k, row_w, valid, Hv,
+                   BLOCK_K)
+    value = tl.where(valid, acc, fill)
+    if ALPHA_IS_TENSOR:
+        z = value * alpha_row
+    else:
+        z = value * alpha_scalar
     if BASE_MODE == 1:
-        base = tl.load(base_ptr + offs_m[:, None] * stride_base_m + offs_v[None, :] * stride_base_v,
-                       mask=mask_mb, other=0.0).to(tl.float32)
-        z = z + base
+        z = z + tl.load(base_ptr + offs_m * stride_base_m + t * stride_base_v, mask=has_t,
+                        other=0.0).to(tl.float32)
     elif BASE_MODE == 2:
-        bacc = tile_dot(bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v, stride_bw_k,
-                        offs_v, mask_b, Hb, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        z = z + bacc
-    z = tl.where(mask_b[None, :], z, float("-inf"))
-    return acc, z, rows_w, valid_w, mask_b
+        z = z + _row_dot(bh_ptr, stride_bh_m, stride_bh_k, offs_m, bw_ptr, stride_bw_v, stride_bw_k, t, has_t, Hb,
+                         BLOCK_K)
+    return tl.where(has_t, z, 0.0)
+
+
+@triton.jit
+def _target_grad(vh_ptr, vw_ptr, map_ptr, dvh_ptr, dvw_ptr, offs_m, mask_m, tgt, coef, Vb, Vv, Hv,
+                 stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map,
+                 HAS_MAP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Adds ``coef[n]`` at each row's target column to the value-logit gradient: ``coef[n] * value_weight[v]``
+    into ``dvh[n]`` and ``coef[n] * value_hidden[n]`` into ``dvw[v]`` (``v`` the target's value row; nothing
+    when it is unmapped or not in this shard), fp32. Keeps the target term out of the backward's tiles (see
+    ``_target_logit``)."""
+    t, has_t, row_w, valid = _target_rows(map_ptr, tgt, mask_m, Vb, Vv, stride_map, HAS_MAP)
+    for k0 in range(0, Hv, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = valid[:, None] & (offs_k < Hv)[None, :]
+        w = tl.load(vw_ptr + row_w[:, None] * stride_vw_v + offs_k[None, :] * stride_vw_k, mask=mask, other=0.0)
+        tl.atomic_add(dvh_ptr + offs_m[:, None] * Hv + offs_k[None, :], coef[:, None] * w.to(tl.float32),
+                      mask=mask, sem="relaxed")
+        h = tl.load(vh_ptr + offs_m[:, None] * stride_vh_m + offs_k[None, :] * stride_vh_k, mask=mask, other=0.0)
+        tl.atomic_add(dvw_ptr + row_w[:, None] * Hv + offs_k[None, :], coef[:, None] * h.to(tl.float32),
+                      mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -124,39 +228,54 @@ def _ce_fwd_kernel(
     # A finite start for the running max keeps exp(m_old - m_new) defined when a tile is all -inf.
     m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zs = tl.zeros((BLOCK_M,), dtype=tl.float32)
     l1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if not L1_ONLY:
-        tgt = tl.load(tgt_ptr + offs_m * stride_tgt, mask=mask_m, other=-1).to(tl.int64)
         if ALPHA_IS_TENSOR:
             alpha_row = tl.load(alpha_ptr + offs_m * stride_alpha, mask=mask_m, other=0.0).to(tl.float32)
         else:
             alpha_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     for v0 in range(pid_s * BLOCK_V, Vloop, n_split * BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         if L1_ONLY:
+            offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             valid_w = offs_v < Vv
             acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k,
-                   offs_v, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                           offs_v, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
             l1 += tl.sum(tl.abs(acc), axis=1)
         else:
-            acc, z, rows_w, valid_w, mask_b = _guided_tile(
-                vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr,
-                offs_m, mask_m, offs_v, alpha_row, alpha_scalar, fill, Vb, Vv, Hv, Hb,
-                stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map,
-                stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
-                HAS_MAP, BASE_MODE, ALPHA_IS_TENSOR, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            offs_v, rows_w, valid_w, mask_b = _tile_columns(map_ptr, v0, Vb, Vv, stride_map, HAS_MAP, BLOCK_V)
+            acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k,
+                           rows_w, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            if FUSE_L1:
+                # Identity map: column c is also value row c, so the L1 sum over [0, Vv) rides along. Taken
+                # before z is formed, so the value tile is dead by the time the base head runs.
+                l1 += tl.sum(tl.where(valid_w[None, :], tl.abs(acc), 0.0), axis=1)
+            z = _scaled_value(acc, valid_w, alpha_row, alpha_scalar, fill, ALPHA_IS_TENSOR)
+            if BASE_MODE == 1:
+                z = z + _base_tile(base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, offs_v, mask_b, Hb, stride_base_m,
+                                   stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k, BASE_MODE,
+                                   BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION).to(tl.float32)
+            elif BASE_MODE == 2:
+                # The base LM head accumulates straight into z: one [BLOCK_M, BLOCK_V] fp32 tile is live while
+                # it runs (a separate base tile beside z and the value tile made this kernel spill registers).
+                z = _dot_into(z, bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v,
+                              stride_bw_k, offs_v, mask_b, Hb, BLOCK_K, DOT_PRECISION)
+            z = tl.where(mask_b[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
-            zt += tl.sum(tl.where((offs_v[None, :] == tgt[:, None]) & mask_b[None, :], z, 0.0), axis=1)
             zs += tl.sum(tl.where(mask_b[None, :], z, 0.0), axis=1)
-            if FUSE_L1:
-                # Identity map: column c is also value row c, so the L1 sum over [0, Vv) rides along.
-                l1 += tl.sum(tl.where(valid_w[None, :], tl.abs(acc), 0.0), axis=1)
 
+    if not L1_ONLY:
+        # The target logit once per row, by the first split (the splits' statistics are summed).
+        zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if pid_s == 0:
+            tgt = tl.load(tgt_ptr + offs_m * stride_tgt, mask=mask_m, other=-1).to(tl.int64)
+            zt = _target_logit(vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, tgt, alpha_row,
+                               alpha_scalar, fill, Vb, Vv, Hv, Hb, stride_vh_m, stride_vh_k, stride_vw_v,
+                               stride_vw_k, stride_map, stride_base_m, stride_base_v, stride_bh_m, stride_bh_k,
+                               stride_bw_v, stride_bw_k, HAS_MAP, BASE_MODE, ALPHA_IS_TENSOR, BLOCK_K)
     plane = n_split.to(tl.int64) * N
     base_off = pid_s.to(tl.int64) * N + offs_m
     if not L1_ONLY:
@@ -188,33 +307,44 @@ def _ce_bwd_kernel(
     """
     pid_v = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = offs_m < N
     g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
 
     if L1_ONLY:
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
         valid_w = offs_v < Vv
         rows_w = tl.where(valid_w, offs_v, 0)
         acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k,
-                   rows_w, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                       rows_w, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         sgn = tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0))
         dvl = tl.where(valid_w[None, :], sgn * (g * l1_scale)[:, None], 0.0)
     else:
-        tgt = tl.load(tgt_ptr + offs_m * stride_tgt, mask=mask_m, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         if ALPHA_IS_TENSOR:
             alpha_row = tl.load(alpha_ptr + offs_m * stride_alpha, mask=mask_m, other=0.0).to(tl.float32)
         else:
             alpha_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc, z, rows_w, valid_w, mask_b = _guided_tile(
-            vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr,
-            offs_m, mask_m, offs_v, alpha_row, alpha_scalar, fill, Vb, Vv, Hv, Hb,
-            stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map,
-            stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
-            HAS_MAP, BASE_MODE, ALPHA_IS_TENSOR, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        p = tl.exp(z - lse[:, None])
-        dz = p - tl.where(offs_v[None, :] == tgt[:, None], smooth_self, 0.0) - smooth_all
+        offs_v, rows_w, valid_w, mask_b = _tile_columns(map_ptr, pid_v * BLOCK_V, Vb, Vv, stride_map, HAS_MAP,
+                                                        BLOCK_V)
+        acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k,
+                       rows_w, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        if FUSE_L1:
+            # sign(value logit) is needed after the base term: held as fp16 (exact for -1, 0, 1), half the
+            # registers of an fp32 tile.
+            sgn = tl.where(valid_w[None, :], tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0)), 0.0)
+            sgn = sgn.to(tl.float16)
+        z = _scaled_value(acc, valid_w, alpha_row, alpha_scalar, fill, ALPHA_IS_TENSOR)
+        if BASE_MODE == 1:
+            z = z + _base_tile(base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, offs_v, mask_b, Hb, stride_base_m,
+                               stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k, BASE_MODE,
+                               BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION).to(tl.float32)
+        elif BASE_MODE == 2:
+            z = _dot_into(z, bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v,
+                          stride_bw_k, offs_v, mask_b, Hb, BLOCK_K, DOT_PRECISION)
+        z = tl.where(mask_b[None, :], z, float("-inf"))
+        # The target column's -(1 - eps) is added row by row at the end (_target_grad), not in the tile.
+        dz = tl.exp(z - lse[:, None]) - smooth_all
         dz = tl.where(mask_b[None, :] & mask_m[:, None], dz * g[:, None], 0.0)
         if ALPHA_IS_TENSOR:
             dz = dz * alpha_row[:, None]
@@ -223,8 +353,7 @@ def _ce_bwd_kernel(
         # Unmapped columns carry the constant fill: no gradient.
         dvl = tl.where(valid_w[None, :] & mask_b[None, :], dz, 0.0)
         if FUSE_L1:
-            sgn = tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0))
-            dvl += tl.where(valid_w[None, :], sgn * (g * l1_scale)[:, None], 0.0)
+            dvl += sgn.to(tl.float32) * (g * l1_scale)[:, None]
 
     dvl_in = dvl.to(vh_ptr.dtype.element_ty)
     do_tile = True
@@ -232,6 +361,8 @@ def _ce_bwd_kernel(
         # Whole-tile skip: every dropped entry has |dvl| < skip_threshold (error bound in the public docstring).
         do_tile = tl.max(tl.max(tl.abs(dvl), axis=1), axis=0) >= skip_threshold
     if do_tile:
+        # Two loops, one per gradient: dvl is an operand of each dot in a different layout (dvl, dvl^T), and
+        # only one of the two is held in registers at a time.
         for k0 in range(0, Hv, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < Hv
@@ -240,20 +371,47 @@ def _ce_bwd_kernel(
             d_h = tl.dot(dvl_in, w, input_precision=DOT_PRECISION)
             tl.atomic_add(dvh_ptr + offs_m[:, None] * Hv + offs_k[None, :], d_h,
                           mask=mask_m[:, None] & mask_k[None, :], sem="relaxed")
+        dvl_t = tl.trans(dvl_in)
+        for k0 in range(0, Hv, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < Hv
             h = tl.load(vh_ptr + offs_m[:, None] * stride_vh_m + offs_k[None, :] * stride_vh_k,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            d_w = tl.dot(tl.trans(dvl_in), h, input_precision=DOT_PRECISION)
+            d_w = tl.dot(dvl_t, h, input_precision=DOT_PRECISION)
             tl.atomic_add(dvw_ptr + rows_w[:, None] * Hv + offs_k[None, :], d_w,
                           mask=valid_w[:, None] & mask_k[None, :], sem="relaxed")
+    if not L1_ONLY:
+        if pid_v == 0:
+            # After the tiles' loops (the dvl tile is dead by then); its row inputs are read here, not kept live
+            # through the whole kernel.
+            tgt = tl.load(tgt_ptr + offs_m * stride_tgt, mask=mask_m, other=-1).to(tl.int64)
+            coef = -smooth_self * tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
+            if ALPHA_IS_TENSOR:
+                coef = coef * tl.load(alpha_ptr + offs_m * stride_alpha, mask=mask_m, other=0.0).to(tl.float32)
+            else:
+                coef = coef * alpha_scalar
+            _target_grad(vh_ptr, vw_ptr, map_ptr, dvh_ptr, dvw_ptr, offs_m, mask_m, tgt, coef, Vb, Vv, Hv,
+                         stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map, HAS_MAP, BLOCK_K)
 
 
-def _tile_config(N: int) -> dict:
-    """Tile sizes of both loss kernels (forward statistics and backward recompute)."""
+def _tile_config(N: int, dtype: Optional[torch.dtype] = None) -> dict:
+    """Tile sizes of both loss kernels (forward statistics and backward recompute) for ``N`` rows of ``dtype``.
+
+    bf16/fp16 run on tensor cores: ``[128 x 128]`` fp32 tiles over 8 warps (64 accumulator registers a thread);
+    a single row tile (N <= 64) keeps 8 warps on ``[64 x 128]`` tiles with wider K slices. fp32 uses the
+    ``"ieee"`` dot, an FMA loop whose operands sit in registers: small tiles and K slices. Every
+    configuration is compiled, as launched, for sm_80 and sm_90 by ``tests/ops/test_triton_gpu_compile.py``
+    (no register spills, shared memory within the limit).
+    """
     if interpreter_enabled():
         # The interpreter's cost is per program and per op: few, large programs run fastest.
         return dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4)
+    # maxnreg=255 where ptxas would otherwise cap a variant at 128 registers (two programs per SM) and spill.
+    if dtype == torch.float32:
+        # BLOCK_K >= 16: Triton 3.6 rejects a narrower dot.
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=8, num_stages=3, maxnreg=255)
     if N <= 64:
-        return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3, maxnreg=255)
     return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
@@ -298,7 +456,8 @@ def _kernel_inputs(value_hidden, value_weight, base_logits, base_hidden, base_we
     flags = dict(HAS_MAP=vocab_map is not None,
                  BASE_MODE=1 if base_logits is not None else (2 if base_hidden is not None else 0),
                  ALPHA_IS_TENSOR=alpha_tensor is not None,
-                 DOT_PRECISION="ieee" if value_hidden.dtype == torch.float32 else None, **_tile_config(N))
+                 DOT_PRECISION="ieee" if value_hidden.dtype == torch.float32 else None,
+                 **_tile_config(N, value_hidden.dtype))
     return tensors, strides, Hb, flags
 
 
@@ -333,8 +492,12 @@ def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
         elif Vv > 0:
             l1_split = max(1, min(triton.cdiv(Vv, common["BLOCK_V"]), triton.cdiv(target_programs, row_tiles)))
             st1 = torch.empty((5, l1_split, N), dtype=torch.float32, device=value_hidden.device)
-            _ce_fwd_kernel[(row_tiles, l1_split)](*args, st1, N, Vb, Vv, Vv, Hv, Hb, *strides, alpha_scalar,
-                                                  fill, FUSE_L1=False, L1_ONLY=True, **common)
+            # The L1 pass reads the value head alone: launched as the value-only variant (no map, base or alpha
+            # tensor), one compiled kernel whatever the guided configuration.
+            l1_args, l1_strides, _, l1_common = _kernel_inputs(value_hidden, value_weight, None, None, None, None,
+                                                               None, target_local)
+            _ce_fwd_kernel[(row_tiles, l1_split)](*l1_args, st1, N, Vb, Vv, Vv, Hv, 0, *l1_strides, alpha_scalar,
+                                                  fill, FUSE_L1=False, L1_ONLY=True, **l1_common)
             out[3] = st1[4].sum(0)
     return out
 
@@ -360,9 +523,13 @@ def launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
             *args, N, Vb, Vv, Vloop, Hv, Hb, *strides, *scalars,
             FUSE_L1=fuse and with_l1, L1_ONLY=False, **common)
         if with_l1 and not fuse and Vv > 0:
-            # With a map the L1 term runs over the value vocabulary, not over mapped ids: its own pass.
+            # With a map the L1 term runs over the value vocabulary, not over mapped ids: its own pass, launched
+            # as the value-only variant (one compiled kernel whatever the map, base or alpha).
+            l1_tensors, l1_strides, _, l1_common = _kernel_inputs(value_hidden, value_weight, None, None, None,
+                                                                  None, None, target_local)
             _ce_bwd_kernel[(triton.cdiv(Vv, common["BLOCK_V"]), row_tiles)](
-                *args, N, Vb, Vv, Vv, Hv, Hb, *strides, *scalars, FUSE_L1=False, L1_ONLY=True, **common)
+                *l1_tensors, lse, g, dvh, dvw, N, Vb, Vv, Vv, Hv, 0, *l1_strides, *scalars, FUSE_L1=False,
+                L1_ONLY=True, **dict(l1_common, GRAD_SKIP=common["GRAD_SKIP"]))
     return dvh.to(value_hidden.dtype), dvw.to(value_weight.dtype)
 
 
@@ -613,7 +780,12 @@ class _GuidedCrossEntropy(torch.autograd.Function):
                               alpha_tensor, target_local, kept, lse)
         ctx.cfg = cfg
         ctx.n_kept = n_kept
-        return loss.to(value_hidden.dtype)
+        # Returned in the compute dtype; the public function casts outside this Function. A cast here is a no-op
+        # for float32 inputs that returns the *same* tensor object as ``loss``, and torch 2.11's dynamo
+        # (pytorch/pytorch#180642, fixed in 2.12) also returns that intermediate as an extra output of the traced
+        # forward: autograd then gives the user's tensor the extra output's slot, so under torch.compile this
+        # backward got a zero grad_out and returned all-zero gradients. The output must alias nothing else here.
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -725,6 +897,7 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
                   skip_threshold=skip, process_group=a.process_group, compute=compute)
     loss = _GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
                                      g.vocab_map, alpha_tensor, target_local, kept, cfg)
+    loss = loss.to(g.value_hidden.dtype)
     if a.reduction == "none" and len(g.lead_shape) != 1:
         loss = loss.view(g.lead_shape)
     return loss

@@ -99,17 +99,25 @@ def _guided_logits_kernel(
              result.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
-def _triton_config(M: int) -> dict:
-    """Tile sizes by row count: decode streams weights (thin row tile, narrow vocab tile for many programs);
-    scoring/prefill is a gathered GEMM (square tiles)."""
+def _triton_config(M: int, dtype: Optional[torch.dtype] = None) -> dict:
+    """Tile sizes by row count and dtype: decode streams weights (thin row tile, narrow vocab tile for many
+    programs); scoring/prefill is a gathered GEMM (square tiles). fp32 uses the ``"ieee"`` dot, an FMA loop
+    whose operands sit in registers: narrower K slices, or it spills. Every configuration is compiled, as
+    launched, for sm_80 and sm_90 by ``tests/ops/test_triton_gpu_compile.py`` (no register spills, shared memory
+    within the limit)."""
     if interpreter_enabled():
         # The interpreter's cost is per program and per op: few, large programs run fastest.
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_V=64, BLOCK_K=32, num_warps=4)
+    if dtype == torch.float32:
+        if M <= 16:
+            return dict(BLOCK_M=16, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=16, num_warps=4, num_stages=3)
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_V=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=64, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    # maxnreg: without it ptxas caps some variants at 128 registers (two programs per SM) and spills (sm_80).
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3, maxnreg=255)
 
 
 def _triton_supports(a: GuidedArgs) -> str:
@@ -140,7 +148,7 @@ def launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_wei
     base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
     Hb = base_hidden.shape[1] if base_hidden is not None else 0
     dummy = value_hidden
-    cfg = _triton_config(M)
+    cfg = _triton_config(M, value_hidden.dtype)
     grid = (triton.cdiv(Vb, cfg["BLOCK_V"]), triton.cdiv(M, cfg["BLOCK_M"]))
     bl = base_logits if base_logits is not None else None
     bh = base_hidden if base_hidden is not None else None
