@@ -44,7 +44,7 @@ from .._triton import interpreter_enabled, tl, triton
 from .._validate import (CrossEntropyArgs, check_backend, check_finite_float, check_vocab_map,
                          validate_cross_entropy)
 from ..reference import gather_columns
-from .guided_logits import tile_dot
+from .guided_logits import dot_into, tile_dot
 
 # The torch backend processes rows in chunks of about this many logits per [rows, V] temporary (16 MiB in
 # fp32); it holds about six such temporaries at a time, so its extra memory is ~100 MiB whatever N is.
@@ -80,45 +80,28 @@ def _tile_columns(map_ptr, v0, Vb, Vv, stride_map, HAS_MAP: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _dot_into(acc, h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K,
-              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc + h[offs_m] . w[rows_w]^T`` over ``K``: ``tile_dot`` accumulating into an existing fp32 tile."""
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        h = tl.load(h_ptr + offs_m[:, None] * stride_h_m + offs_k[None, :] * stride_h_k,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + rows_w[:, None] * stride_w_v + offs_k[None, :] * stride_w_k,
-                    mask=mask_w[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
+def _guided_z(acc, valid_w, offs_m, mask_m, offs_v, mask_b, alpha_row, alpha_scalar, fill, base_ptr, bh_ptr, bw_ptr,
+              Hb, stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
+              BASE_MODE: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr, BLOCK_K: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Guided logits ``z`` of a tile from its value logits ``acc``: ``alpha * value`` (``fill`` on unmapped
+    columns) plus the base term, ``-inf`` outside the base vocabulary (``mask_b``).
 
-
-@triton.jit
-def _base_tile(base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, offs_v, mask_b, Hb, stride_base_m, stride_base_v,
-               stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
-               BASE_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """The base term of a tile (``BASE_MODE`` 1 or 2): the base logits as stored (``.to(tl.float32)`` at use),
-    or the base LM head's fp32 dot. Zero outside ``mask_m`` x ``mask_b``."""
-    if BASE_MODE == 1:
-        base = tl.load(base_ptr + offs_m[:, None] * stride_base_m + offs_v[None, :] * stride_base_v,
-                       mask=mask_m[:, None] & mask_b[None, :], other=0.0)
-    else:
-        base = tile_dot(bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v, stride_bw_k,
-                        offs_v, mask_b, Hb, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-    return base
-
-
-@triton.jit
-def _scaled_value(acc, valid_w, alpha_row, alpha_scalar, fill, ALPHA_IS_TENSOR: tl.constexpr):
-    """``alpha * value`` of a tile from its value logits ``acc``: ``fill`` on unmapped columns."""
+    The base LM head accumulates straight into the scaled value tile, so one ``[BLOCK_M, BLOCK_V]`` fp32 tile is
+    live while it runs: a separate base tile beside ``z`` and the value tile made the loss kernels spill.
+    """
     value = tl.where(valid_w[None, :], acc, fill)
     if ALPHA_IS_TENSOR:
         z = value * alpha_row[:, None]
     else:
         z = value * alpha_scalar
-    return z
+    if BASE_MODE == 1:
+        z = z + tl.load(base_ptr + offs_m[:, None] * stride_base_m + offs_v[None, :] * stride_base_v,
+                        mask=mask_m[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+    elif BASE_MODE == 2:
+        z = dot_into(z, bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v, stride_bw_k, offs_v,
+                     mask_b, Hb, BLOCK_K, DOT_PRECISION)
+    return tl.where(mask_b[None, :], z, float("-inf"))
 
 
 @triton.jit
@@ -251,17 +234,9 @@ def _ce_fwd_kernel(
                 # Identity map: column c is also value row c, so the L1 sum over [0, Vv) rides along. Taken
                 # before z is formed, so the value tile is dead by the time the base head runs.
                 l1 += tl.sum(tl.where(valid_w[None, :], tl.abs(acc), 0.0), axis=1)
-            z = _scaled_value(acc, valid_w, alpha_row, alpha_scalar, fill, ALPHA_IS_TENSOR)
-            if BASE_MODE == 1:
-                z = z + _base_tile(base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, offs_v, mask_b, Hb, stride_base_m,
-                                   stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k, BASE_MODE,
-                                   BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION).to(tl.float32)
-            elif BASE_MODE == 2:
-                # The base LM head accumulates straight into z: one [BLOCK_M, BLOCK_V] fp32 tile is live while
-                # it runs (a separate base tile beside z and the value tile made this kernel spill registers).
-                z = _dot_into(z, bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v,
-                              stride_bw_k, offs_v, mask_b, Hb, BLOCK_K, DOT_PRECISION)
-            z = tl.where(mask_b[None, :], z, float("-inf"))
+            z = _guided_z(acc, valid_w, offs_m, mask_m, offs_v, mask_b, alpha_row, alpha_scalar, fill, base_ptr,
+                          bh_ptr, bw_ptr, Hb, stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v,
+                          stride_bw_k, BASE_MODE, ALPHA_IS_TENSOR, BLOCK_K, DOT_PRECISION)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
@@ -334,15 +309,9 @@ def _ce_bwd_kernel(
             # registers of an fp32 tile.
             sgn = tl.where(valid_w[None, :], tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0)), 0.0)
             sgn = sgn.to(tl.float16)
-        z = _scaled_value(acc, valid_w, alpha_row, alpha_scalar, fill, ALPHA_IS_TENSOR)
-        if BASE_MODE == 1:
-            z = z + _base_tile(base_ptr, bh_ptr, bw_ptr, offs_m, mask_m, offs_v, mask_b, Hb, stride_base_m,
-                               stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k, BASE_MODE,
-                               BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION).to(tl.float32)
-        elif BASE_MODE == 2:
-            z = _dot_into(z, bh_ptr, stride_bh_m, stride_bh_k, offs_m, mask_m, bw_ptr, stride_bw_v,
-                          stride_bw_k, offs_v, mask_b, Hb, BLOCK_K, DOT_PRECISION)
-        z = tl.where(mask_b[None, :], z, float("-inf"))
+        z = _guided_z(acc, valid_w, offs_m, mask_m, offs_v, mask_b, alpha_row, alpha_scalar, fill, base_ptr,
+                      bh_ptr, bw_ptr, Hb, stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v,
+                      stride_bw_k, BASE_MODE, ALPHA_IS_TENSOR, BLOCK_K, DOT_PRECISION)
         # The target column's -(1 - eps) is added row by row at the end (_target_grad), not in the tile.
         dz = tl.exp(z - lse[:, None]) - smooth_all
         dz = tl.where(mask_b[None, :] & mask_m[:, None], dz * g[:, None], 0.0)

@@ -29,11 +29,10 @@ CUDA_MAX_ROWS = 16
 # Triton kernel
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def tile_dot(h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K,
-             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``[BLOCK_M, BLOCK_V]`` fp32 tile of ``h[offs_m] . w[rows_w]^T`` over ``K`` (the LM-head projection of a row
+def dot_into(acc, h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K,
+             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + h[offs_m] . w[rows_w]^T`` over ``K`` into the fp32 tile ``acc`` (the LM-head projection of a row
     tile onto a tile of (possibly gathered) weight rows). Masked-out rows contribute zeros; shared by every op."""
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -43,6 +42,14 @@ def tile_dot(h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, s
                     mask=mask_w[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def tile_dot(h_ptr, stride_h_m, stride_h_k, offs_m, mask_m, w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K,
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``[BLOCK_M, BLOCK_V]`` fp32 tile of ``h[offs_m] . w[rows_w]^T`` over ``K`` (``dot_into`` from zeros)."""
+    return dot_into(tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32), h_ptr, stride_h_m, stride_h_k, offs_m, mask_m,
+                    w_ptr, stride_w_v, stride_w_k, rows_w, mask_w, K, BLOCK_K, DOT_PRECISION)
 
 
 @triton.jit
