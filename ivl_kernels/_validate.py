@@ -144,7 +144,8 @@ def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_val
         check = getattr(vocab_map, "check_compatible", None)
         if check is not None:
             check(Vb, Vv)
-        vocab_map = index.to(device) if index.device != device else index
+        on = getattr(vocab_map, "on", None)
+        vocab_map = index if index.device == device else on(device) if callable(on) else index.to(device)
     check_tensor("vocab_map", vocab_map, dtypes=INDEX_DTYPES, ndim=1)
     if vocab_map.shape[0] != Vb:
         raise ValueError(f"vocab_map must have one entry per base token: expected shape [{Vb}], "

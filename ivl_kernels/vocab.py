@@ -129,6 +129,7 @@ class VocabMap:
         self.value_fingerprint = value_fingerprint
         self.method = method
         self.meta = dict(meta or {})
+        self._device_index: dict = {}
 
     # ---------------------------------------------------------------------------------------------------------
     # properties
@@ -137,6 +138,17 @@ class VocabMap:
     def index(self) -> torch.Tensor:
         """int32 ``[Vb]`` CPU tensor, entries in ``[-1, Vv)``: the kernels' ``vocab_map`` (move it with ``.to``)."""
         return self._index
+
+    def on(self, device) -> torch.Tensor:
+        """``index`` on ``device``, copied once per device and then reused: a decoding loop that passes this map
+        every step hands the kernels one tensor, whose range check is cached, instead of a new copy (and a host
+        sync to check it) per step."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._index
+        if device not in self._device_index:
+            self._device_index[device] = self._index.to(device)
+        return self._device_index[device]
 
     @property
     def coverage(self) -> float:

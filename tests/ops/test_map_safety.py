@@ -265,3 +265,14 @@ def test_unchecked_map_during_capture_is_guarded():
     # Outside a capture the same map is rejected eagerly.
     with pytest.raises(ValueError, match="vocab_map"):
         ivl.fused_guided_logits(vh, vw, base_logits=base, vocab_map=fresh)
+
+
+def test_vocab_map_object_hands_the_kernels_one_tensor_per_device():
+    """A VocabMap passed every decode step is copied to the device once, so its range check stays cached."""
+    from ivl_kernels import VocabMap
+
+    vm = VocabMap(torch.randint(-1, 40, (50,)), value_vocab_size=40)
+    assert vm.on("cpu") is vm.index
+    meta = vm.on("meta")
+    assert meta.device.type == "meta" and vm.on(torch.device("meta")) is meta
+    assert _validate.check_vocab_map(vm, 50, 40, torch.device("meta"), check_values=False) is meta
