@@ -9,6 +9,8 @@
 #   test-rest       pytest on the rest of tests/ (hf integration, vocabulary maps, build, CLI)
 #   sanitize        benchmarks/sanitize_cuda.py (CUDA kernel vs torch), then again under compute-sanitizer memcheck
 #   bench-logits    benchmarks/bench_guided_logits.py (qwen workload, M = 1, 8, 64, 512)
+#   bench-decode    the same at the decode sizes M = 1, 2, 3, 4, 6, 8, 12, 16 (identity map, no torch.compile rows):
+#                   where the CUDA kernel stops beating Triton, which sets backend="auto"'s routing
 #   bench-loss      benchmarks/bench_guided_loss.py (N = 16384, peers)
 #   bench-generate  benchmarks/bench_generate.py
 #   all             every step, in the order of NOTES.md (longer than one device call: for a machine of your own,
@@ -29,14 +31,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STEPS=(build test-ops bench-logits bench-loss test-rest sanitize bench-generate)
+ALL_STEPS=(build test-ops bench-logits bench-loss test-rest sanitize bench-generate bench-decode)
 usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 2; }
 [ $# -gt 0 ] || usage
 STEPS=()
 for s in "$@"; do
   case "$s" in
     all) STEPS+=("${ALL_STEPS[@]}") ;;
-    build|test-ops|test-rest|sanitize|bench-logits|bench-loss|bench-generate) STEPS+=("$s") ;;
+    build|test-ops|test-rest|sanitize|bench-logits|bench-loss|bench-generate|bench-decode) STEPS+=("$s") ;;
     *) echo "unknown step: $s" >&2; usage ;;
   esac
 done
@@ -155,15 +157,18 @@ ensure_built() {
 # without a GPU, the same on any machine, for minutes; test-ops compiles and runs them on this one.
 step_test_ops() {
   ensure_built || return 1
-  IVL_KERNELS_REQUIRE_CUDA_BUILD=1 timed "$(limit 480)" "$PY" -m pytest tests/ops tests/test_validate.py \
+  # IVL_TESTS (node ids or paths) narrows a step to a rerun of what failed.
+  # shellcheck disable=SC2086
+  IVL_KERNELS_REQUIRE_CUDA_BUILD=1 timed "$(limit 480)" "$PY" -m pytest ${IVL_TESTS:-tests/ops tests/test_validate.py} \
     --ignore=tests/ops/test_triton_gpu_compile.py -q -ra -p no:cacheprovider --durations=25 \
     --junitxml="$WORK/test-ops.xml" "${PYTEST_TIMEOUT[@]}"
 }
 
 step_test_rest() {
   ensure_built || return 1
-  IVL_KERNELS_REQUIRE_CUDA_BUILD=1 timed "$(limit 420)" "$PY" -m pytest tests --ignore=tests/ops \
-    --ignore=tests/test_validate.py -q -ra -p no:cacheprovider --durations=25 --junitxml="$WORK/test-rest.xml" \
+  # shellcheck disable=SC2086
+  IVL_KERNELS_REQUIRE_CUDA_BUILD=1 timed "$(limit 420)" "$PY" -m pytest ${IVL_TESTS:-tests --ignore=tests/ops \
+    --ignore=tests/test_validate.py} -q -ra -p no:cacheprovider --durations=25 --junitxml="$WORK/test-rest.xml" \
     "${PYTEST_TIMEOUT[@]}"
 }
 
@@ -202,7 +207,7 @@ step_sanitize() {
 step_bench() {
   ensure_built || return 1
   mkdir -p "$WORK/$1"
-  timed "$(limit "$2")" "$PY" "benchmarks/$1.py" --out "$WORK/$1"
+  timed "$(limit "$2")" "$PY" "benchmarks/$1.py" --out "$WORK/$1" "${@:3}"
 }
 
 declare -A RESULT
@@ -224,6 +229,7 @@ for step in "${STEPS[@]}"; do
     bench-logits) step_bench bench_guided_logits 480 ;;
     bench-loss) step_bench bench_guided_loss 420 ;;
     bench-generate) step_bench bench_generate 360 ;;
+    bench-decode) step_bench bench_guided_logits 300 --M 1 2 3 4 6 8 12 16 --map identity --no-compile ;;
   esac 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   RESULT[$step]="exit $rc after $((SECONDS - start)) s"

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._triton import HAS_TRITON, TRITON_IMPORT_ERROR, interpreter_enabled
+from ._triton import HAS_TRITON, TRITON_IMPORT_ERROR, interpreter_enabled, interpreter_problem
 from ._validate import check_backend
 
 _CUDA_EXT = None
@@ -58,7 +58,8 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu" and interpreter_enabled():
-        return True, ""
+        problem = interpreter_problem()
+        return (not problem), problem
     if device.type == "cpu":
         return False, ("CPU tensors run Triton kernels only under the interpreter: set TRITON_INTERPRET=1 "
                        "before importing triton")

@@ -42,3 +42,39 @@ except Exception as exc:  # ImportError, or a broken install that fails while in
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_INTERPRETER_PROBLEM: "str | None" = None
+
+
+def interpreter_problem() -> str:
+    """``""`` when the interpreter runs our kernels, else why not (probed once, on first use).
+
+    Triton 3.6's interpreter turns a loop bound derived from ``program_id`` into a Python int with ``int(array)``,
+    which NumPy >= 2.4 refuses for 1-element arrays (triton-lang/triton#9171; Triton 3.8 squeezes first). Every
+    kernel here loops from its program id, so such a pair fails on every call: detect it with a two-program kernel
+    instead of trusting version numbers.
+    """
+    global _INTERPRETER_PROBLEM
+    if _INTERPRETER_PROBLEM is None:
+        import torch
+
+        try:
+            out = torch.zeros(2, dtype=torch.int64)
+            _interpreter_probe_kernel[(2,)](out, 2)
+            ok = out.tolist() == [0, 1]
+            _INTERPRETER_PROBLEM = "" if ok else f"its interpreter computed {out.tolist()} for [0, 1] in a self-test"
+        except Exception as exc:
+            import numpy
+
+            _INTERPRETER_PROBLEM = (f"Triton {getattr(triton, '__version__', '?')}'s interpreter fails with NumPy "
+                                    f"{numpy.__version__} ({type(exc).__name__}: {exc}); install numpy<2.4 or a "
+                                    f"Triton whose interpreter supports NumPy 2.4 (see triton-lang/triton#9171)")
+    return _INTERPRETER_PROBLEM
+
+
+@triton.jit
+def _interpreter_probe_kernel(out_ptr, n):
+    pid = tl.program_id(0).to(tl.int64)
+    for i in range(pid, n, 2):
+        tl.store(out_ptr + i, i)

@@ -87,7 +87,7 @@ def _run(fn, vh, vw, target, kw, upstream=None):
     if upstream is None:
         loss.backward()
     else:
-        loss.backward(upstream.to(loss.dtype).reshape(loss.shape))
+        loss.backward(upstream.to(loss.device, loss.dtype).reshape(loss.shape))
     return loss.detach(), vh.grad, vw.grad
 
 

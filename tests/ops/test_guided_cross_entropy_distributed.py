@@ -8,6 +8,8 @@ of the single-process gradient.
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -117,6 +119,19 @@ def _worker(rank, init, case, out_dir):
     os._exit(0)
 
 
+def _interpreter_problem() -> str:
+    """``_triton.interpreter_problem()`` as the spawned workers see it (they set TRITON_INTERPRET=1 before importing
+    triton; this process may have imported it without the interpreter, on a GPU machine)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from ivl_kernels._triton import interpreter_problem
+
+        return interpreter_problem()
+    code = "from ivl_kernels._triton import interpreter_problem; print(interpreter_problem())"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @pytest.mark.parametrize("case", [
     pytest.param(dict(backend="torch", base="hidden", map=True, reduction="mean"), id="torch-hidden-localmap-mean"),
     pytest.param(dict(backend="torch", base="logits", map=False, reduction="none"), id="torch-logits-identity-none"),
@@ -136,6 +151,10 @@ def test_sharded_vocab_matches_single_process(case):
         pytest.skip(f"NCCL needs {WORLD} CUDA GPUs (found {torch.cuda.device_count()}) and an NCCL build")
     if case["backend"] == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    if case["backend"] == "triton" and case.get("dist") != "nccl":
+        problem = _interpreter_problem()
+        if problem:
+            pytest.skip(f"the gloo workers run Triton's interpreter on CPU, which cannot run here: {problem}")
     with tempfile.TemporaryDirectory() as out_dir:
         init = f"tcp://127.0.0.1:{_free_port()}"
         mp.spawn(_worker, args=(init, case, out_dir), nprocs=WORLD, join=True)

@@ -24,7 +24,7 @@ from ivl_kernels.ops import guided_logits as gl
 from ivl_kernels.reference import guided_logits_naive, guided_logits_torch
 
 HAS_GPU = torch.cuda.is_available()
-POISON = 1e30
+POISON = 1e30  # clamped to the dtype's largest finite value for half precision (1e30 overflows float16)
 
 
 def _launchers():
@@ -41,7 +41,7 @@ def _launchers():
 
 def _poisoned_head(Vv, Hv, device, dtype=torch.float32):
     """``[Vv, Hv]`` view of a ``[Vv + 64, Hv]`` tensor whose extra rows hold ``POISON``."""
-    big = torch.full((Vv + 64, Hv), POISON, device=device, dtype=dtype)
+    big = torch.full((Vv + 64, Hv), min(POISON, torch.finfo(dtype).max), device=device, dtype=dtype)
     big[:Vv] = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
     return big[:Vv]
 
@@ -132,8 +132,14 @@ def test_loss_out_of_range_entries_read_and_write_nothing(backend, device, map_d
     for got in (st_bad, dvh_bad, dvw_bad):
         assert torch.isfinite(got).all() and got.abs().max() < 1e6, "a poisoned row past Vv was read"
     assert torch.equal(st_bad, st_clean)
-    assert torch.equal(dvh_bad, dvh_clean)
-    assert torch.equal(dvw_bad, dvw_clean)
+    if device == "cpu":
+        assert torch.equal(dvh_bad, dvh_clean)
+        assert torch.equal(dvw_bad, dvw_clean)
+    else:
+        # CUDA gradients are summed with atomics (Triton) or index_add_ (torch) in no fixed order: equal up to
+        # float32 reassociation, which a poisoned read (1e30 x hidden) would exceed by ~30 orders of magnitude.
+        torch.testing.assert_close(dvh_bad, dvh_clean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(dvw_bad, dvw_clean, rtol=1e-5, atol=1e-7)
 
 
 def test_numpy_mutated_map_still_raises_eagerly():
