@@ -76,11 +76,14 @@ def cuda_usable(device: torch.device) -> tuple[bool, str]:
 
 
 def select(backend: str, device: torch.device, *, cuda_supports: Optional[Callable[[], str]] = None,
-           triton_supports: Optional[Callable[[], str]] = None) -> str:
+           triton_supports: Optional[Callable[[], str]] = None,
+           cuda_preferred: Optional[Callable[[], bool]] = None) -> str:
     """Pick the backend for one call.
 
     ``cuda_supports`` / ``triton_supports`` return ``""`` when that backend handles this particular call (shape,
-    dtypes, strides), else the reason it does not; ``None`` means the op has no such backend.
+    dtypes, strides), else the reason it does not; ``None`` means the op has no such backend. For ``"auto"``,
+    ``cuda_preferred`` says whether the CUDA kernel is the faster of the two for this call (``None``: always);
+    a call it is not preferred for still goes to it when Triton cannot run.
     """
     backend = requested_backend(backend)
     if backend == "torch":
@@ -99,10 +102,13 @@ def select(backend: str, device: torch.device, *, cuda_supports: Optional[Callab
         return backend
     # auto: the CPU path is the torch backend (the interpreter is for testing, not for speed).
     if device.type == "cuda":
-        if cuda_supports is not None and cuda_usable(device)[0] and not cuda_supports():
+        cuda_ok = cuda_supports is not None and cuda_usable(device)[0] and not cuda_supports()
+        if cuda_ok and (cuda_preferred is None or cuda_preferred()):
             return "cuda"
         if triton_supports is not None and triton_usable(device)[0] and not triton_supports():
             return "triton"
+        if cuda_ok:
+            return "cuda"
     return "torch"
 
 

@@ -291,6 +291,14 @@ def validate_out(out, args: GuidedArgs) -> Optional[torch.Tensor]:
 
 
 REDUCTIONS = ("mean", "sum", "none")
+L1_REDUCTIONS = ("kept", "all")
+
+
+def check_l1_reduction(l1_reduction) -> str:
+    if not isinstance(l1_reduction, str) or l1_reduction not in L1_REDUCTIONS:
+        raise ValueError(f"l1_reduction must be one of {L1_REDUCTIONS} (the rows the L1 term is taken over: "
+                         f"those with a kept target, or every row), got {l1_reduction!r}")
+    return l1_reduction
 
 
 @dataclass
@@ -306,6 +314,7 @@ class CrossEntropyArgs:
     g: GuidedArgs
     target: torch.Tensor
     l1_coef: float
+    l1_reduction: str
     ignore_index: int
     label_smoothing: float
     reduction: str
@@ -333,8 +342,8 @@ def _shard_sizes(process_group, Vb: int, Vv: int, device: torch.device) -> tuple
 
 def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,
                            base_weight=None, vocab_map=None, alpha=1.0, fill=0.0, l1_coef=0.0,
-                           ignore_index=-100, label_smoothing=0.0, reduction="mean", process_group=None,
-                           check_values: bool = True) -> CrossEntropyArgs:
+                           l1_reduction="kept", ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                           process_group=None, check_values: bool = True) -> CrossEntropyArgs:
     """Checks of ``fused_guided_cross_entropy`` on top of ``validate_guided(..., base_required=False)``.
 
     ``target``: int32/int64 with the leading shape of ``value_hidden`` (or flat ``[N]``), entries in
@@ -366,6 +375,7 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
     l1_coef = float(l1_coef)
     if not math.isfinite(l1_coef) or l1_coef < 0:
         raise ValueError(f"l1_coef must be a finite float >= 0, got {l1_coef}")
+    l1_reduction = check_l1_reduction(l1_reduction)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
     label_smoothing = float(label_smoothing)
@@ -386,6 +396,7 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
             raise ValueError(f"target entries must lie in [0, {Vb_global}) (the base vocabulary size"
                              f"{' over the process group' if process_group is not None else ''}) or equal "
                              f"ignore_index={ignore_index}, got {first}")
-    return CrossEntropyArgs(g=g, target=target, l1_coef=l1_coef, ignore_index=ignore_index,
+    return CrossEntropyArgs(g=g, target=target, l1_coef=l1_coef, l1_reduction=l1_reduction,
+                            ignore_index=ignore_index,
                             label_smoothing=label_smoothing, reduction=reduction, process_group=process_group,
                             Vb_global=Vb_global, Vv_global=Vv_global, vocab_offset=offset)

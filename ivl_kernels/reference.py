@@ -99,16 +99,22 @@ def guided_logits_torch(a: GuidedArgs, out: torch.Tensor) -> torch.Tensor:
 
 def guided_cross_entropy_naive(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,
                                base_weight=None, vocab_map=None, alpha=1.0, fill=0.0, l1_coef=0.0,
-                               ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                               l1_reduction="kept", ignore_index=-100, label_smoothing=0.0, reduction="mean",
                                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``fused_guided_cross_entropy`` written once, unchunked, with materialised ``[N, Vb]`` / ``[N, Vv]`` logits,
     evaluated in ``dtype`` (default ``value_hidden.dtype``); differentiable w.r.t. ``value_hidden`` and
     ``value_weight`` (the oracle of the tests, and the "naive" benchmark row).
 
-    ``z = guided_logits_naive(...)``, ``loss_n = F.cross_entropy(z, target)[n]`` (label smoothing as torch)
-    ``+ l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv`` for kept rows, 0 for ignored rows;
-    ``"mean"`` divides the sum by the number of kept rows (0 when there is none); ``"none"`` has the leading
-    shape of ``value_hidden``.
+    ``z = guided_logits_naive(...)``, ``ce_n = F.cross_entropy(z, target)[n]`` (label smoothing as torch; 0 for
+    ignored rows), ``l1_n = l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv``, ``K`` = number of kept
+    rows, ``N`` = number of rows:
+
+    - ``l1_reduction="kept"``: ``loss_n = ce_n + l1_n`` for kept rows, 0 for ignored rows; ``"mean"`` is
+      ``sum_n loss_n / K`` (0 when ``K = 0``), ``"sum"`` is ``sum_n loss_n``, ``"none"`` is ``loss_n``.
+    - ``l1_reduction="all"``: ``"mean"`` is ``sum_n ce_n / K + sum_n l1_n / N`` (each term 0 when its count is
+      0), ``"sum"`` is ``sum_n (ce_n + l1_n)``, ``"none"`` is ``ce_n + l1_n`` (ignored rows carry their L1 term).
+
+    ``"none"`` has the leading shape of ``value_hidden``.
     """
     import torch.nn.functional as F
 
@@ -118,13 +124,21 @@ def guided_cross_entropy_naive(value_hidden, value_weight, target, *, base_logit
     t = target.reshape(-1).long()
     loss = F.cross_entropy(z, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
     kept = t != ignore_index
+    n_kept = kept.sum().clamp(min=1).to(loss.dtype)
     if l1_coef:
         vh = value_hidden.reshape(-1, value_hidden.shape[-1]).to(dtype)
         vw = value_weight.to(dtype)
         l1 = (vh @ vw.T).abs().sum(-1) * (l1_coef / vw.shape[0])
+        if l1_reduction == "all":
+            ce = torch.where(kept, loss, torch.zeros_like(loss))
+            if reduction == "none":
+                return (ce + l1).view(value_hidden.shape[:-1])
+            if reduction == "sum":
+                return ce.sum() + l1.sum()
+            return ce.sum() / n_kept + l1.sum() / max(l1.shape[0], 1)
         loss = loss + torch.where(kept, l1, torch.zeros_like(l1))
     if reduction == "none":
         return loss.view(value_hidden.shape[:-1])
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / kept.sum().clamp(min=1).to(loss.dtype)
+    return loss.sum() / n_kept

@@ -11,8 +11,9 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("ivl_kernels.hf needs transformers: pip install 'transformers>=4.50'") from exc
 
-from .guided import GuidanceTerm, GuidedCausalLM
+from .guided import GuidanceTerm, GuidedCausalLM, GuidedGenerateOutput
 from .processor import IVLLogitsProcessor
 from .training import IVLForCausalLM, IVLOutput
 
-__all__ = ["IVLLogitsProcessor", "GuidedCausalLM", "GuidanceTerm", "IVLForCausalLM", "IVLOutput"]
+__all__ = ["IVLLogitsProcessor", "GuidedCausalLM", "GuidanceTerm", "GuidedGenerateOutput", "IVLForCausalLM",
+           "IVLOutput"]

@@ -179,3 +179,143 @@ def position_ids_from_mask(mask: torch.Tensor, offset: Optional[torch.Tensor] = 
     if offset is not None:
         pos = pos + offset.long().unsqueeze(1)
     return pos.masked_fill(mask == 0, 0).clamp_(min=0)
+
+
+# ---- padded LM heads: ids the tokenizer cannot produce ------------------------------------------------------------
+def tokenizer_size(tokenizer) -> int:
+    """Token ids a tokenizer can produce: ``len(tokenizer)`` (Hugging Face: added tokens included), else its
+    ``vocab_size`` / ``n_vocab`` (tiktoken) / ``get_piece_size()`` (sentencepiece)."""
+    try:
+        return int(len(tokenizer))
+    except TypeError:
+        pass
+    for attr in ("vocab_size", "n_vocab"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    get = getattr(tokenizer, "get_piece_size", None)
+    if callable(get):
+        return int(get())
+    raise TypeError(f"cannot tell the vocabulary size of tokenizer {type(tokenizer).__name__}: pass "
+                    f"suppress_ids_from=<number of token ids> instead")
+
+
+def resolve_suppress_from(suppress_ids_from, tokenizer, vocab_size: Optional[int] = None) -> Optional[int]:
+    """First id to suppress (``-inf``) in the guided logits, or ``None`` (nothing to suppress).
+
+    An explicit ``suppress_ids_from`` wins; else a known tokenizer gives ``tokenizer_size(tokenizer)``: a head
+    padded past its tokenizer (Qwen2.5-7B: 152064 rows, 151665 tokens) must not emit ids no tokenizer can decode.
+    ``None`` when the limit is at or past ``vocab_size`` (nothing to do)."""
+    if suppress_ids_from is not None:
+        if isinstance(suppress_ids_from, bool) or not isinstance(suppress_ids_from, int):
+            raise TypeError(f"suppress_ids_from must be an int (ids >= it are never generated), got "
+                            f"{type(suppress_ids_from).__name__}")
+        if suppress_ids_from < 1:
+            raise ValueError(f"suppress_ids_from={suppress_ids_from} would suppress every token id; it must be >= 1")
+        limit = suppress_ids_from
+    elif tokenizer is not None:
+        limit = tokenizer_size(tokenizer)
+        if limit < 1:
+            raise ValueError("the tokenizer has no tokens")
+    else:
+        return None
+    if vocab_size is not None and limit >= vocab_size:
+        return None
+    return int(limit)
+
+
+def suppress_ids_(scores: torch.Tensor, start: Optional[int]) -> torch.Tensor:
+    """``scores[:, start:] = -inf`` in place (``start=None``: nothing)."""
+    if start is not None and start < scores.shape[-1]:
+        scores[..., start:] = float("-inf")
+    return scores
+
+
+# ---- a prompt per guidance term -----------------------------------------------------------------------------------
+def check_prompt_batch(ids, mask, batch_size: int, input_size: int, role: str, device):
+    """Validate one term's own prompt (``ids [B, T]`` in that model's ids, ``mask [B, T]`` left-padded); returns
+    ``(ids, mask)`` as long tensors on ``device``."""
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        raise ValueError(f"{role}: input_ids must be an integer tensor [B, T], got {ids.dtype} {list(ids.shape)}")
+    if ids.shape[0] != batch_size:
+        raise ValueError(f"{role}: its prompt batch has {ids.shape[0]} rows but input_ids has {batch_size}: give "
+                         f"one prompt per row, in the same order")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{role}: empty prompt (0 tokens)")
+    ids = ids.to(device).long()
+    if mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = torch.as_tensor(mask).to(device).long()
+        if mask.shape != ids.shape:
+            raise ValueError(f"{role}: attention_mask {list(mask.shape)} must have the shape of its input_ids "
+                             f"{list(ids.shape)}")
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{role}: attention_mask must hold 0/1")
+        if not bool(mask[:, -1].all()):
+            raise ValueError(f"{role}: every row's last token must be real (attention_mask 1): pad prompts on the "
+                             f"left (tokenizer.padding_side = 'left')")
+    real = ids[mask.bool()]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= input_size):
+        raise ValueError(f"{role}: prompt ids must be in [0, {input_size}) (the model's input embedding); got "
+                         f"[{int(real.min())}, {int(real.max())}]")
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def render_prompt(template, text: str, *, tokenizer, system_prompt: Optional[str] = None) -> list:
+    """Token ids of ``text`` in a term's prompt format.
+
+    ``template``: ``"chat"`` (``tokenizer.apply_chat_template`` with a user message, after a system message when
+    ``system_prompt`` is given, and the generation prompt; the rendered text is tokenised without adding
+    special tokens: the template writes them), a string with ``{prompt}`` (and optionally ``{system_prompt}``)
+    placeholders, or a callable ``text -> str``; those two are tokenised with the tokenizer's special tokens
+    (BOS for Llama), as ``tokenizer(text)`` does.
+    """
+    import re
+
+    if tokenizer is None:
+        raise ValueError("a prompt_template needs a tokenizer (GuidanceTerm(tokenizer=...) or generate(tokenizer=...))")
+    if isinstance(template, str) and template == "chat":
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
+                   [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    if isinstance(template, str):
+        if "{prompt}" not in template:
+            raise ValueError(f"prompt_template {template!r} has no '{{prompt}}' placeholder (or use 'chat' for the "
+                             f"tokenizer's chat template, or a callable)")
+        values = {"prompt": text, "system_prompt": system_prompt or ""}
+        rendered = re.sub(r"\{(prompt|system_prompt)\}", lambda m: values[m.group(1)], template)
+    elif callable(template):
+        rendered = template(text)
+        if not isinstance(rendered, str):
+            raise TypeError(f"prompt_template callable must return a str, got {type(rendered).__name__}")
+    else:
+        raise TypeError(f"prompt_template must be 'chat', a str with '{{prompt}}', or a callable; got "
+                        f"{type(template).__name__}")
+    return list(tokenizer(rendered)["input_ids"])
+
+
+def left_pad_rows(rows, pad_id: int, device):
+    """``(ids [B, T], mask [B, T])`` from lists of ids, padded on the left."""
+    T = max(len(r) for r in rows)
+    if T == 0:
+        raise ValueError("a prompt rendered to no tokens")
+    ids = torch.full((len(rows), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"row {i}: the prompt rendered to no tokens")
+        ids[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def decode_prompts(tokenizer, input_ids: torch.Tensor, mask: torch.Tensor) -> list:
+    """Each row's prompt text (padding dropped, special tokens skipped)."""
+    return [tokenizer.decode(input_ids[r][mask[r].bool()].tolist(), skip_special_tokens=True)
+            for r in range(input_ids.shape[0])]

@@ -5,30 +5,56 @@
 The first term is fused with the base head (``fused_guided_logits(value_hidden, value_w, base_hidden=...,
 base_weight=...)``); further terms (proxy-tuning: expert +alpha, anti-expert -alpha) are added in place with
 ``out=`` aliasing ``base_logits``. Every model runs its backbone only, incrementally, with its own KV cache.
+Each term may read its own prompt (proxy-tuning's chat-formatted expert); all continue with the same tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from transformers.generation import GenerateDecoderOnlyOutput
 
 from ..ops.guided_logits import fused_guided_logits
-from ._common import (BaseToValueIds, check_generate_kwargs, fallback_input_id, input_vocab_size,
-                      resolve_vocab_map, split_causal_lm)
+from ._common import (BaseToValueIds, check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
+                      input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from, resolve_vocab_map,
+                      split_causal_lm, suppress_ids_)
 from ._value_state import ValueRunner
 
 
 @dataclass
 class GuidanceTerm:
     """One guidance model: its logits, remapped by ``vocab_map`` (base id -> its id, -1 = unmapped; ``None``
-    = identity), are added with weight ``alpha`` (negative for an anti-expert)."""
+    = identity), are added with weight ``alpha`` (negative for an anti-expert).
+
+    By default the term reads the base model's prompt. ``prompt_template`` gives it its own prompt, built from
+    each row's prompt text and tokenised with ``tokenizer`` (default: the base tokenizer given to
+    ``GuidedCausalLM`` / ``generate``): ``"chat"`` (the tokenizer's chat template, with ``system_prompt`` as a
+    system message when given), a string such as ``"[INST] {prompt} [/INST]"`` (``{system_prompt}`` is
+    replaced too), or a callable ``text -> str``. ``generate(term_inputs=...)`` gives prompt ids directly.
+    """
 
     model: nn.Module
     alpha: float = 1.0
     vocab_map: Any = None
+    prompt_template: Any = None
+    tokenizer: Any = None
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class GuidedGenerateOutput(GenerateDecoderOnlyOutput):
+    """``GuidedCausalLM.generate(return_dict_in_generate=True)``: transformers' decoder-only output
+    (``sequences``, ``scores``, ``logits``) plus ``term_logits``: one entry per generated token, each a tuple
+    ``(base_logits, term_1_logits, ..., term_n_logits)`` of float32 ``[B, Vb]`` tensors, every term's logits
+    remapped onto the base vocabulary (``fill`` where unmapped) and not scaled by its alpha, so that
+    ``logits[t] == term_logits[t][0] + sum_i alpha_i * term_logits[t][i]`` (ids suppressed for the tokenizer
+    are ``-inf`` in ``logits`` and ``scores`` only)."""
+
+    term_logits: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
 
 
 class GuidedCausalLM(nn.Module):
@@ -40,13 +66,19 @@ class GuidedCausalLM(nn.Module):
         alpha, vocab_map: for a single ``value_model``; see ``GuidanceTerm``.
         fill: value logit for unmapped base ids.
         backend: ``fused_guided_logits`` backend.
+        tokenizer: the base model's tokenizer (optional). When known, ids ``>= len(tokenizer)`` (rows of an LM
+            head padded past the tokenizer, e.g. Qwen2.5's 152064 vs 151665) are never generated; it also
+            serves ``stop_strings`` and the terms' ``prompt_template``.
+        suppress_ids_from: ids ``>=`` this are never generated (logits ``-inf``); overrides the tokenizer's length.
 
-    Every model reads the same base token ids (translated through its map when it has one). Models that
-    tokenise differently need ``IVLLogitsProcessor`` with both tokenizers (text re-tokenisation).
+    Every model reads the same base token ids (translated through its map when it has one), after its own
+    prompt when it has one. Models that tokenise differently need ``IVLLogitsProcessor`` with both tokenizers
+    (text re-tokenisation).
     """
 
     def __init__(self, base_model: nn.Module, value_model: Union[nn.Module, Sequence[GuidanceTerm]], *,
-                 alpha: float = 1.0, vocab_map=None, fill: float = 0.0, backend: str = "auto"):
+                 alpha: float = 1.0, vocab_map=None, fill: float = 0.0, backend: str = "auto", tokenizer=None,
+                 suppress_ids_from: Optional[int] = None):
         super().__init__()
         if isinstance(value_model, GuidanceTerm):
             terms = [value_model]
@@ -61,15 +93,25 @@ class GuidedCausalLM(nn.Module):
         self.terms = terms
         self.fill = float(fill)
         self.backend = backend
+        self.tokenizer = tokenizer
         self._base_backbone, self._base_weight = split_causal_lm(base_model, "base")
         Vb = self._base_weight.shape[0]
+        self.suppress_ids_from = suppress_ids_from
+        resolve_suppress_from(suppress_ids_from, tokenizer, Vb)  # check now
         self._parts = []
         for i, t in enumerate(terms):
-            backbone, weight = split_causal_lm(t.model, f"guidance term {i}" if len(terms) > 1 else "value")
-            vmap = resolve_vocab_map(t.vocab_map, Vb, weight.shape[0], self._base_weight.device,
-                                     role=f"guidance term {i}" if len(terms) > 1 else "value")
+            tpl = t.prompt_template
+            ok = callable(tpl) or (isinstance(tpl, str) and (tpl == "chat" or "{prompt}" in tpl))
+            if tpl is not None and not ok:
+                raise ValueError(f"{self._role(i)}: prompt_template must be 'chat', a str with a '{{prompt}}' "
+                                 f"placeholder, or a callable text -> str; got {tpl!r}")
+            backbone, weight = split_causal_lm(t.model, self._role(i))
+            vmap = resolve_vocab_map(t.vocab_map, Vb, weight.shape[0], self._base_weight.device, role=self._role(i))
             self._parts.append((backbone, weight, vmap, float(t.alpha),
                                 BaseToValueIds(vmap, input_vocab_size(t.model), fallback_input_id(t.model))))
+
+    def _role(self, i: int) -> str:
+        return f"guidance term {i}" if len(self.terms) > 1 else "value"
 
     @property
     def vocab_size(self) -> int:
@@ -89,36 +131,121 @@ class GuidedCausalLM(nn.Module):
                                 backend=self.backend)
         return out
 
+    def _term_logits(self, base_hidden: torch.Tensor, value_hiddens: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """``(base, term_1, ..., term_n)``: each ``[B, Vb]`` float32, terms remapped, unscaled (analysis output)."""
+        _, w0, map0, _, _ = self._parts[0]
+        # alpha = 0: the base head alone, with the same float32 accumulation as the guided logits.
+        base = fused_guided_logits(value_hiddens[0], w0, base_hidden=base_hidden, base_weight=self._base_weight,
+                                   vocab_map=map0, alpha=0.0, fill=self.fill, backend=self.backend)
+        out = [base]
+        for (_, w, vmap, _, _), h in zip(self._parts, value_hiddens):
+            zero = torch.zeros_like(base)
+            out.append(fused_guided_logits(h, w, base_logits=zero, out=zero, vocab_map=vmap, alpha=1.0,
+                                           fill=self.fill, backend=self.backend))
+        return tuple(out)
+
+    def _term_prompts(self, term_inputs, prompt_texts, tokenizer, input_ids, mask) -> list:
+        """Per term: ``None`` (reads the base prompt) or its own ``(ids [B, T_i], mask [B, T_i])``."""
+        n, B = len(self.terms), input_ids.shape[0]
+        if term_inputs is not None:
+            if isinstance(term_inputs, (torch.Tensor, Mapping)) or not isinstance(term_inputs, (list, tuple)):
+                raise TypeError("term_inputs must be a list with one entry per guidance term: None (the base prompt), "
+                                "an int tensor [B, T] of that model's prompt ids, or a dict with 'input_ids' and "
+                                "'attention_mask' (left-padded)")
+            if len(term_inputs) != n:
+                raise ValueError(f"term_inputs has {len(term_inputs)} entries but there are {n} guidance terms "
+                                 f"(use None for a term that reads the base prompt)")
+        if prompt_texts is not None:
+            if isinstance(prompt_texts, str) or len(prompt_texts) != B:
+                raise ValueError(f"prompt_texts must be a list of {B} strings (one per row of input_ids)")
+        texts = list(prompt_texts) if prompt_texts is not None else None
+        out = []
+        for i, term in enumerate(self.terms):
+            role = self._role(i)
+            entry = term_inputs[i] if term_inputs is not None else None
+            size = input_vocab_size(term.model)
+            if entry is not None:
+                if isinstance(entry, Mapping):
+                    if "input_ids" not in entry:
+                        raise ValueError(f"term_inputs[{i}] has no 'input_ids'")
+                    ids, m = entry["input_ids"], entry.get("attention_mask")
+                else:
+                    ids, m = entry, None
+                out.append(check_prompt_batch(ids, m, B, size, f"term_inputs[{i}] ({role})", self.device))
+            elif term.prompt_template is not None:
+                term_tok = term.tokenizer if term.tokenizer is not None else tokenizer
+                if texts is None:
+                    if tokenizer is None:
+                        raise ValueError(f"{role} has a prompt_template: pass prompt_texts=[...] (each row's prompt "
+                                         f"text) or tokenizer= (to decode input_ids) to generate()")
+                    texts = decode_prompts(tokenizer, input_ids, mask)
+                rows = [render_prompt(term.prompt_template, t, tokenizer=term_tok, system_prompt=term.system_prompt)
+                        for t in texts]
+                pad = getattr(term_tok, "pad_token_id", None)
+                pad = pad if isinstance(pad, int) and 0 <= pad < size else fallback_input_id(term.model)
+                ids, m = left_pad_rows(rows, pad, self.device)
+                out.append(check_prompt_batch(ids, m, B, size, f"{role} (prompt_template)", self.device))
+            else:
+                out.append(None)
+        return out
+
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *,
-                 max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, do_sample: Optional[bool] = None,
-                 temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 eos_token_id=None, pad_token_id: Optional[int] = None, streamer=None, logits_processor=None,
-                 generator: Optional[torch.Generator] = None, generation_config=None, **kwargs) -> torch.LongTensor:
+                 max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, max_length: Optional[int] = None,
+                 do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None, streamer=None,
+                 logits_processor=None, stopping_criteria=None, stop_strings=None, max_time: Optional[float] = None,
+                 tokenizer=None, generator: Optional[torch.Generator] = None, generation_config=None,
+                 return_dict_in_generate: Optional[bool] = None, output_scores: Optional[bool] = None,
+                 output_logits: Optional[bool] = None, output_term_logits: bool = False, term_inputs=None,
+                 prompt_texts: Optional[Sequence[str]] = None, suppress_ids_from: Optional[int] = None,
+                 **kwargs) -> Union[torch.LongTensor, GuidedGenerateOutput]:
         """Guided decoding; returns ``[B, T + new]`` token ids (prompt included), like ``model.generate``.
 
         Args:
             input_ids: ``[B, T]`` prompts, left-padded; ``attention_mask [B, T]`` (``None`` = no padding).
             max_new_tokens / min_new_tokens: limits on generated tokens (EOS is suppressed before the minimum).
+                ``max_length``: prompt + new tokens (when ``max_new_tokens`` is not given).
             do_sample, temperature, top_k, top_p: sampling (transformers' warpers); greedy by default.
             eos_token_id, pad_token_id: int or list; finished rows are padded with ``pad_token_id`` and
                 generation stops when every row has finished. Defaults from the base generation config.
             streamer: an object with ``put(ids)`` / ``end()`` (e.g. ``transformers.TextStreamer``); batch 1.
             logits_processor: extra transformers logits processors, applied after the guidance.
+            stopping_criteria: a ``StoppingCriteriaList`` (or list of callables ``(input_ids, scores) -> bool
+                [B]``), called after each token as transformers does; ``stop_strings`` (str or list, needs
+                ``tokenizer``) and ``max_time`` (seconds) add transformers' own criteria. As in transformers,
+                finished rows are padded with ``pad_token_id`` only when an EOS is set; otherwise they run on
+                until every row has finished.
+            tokenizer: the base tokenizer (default: the constructor's): ``stop_strings``, suppression of ids
+                ``>= len(tokenizer)``, and the prompt text for terms with a ``prompt_template``.
+            suppress_ids_from: ids ``>=`` this are never generated (overrides the tokenizer's length).
+            return_dict_in_generate: return a ``GuidedGenerateOutput`` (``sequences``, and on request
+                ``scores`` = the processed scores per step (``output_scores``), ``logits`` = the guided logits
+                before the logits processors (``output_logits``), ``term_logits`` = per step the base logits and
+                each term's remapped logits (``output_term_logits``)), each a tuple of ``[B, Vb]`` float32 tensors.
+            term_inputs: one entry per guidance term: ``None`` (reads the base prompt, or builds its own from its
+                ``prompt_template``), an int tensor ``[B, T_i]`` or a dict with ``input_ids`` / ``attention_mask``
+                (left-padded): that term's own prompt, in its own token ids. Every term then reads the same
+                generated tokens.
+            prompt_texts: each row's prompt text, for terms with a ``prompt_template`` (default: decoded from
+                ``input_ids`` with the tokenizer).
             generator: ``torch.Generator`` for sampling.
         Beam search, assisted decoding and other modes raise ``ValueError`` before anything runs.
         """
-        from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+        from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, StoppingCriteriaList,
                                   TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+        explicit_gc = generation_config is not None
         gc = generation_config or getattr(self.base_model, "generation_config", None)
         check_generate_kwargs(kwargs, gc)
-        unknown = set(kwargs) - {"num_beams", "num_return_sequences", "use_cache", "return_dict_in_generate",
-                                 "output_scores"} - set(_unsupported_names())
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True is not supported by GuidedCausalLM.generate (each model runs its "
+                                 f"backbone only); use output_scores, output_logits or output_term_logits")
+        unknown = set(kwargs) - {"num_beams", "num_return_sequences", "use_cache", "output_attentions",
+                                 "output_hidden_states"} - set(_unsupported_names())
         if unknown:
             raise TypeError(f"GuidedCausalLM.generate() got unsupported arguments: {sorted(unknown)}")
-        if kwargs.get("return_dict_in_generate"):
-            raise ValueError("return_dict_in_generate is not supported: generate() returns the token ids")
 
         def cfg(name, value, default):
             if value is not None:
@@ -126,6 +253,16 @@ class GuidedCausalLM(nn.Module):
             v = getattr(gc, name, None) if gc is not None else None
             return default if v is None else v
 
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        B, T = input_ids.shape
+        if max_new_tokens is None and max_length is None and explicit_gc and gc.max_new_tokens is None:
+            max_length = getattr(gc, "max_length", None)
+        if max_new_tokens is None and max_length is not None:
+            if int(max_length) <= T:
+                raise ValueError(f"max_length={max_length} leaves no room for new tokens after the {T}-token prompt; "
+                                 f"pass max_new_tokens instead")
+            max_new_tokens = int(max_length) - T
         max_new_tokens = int(cfg("max_new_tokens", max_new_tokens, 20))
         do_sample = bool(cfg("do_sample", do_sample, False))
         eos = cfg("eos_token_id", eos_token_id, None)
@@ -133,9 +270,16 @@ class GuidedCausalLM(nn.Module):
         pad = pad_token_id if pad_token_id is not None else getattr(gc, "pad_token_id", None)
         if pad is None:
             pad = eos_list[0] if eos_list else 0
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
-        B, T = input_ids.shape
+        return_dict = bool(cfg("return_dict_in_generate", return_dict_in_generate, False))
+        want_scores = return_dict and bool(cfg("output_scores", output_scores, False))
+        want_logits = return_dict and bool(cfg("output_logits", output_logits, False))
+        want_terms = return_dict and bool(output_term_logits)
+        if output_term_logits and not return_dict:
+            raise ValueError("output_term_logits=True needs return_dict_in_generate=True")
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        limit = resolve_suppress_from(suppress_ids_from if suppress_ids_from is not None else self.suppress_ids_from,
+                                      tokenizer, self.vocab_size)
+
         device = self.device
         input_ids = input_ids.to(device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
@@ -143,6 +287,25 @@ class GuidedCausalLM(nn.Module):
             raise ValueError(f"attention_mask {list(mask.shape)} must have the shape of input_ids {list(input_ids.shape)}")
         if streamer is not None and B != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers)")
+
+        criteria = StoppingCriteriaList()
+        if stopping_criteria is not None:
+            criteria.extend(stopping_criteria if isinstance(stopping_criteria, (list, tuple)) else [stopping_criteria])
+        max_time = cfg("max_time", max_time, None)
+        if max_time is not None:
+            from transformers import MaxTimeCriteria
+
+            criteria.append(MaxTimeCriteria(max_time=float(max_time)))
+        stop_strings = cfg("stop_strings", stop_strings, None)
+        if stop_strings is not None:
+            if tokenizer is None:
+                raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer) or "
+                                 "GuidedCausalLM(..., tokenizer=tokenizer)")
+            from transformers import StopStringCriteria
+
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        # Finished rows are padded when an EOS is known, as transformers does (its EosTokenCriteria).
+        pad_finished = bool(eos_list) or any(hasattr(c, "eos_token_id") for c in criteria)
 
         procs = LogitsProcessorList()
         if min_new_tokens and eos_list:
@@ -162,38 +325,58 @@ class GuidedCausalLM(nn.Module):
             if p < 1.0:
                 procs.append(TopPLogitsWarper(p))
 
+        own_prompts = self._term_prompts(term_inputs, prompt_texts, tokenizer, input_ids, mask)
         base_runner = ValueRunner(self._base_backbone)
         runners = [ValueRunner(part[0]) for part in self._parts]
         if streamer is not None:
             streamer.put(input_ids.cpu())
         seqs = input_ids
+        scores_out = () if want_scores else None
+        logits_out = () if want_logits else None
+        terms_out = () if want_terms else None
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         eos_t = torch.tensor(eos_list, device=device) if eos_list else None
         step_ids, step_mask = input_ids, mask
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             bh = base_runner.feed(step_ids, step_mask)
-            vhs = [runner.feed(part[4](step_ids), step_mask) for runner, part in zip(runners, self._parts)]
-            scores = self._guided_logits(bh, vhs)
-            if len(procs):
-                scores = procs(seqs, scores)
+            vhs = []
+            for runner, part, own in zip(runners, self._parts, own_prompts):
+                if step == 0 and own is not None:
+                    vhs.append(runner.feed(*own))
+                else:
+                    vhs.append(runner.feed(part[4](step_ids), step_mask))
+            logits = suppress_ids_(self._guided_logits(bh, vhs), limit)
+            if want_terms:
+                terms_out += (self._term_logits(bh, vhs),)
+            if want_logits:
+                logits_out += (logits.clone() if len(procs) else logits,)
+            scores = procs(seqs, logits) if len(procs) else logits
+            if want_scores:
+                scores_out += (scores,)
             if do_sample:
                 probs = torch.softmax(scores, dim=-1)
                 next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 next_tokens = scores.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            if pad_finished:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
             seqs = torch.cat([seqs, next_tokens[:, None]], dim=1)
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
             if eos_t is not None:
                 unfinished &= ~torch.isin(next_tokens, eos_t)
-                if not bool(unfinished.any()):
-                    break
-            # Finished rows keep feeding (pad) tokens with mask 1, as transformers does: their outputs are unused.
+            if len(criteria):
+                # As transformers: the criteria see the sequences so far and the scores collected (or None).
+                unfinished &= ~criteria(seqs, scores_out).to(device=device, dtype=torch.bool)
+            if (eos_t is not None or len(criteria)) and not bool(unfinished.any()):
+                break
+            # Finished rows keep feeding tokens with mask 1, as transformers does: their outputs are unused.
             step_ids = next_tokens[:, None]
             step_mask = torch.ones((B, 1), dtype=torch.long, device=device)
         if streamer is not None:
             streamer.end()
+        if return_dict:
+            return GuidedGenerateOutput(sequences=seqs, scores=scores_out, logits=logits_out, term_logits=terms_out)
         return seqs
 
     def forward(self, *args, **kwargs):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..ops.guided_logits import fused_guided_logits
-from ._common import (BaseToValueIds, check_caller_generation_mode, fallback_input_id, input_vocab_size,
-                      resolve_vocab_map, split_causal_lm)
+from ._common import (BaseToValueIds, check_caller_generation_mode, check_prompt_batch, fallback_input_id,
+                      input_vocab_size, resolve_suppress_from, resolve_vocab_map, split_causal_lm, suppress_ids_)
 from ._value_state import ValueRunner
 
 try:  # subclass transformers' LogitsProcessor when available (generate() accepts any callable in the list)
@@ -53,6 +53,13 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             prefix), and ``vocab_map`` is required to carry its logits onto the base vocabulary.
         fill: the value logit used for unmapped base ids.
         backend: ``fused_guided_logits`` backend (``"auto" | "cuda" | "triton" | "torch"``).
+        value_input_ids, value_attention_mask: the value model's own prompt ``[B, T_v]`` (its own token ids,
+            left-padded), e.g. the prompt in its chat format (proxy-tuning's expert); the value model then reads
+            the generated tokens after it (re-tokenising: the generated text, re-tokenised, after it). ``None``:
+            it reads the base prompt.
+        suppress_ids_from: base ids ``>=`` this get ``-inf`` (never generated); default ``len(base_tokenizer)``
+            when ``base_tokenizer`` is given: LM heads padded past their tokenizer (Qwen2.5: 152064 rows,
+            151665 tokens) then never emit an id the tokenizer cannot decode.
 
     Call shapes (transformers' contract): ``input_ids [B, t]`` (prompt + tokens so far), ``scores [B, Vb]``;
     returns ``scores``, modified in place. Supported: greedy search and sampling. Beam search, assisted
@@ -62,7 +69,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
 
     def __init__(self, value_model: nn.Module, *, alpha: float = 1.0, vocab_map=None,
                  attention_mask: Optional[torch.Tensor] = None, value_tokenizer=None, base_tokenizer=None,
-                 fill: float = 0.0, backend: str = "auto"):
+                 fill: float = 0.0, backend: str = "auto", value_input_ids: Optional[torch.Tensor] = None,
+                 value_attention_mask: Optional[torch.Tensor] = None, suppress_ids_from: Optional[int] = None):
         self.value_model = value_model
         self.backbone, self.value_weight = split_causal_lm(value_model, "value")
         self.alpha = alpha
@@ -79,6 +87,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                              "vocab_map=VocabMap.from_tokenizers(base_tokenizer, value_tokenizer) so value logits "
                              "can be carried onto the base vocabulary")
         self._vocab_map_arg = vocab_map
+        self.suppress_ids_from = suppress_ids_from
+        resolve_suppress_from(suppress_ids_from, base_tokenizer)  # type / range check now
         if vocab_map is not None:
             index = vocab_map if isinstance(vocab_map, torch.Tensor) else getattr(vocab_map, "index", None)
             if isinstance(index, torch.Tensor) and index.dim() == 1:
@@ -87,16 +97,28 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             if base_tokenizer is not None and isinstance(index, torch.Tensor) and len(base_tokenizer) > index.shape[0]:
                 raise ValueError(f"vocab_map has {index.shape[0]} entries but the base tokenizer has "
                                  f"{len(base_tokenizer)} tokens: it must have one entry per base id")
-        self.reset(attention_mask=attention_mask)
+        self.reset(attention_mask=attention_mask, value_input_ids=value_input_ids,
+                   value_attention_mask=value_attention_mask)
 
-    def reset(self, attention_mask: Optional[torch.Tensor] = None) -> None:
-        """Forget the value cache; the next call starts a new prompt batch with this prompt mask."""
+    def reset(self, attention_mask: Optional[torch.Tensor] = None, value_input_ids: Optional[torch.Tensor] = None,
+              value_attention_mask: Optional[torch.Tensor] = None) -> None:
+        """Forget the value cache; the next call starts a new prompt batch with this prompt mask (and this value
+        prompt: see ``value_input_ids`` in the class docstring)."""
+        if value_input_ids is None and value_attention_mask is not None:
+            raise ValueError("value_attention_mask given without value_input_ids")
         self.attention_mask = attention_mask
+        self.value_input_ids = value_input_ids
+        self.value_attention_mask = value_attention_mask
+        self._restart()
+
+    def _restart(self) -> None:
         self._runner = ValueRunner(self.backbone, pad_id=fallback_input_id(self.value_model))
         self._vocab_map = None
         self._translate = None
         self._prompt = None
         self._seen = 0
+        self._own = None      # (ids [B, T_v], mask [B, T_v]) of the value prompt, checked
+        self._limit = None
 
     def check_base_vocab(self, base_vocab_size: int) -> None:
         """Raise ``ValueError`` now if the value model cannot guide a base with ``base_vocab_size`` ids."""
@@ -118,6 +140,10 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                 raise ValueError(f"attention_mask must be the prompt mask given to generate(): it has "
                                  f"{mask.shape[1]} columns but the prompt has {T} tokens")
         self.check_base_vocab(scores.shape[-1])
+        self._limit = resolve_suppress_from(self.suppress_ids_from, self.base_tokenizer, scores.shape[-1])
+        if self.value_input_ids is not None:
+            self._own = check_prompt_batch(self.value_input_ids, self.value_attention_mask, B,
+                                           input_vocab_size(self.value_model), "value_input_ids", input_ids.device)
         self._translate = BaseToValueIds(self._vocab_map, input_vocab_size(self.value_model),
                                          fallback_input_id(self.value_model))
         self._prompt = input_ids.clone()
@@ -128,6 +154,13 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         T0 = self._prompt.shape[1]
         rows = []
         for r in range(input_ids.shape[0]):
+            if self._own is not None:
+                # Its own prompt, then the generated text re-tokenised after it.
+                own_ids, own_mask = self._own
+                text = self.base_tokenizer.decode(input_ids[r, T0:].tolist(), skip_special_tokens=True)
+                rows.append(own_ids[r][own_mask[r].bool()].tolist()
+                            + list(self.value_tokenizer(text, add_special_tokens=False)["input_ids"]))
+                continue
             ids = input_ids[r]
             if self.attention_mask is not None:
                 keep = torch.cat([self.attention_mask[r].to(ids.device).bool(),
@@ -143,7 +176,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             new_prompt = (T == self._prompt.shape[1] and B == self._prompt.shape[0]
                           and torch.equal(input_ids, self._prompt.to(input_ids.device)))
             if new_prompt:
-                self.reset(attention_mask=self.attention_mask)  # the same prompt generated again
+                self._restart()  # the same prompt generated again
             elif B != self._prompt.shape[0] or T != self._seen + 1:
                 raise ValueError(
                     f"IVLLogitsProcessor expected {self._prompt.shape[0]} sequences of {self._seen + 1} tokens "
@@ -154,6 +187,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             self._start(input_ids, scores)
             if self.retokenize:
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
+            elif self._own is not None:
+                hidden = self._runner.feed(*self._own)
             else:
                 mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(input_ids)
                 hidden = self._runner.feed(self._translate(input_ids), mask.to(input_ids.device).long())
@@ -166,4 +201,4 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                                            torch.ones((B, 1), dtype=torch.long, device=input_ids.device))
         fused_guided_logits(hidden, self.value_weight, base_logits=scores, out=scores, vocab_map=self._vocab_map,
                             alpha=self.alpha, fill=self.fill, backend=self.backend)
-        return scores
+        return suppress_ids_(scores, self._limit)

@@ -1,10 +1,13 @@
 """``IVLForCausalLM``: train a value network on top of a frozen base model (Inverse Value Learning).
 
-    loss = CE(base_logits + alpha * remap(value_logits), next token) + l1_coef * mean_rows(||value_logits||_1) / Vv
+    loss = mean_{kept t} CE(base_logits[t] + alpha * remap(value_logits[t]), labels[t + 1])
+           + l1_coef * mean_{t in L1 rows} ||value_logits[t]||_1 / Vv
 
-computed by ``fused_guided_cross_entropy`` from hidden states and LM head weights, so no ``[tokens, vocab]``
-logits tensor exists on the fused backends. The base runs under ``torch.no_grad`` (frozen, eval mode always);
-gradients reach the value network only. Works in a plain PyTorch loop and with ``transformers.Trainer``.
+with the L1 rows every position of ``input_ids`` (``l1_reduction="all"``, the default: IVL's released training,
+padding and the last position included) or the positions with a kept label (``"kept"``). Computed by
+``fused_guided_cross_entropy`` from hidden states and LM head weights, so no ``[tokens, vocab]`` logits tensor
+exists on the fused backends. The base runs under ``torch.no_grad`` (frozen, eval mode always); gradients reach
+the value network only. Works in a plain PyTorch loop and with ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._validate import check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, position_ids_from_mask,
@@ -25,6 +29,18 @@ try:
     from transformers.utils import ModelOutput
 except Exception:  # pragma: no cover
     ModelOutput = object
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` position ids: ``position_ids_from_mask`` for real tokens and leading padding; a padding
+    position after a real token continues counting from the last real token before it (``0..T-1`` on a
+    right-padded batch, transformers' default positions)."""
+    pos = position_ids_from_mask(mask)
+    real = mask != 0
+    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(pos)
+    last = torch.where(real, idx, torch.full_like(idx, -1)).cummax(-1).values
+    after = pos.gather(-1, last.clamp(min=0)) + (idx - last)
+    return torch.where(real | (last < 0), pos, after)
 
 
 @dataclass
@@ -44,16 +60,30 @@ class IVLForCausalLM(nn.Module):
             ``.train()`` is called on this wrapper).
         value_model: transformers causal LM or a PEFT model wrapping one (e.g. LoRA on the backbone).
         alpha: guidance strength in the loss (IVL trains with 1).
-        l1_coef: IVL's L1 regulariser on the value logits (1.0 in the paper's code).
+        l1_coef: weight of IVL's L1 regulariser on the value logits (1.0, as in IVL's released code).
+        l1_reduction: the positions the L1 term is averaged over. ``"all"`` (default, as IVL's released code):
+            every position of ``input_ids``, padding, prompt (label -100) and the last position (which has no
+            next-token label) included. The L1 term is then normalised by ``B * T`` while the cross-entropy is
+            normalised by the number of kept labels, so **the L1 weight relative to the cross-entropy depends on
+            the batch's padding** (and on its masked prompt tokens): more padding, weaker relative L1 per kept
+            token, yet the padding positions' value logits are still pushed towards 0. ``"kept"``: only the
+            positions with a kept label, normalised like the cross-entropy (independent of padding).
         vocab_map: base id -> value id (``VocabMap`` or int tensor ``[Vb]``), ``None`` = identity.
         label_smoothing, fill, backend: passed to ``fused_guided_cross_entropy``.
+
+    With the defaults (``alpha=1``, ``l1_coef=1``, ``l1_reduction="all"``, identity map, no label smoothing) the
+    loss is that of IVL's released training of a residual value network on a right-padded batch (whose
+    transformers default positions are ``0..T-1``: see ``forward`` for the positions used). It is not the same
+    loss with another ``l1_reduction``, ``alpha`` or label smoothing.
     """
 
     supports_gradient_checkpointing = False
 
-    def __init__(self, base_model: nn.Module, value_model: nn.Module, *, alpha: float = 1.0, l1_coef: float = 0.0,
-                 vocab_map=None, label_smoothing: float = 0.0, fill: float = 0.0, backend: str = "auto"):
+    def __init__(self, base_model: nn.Module, value_model: nn.Module, *, alpha: float = 1.0, l1_coef: float = 1.0,
+                 l1_reduction: str = "all", vocab_map=None, label_smoothing: float = 0.0, fill: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
+        self.l1_reduction = check_l1_reduction(l1_reduction)
         self.base_model = base_model
         self.value_model = value_model
         self.alpha = float(alpha)
@@ -84,10 +114,17 @@ class IVLForCausalLM(nn.Module):
                 labels: Optional[torch.LongTensor] = None) -> IVLOutput:
         """``input_ids [B, T]``, ``attention_mask [B, T]`` (left or right padding), ``labels [B, T]``
         (unshifted, as for ``*ForCausalLM``: position ``t`` predicts ``labels[t+1]``; -100 ignored; positions
-        with ``attention_mask == 0`` ignored too). Returns ``IVLOutput(loss=scalar mean over kept tokens)``."""
+        with ``attention_mask == 0`` ignored too). Returns ``IVLOutput(loss=scalar)``: the cross-entropy's mean
+        over kept labels plus the L1 term over the positions ``l1_reduction`` names (all ``B * T`` for ``"all"``).
+
+        Positions: a real token's is the number of real tokens before it (left padding does not shift them); a
+        padding position after a real token continues counting from the last real one, a leading padding
+        position gets 0. On a right-padded batch that is ``0..T-1``, transformers' default, so the value logits
+        at padding positions (which the ``"all"`` L1 term reads) are those of a plain ``model(input_ids,
+        attention_mask)`` call."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        pos = position_ids_from_mask(attention_mask)
+        pos = _positions(attention_mask)
         with torch.no_grad():
             base_hidden = self._base_backbone(input_ids=input_ids, attention_mask=attention_mask,
                                               position_ids=pos, use_cache=False).last_hidden_state
@@ -101,13 +138,17 @@ class IVLForCausalLM(nn.Module):
                                              vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill,
                                              backend=self.backend)
             return IVLOutput(loss=None, logits=logits.view(*input_ids.shape, -1))
+        # Every position is a row of the loss: position t's target is labels[t + 1]; the last position has none
+        # (-100) but is still a row, so that l1_reduction="all" counts it, as IVL's released code does.
         target = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        target = torch.cat([target, target.new_full((target.shape[0], 1), -100)], dim=1)
         Hv, Hb = value_hidden.shape[-1], base_hidden.shape[-1]
         loss = _gce.fused_guided_cross_entropy(
-            value_hidden[:, :-1].reshape(-1, Hv), value_weight, target.reshape(-1),
-            base_hidden=base_hidden[:, :-1].reshape(-1, Hb).detach(), base_weight=self._base_weight.detach(),
-            vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill, l1_coef=self.l1_coef, ignore_index=-100,
-            label_smoothing=self.label_smoothing, reduction="mean", backend=self.backend)
+            value_hidden.reshape(-1, Hv), value_weight, target.reshape(-1),
+            base_hidden=base_hidden.reshape(-1, Hb).detach(), base_weight=self._base_weight.detach(),
+            vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill, l1_coef=self.l1_coef,
+            l1_reduction=self.l1_reduction, ignore_index=-100, label_smoothing=self.label_smoothing,
+            reduction="mean", backend=self.backend)
         return IVLOutput(loss=loss)
 
     # ---- persistence: the value network only -------------------------------------------------------------

@@ -1,18 +1,23 @@
 """``fused_guided_cross_entropy``: the IVL training loss without materialising ``[N, V]`` logits.
 
     z[n, b]  = base[n, b] + alpha[n] * (value_hidden[n] . value_weight[map[b]])   (fill where map[b] == -1)
-    loss_n   = logsumexp_b z[n, :] - (1 - eps) * z[n, t_n] - (eps / Vb) * sum_b z[n, b]        (eps = label_smoothing)
-             + l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv                       (value vocabulary)
+    ce_n     = logsumexp_b z[n, :] - (1 - eps) * z[n, t_n] - (eps / Vb) * sum_b z[n, b]        (eps = label_smoothing)
+    l1_n     = l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv                       (value vocabulary)
 
-for kept rows (``t_n != ignore_index``), 0 for ignored rows. With ``eps = 0`` this is ``lse - z[n, t_n]``; the
-smoothing term is ``torch.nn.functional.cross_entropy``'s. Gradients: with ``p = softmax(z[n])``,
+``ce_n`` for kept rows (``t_n != ignore_index``), 0 for ignored rows. With ``eps = 0`` this is
+``lse - z[n, t_n]``; the smoothing term is ``torch.nn.functional.cross_entropy``'s. ``l1_reduction`` says which
+rows carry ``l1_n``: ``"kept"`` the kept rows (``loss_n = ce_n + l1_n``, reduced like the cross-entropy),
+``"all"`` every row (IVL's released code: ``"mean"`` is ``sum ce_n / kept_rows + sum_{all n} l1_n / N``).
+Gradients: with ``p = softmax(z[n])``,
 
     dz[n, b]   = g_n * (p[n, b] - (1 - eps) * [b == t_n] - eps / Vb)
-    dvl[n, v]  = alpha[n] * sum_{b: map[b] = v} dz[n, b] + g_n * l1_coef / Vv * sign(value_logit[n, v])
+    dvl[n, v]  = alpha[n] * sum_{b: map[b] = v} dz[n, b] + h_n * l1_coef / Vv * sign(value_logit[n, v])
     d value_hidden = dvl @ value_weight,     d value_weight = dvl^T @ value_hidden
 
-with ``g_n`` the upstream gradient of row n (``1 / kept_rows`` for "mean"). ``dvl`` is never stored: both
-backends recompute logits (per chunk of rows, or per tile) in the backward pass.
+with ``g_n`` the cross-entropy weight of row n (the upstream gradient, ``/ kept_rows`` for "mean"; 0 for
+ignored rows) and ``h_n`` its L1 weight: ``g_n`` for ``"kept"``; for ``"all"`` the upstream gradient (``/ N``
+for "mean"), nonzero for ignored rows too. ``dvl`` is never stored: both backends recompute logits (per chunk of
+rows, or per tile) in the backward pass.
 
 Backends: ``triton`` (blockwise, like cut-cross-entropy: a forward kernel keeps per-row online log-sum-exp,
 smoothing sum and L1 sum over vocabulary tiles, and takes the target logit as one gathered row dot per row; a
@@ -263,8 +268,8 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_kernel(
-    vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr, alpha_ptr, tgt_ptr, lse_ptr, g_ptr, dvh_ptr, dvw_ptr,
-    N, Vb, Vv, Vloop, Hv, Hb,
+    vh_ptr, vw_ptr, map_ptr, base_ptr, bh_ptr, bw_ptr, alpha_ptr, tgt_ptr, lse_ptr, g_ptr, gl1_ptr, dvh_ptr,
+    dvw_ptr, N, Vb, Vv, Vloop, Hv, Hb,
     stride_vh_m, stride_vh_k, stride_vw_v, stride_vw_k, stride_map,
     stride_base_m, stride_base_v, stride_bh_m, stride_bh_k, stride_bw_v, stride_bw_k,
     stride_alpha, stride_tgt,
@@ -276,7 +281,8 @@ def _ce_bwd_kernel(
     """One ``[BLOCK_M rows x BLOCK_V columns]`` tile of the backward pass.
 
     Recomputes the tile's logits, forms ``dvl`` (the value-logit gradient, see the module docstring; with
-    ``smooth_self = 1 - eps``, ``smooth_all = eps / Vb``, ``l1_scale = l1_coef / Vv``), and atomically adds
+    ``smooth_self = 1 - eps``, ``smooth_all = eps / Vb``, ``l1_scale = l1_coef / Vv``, ``g`` the rows'
+    cross-entropy weights and ``gl1`` their L1 weights, fp32 ``[N]``), and atomically adds
     ``dvl @ value_weight[rows]`` into ``dvh [N, Hv]`` and ``dvl^T @ value_hidden`` into ``dvw[rows] [Vv, Hv]``
     (both fp32, contiguous). Atomics make many-to-one maps (several columns -> one value row) correct.
     """
@@ -284,7 +290,6 @@ def _ce_bwd_kernel(
     pid_m = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = offs_m < N
-    g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
 
     if L1_ONLY:
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -293,8 +298,10 @@ def _ce_bwd_kernel(
         acc = tile_dot(vh_ptr, stride_vh_m, stride_vh_k, offs_m, mask_m, vw_ptr, stride_vw_v, stride_vw_k,
                        rows_w, valid_w, Hv, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         sgn = tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0))
-        dvl = tl.where(valid_w[None, :], sgn * (g * l1_scale)[:, None], 0.0)
+        gl1 = tl.load(gl1_ptr + offs_m, mask=mask_m, other=0.0)
+        dvl = tl.where(valid_w[None, :], sgn * (gl1 * l1_scale)[:, None], 0.0)
     else:
+        g = tl.load(g_ptr + offs_m, mask=mask_m, other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         if ALPHA_IS_TENSOR:
             alpha_row = tl.load(alpha_ptr + offs_m * stride_alpha, mask=mask_m, other=0.0).to(tl.float32)
@@ -322,7 +329,9 @@ def _ce_bwd_kernel(
         # Unmapped columns carry the constant fill: no gradient.
         dvl = tl.where(valid_w[None, :] & mask_b[None, :], dz, 0.0)
         if FUSE_L1:
-            dvl += sgn.to(tl.float32) * (g * l1_scale)[:, None]
+            # The L1 weight is read here, where it is used (ignored rows have g = 0 but may have gl1 != 0).
+            gl1 = tl.load(gl1_ptr + offs_m, mask=mask_m, other=0.0)
+            dvl += sgn.to(tl.float32) * (gl1 * l1_scale)[:, None]
 
     dvl_in = dvl.to(vh_ptr.dtype.element_ty)
     do_tile = True
@@ -474,8 +483,11 @@ def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
 def launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                alpha_scalar: float, fill: float, target_local: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
                Vb: int, smooth_self: float, smooth_all: float, l1_scale: float,
-               skip_threshold: float) -> tuple:
-    """``(d value_hidden [N, Hv], d value_weight [Vv, Hv])`` in the input dtype (fp32 accumulation)."""
+               skip_threshold: float, g_l1: Optional[torch.Tensor] = None) -> tuple:
+    """``(d value_hidden [N, Hv], d value_weight [Vv, Hv])`` in the input dtype (fp32 accumulation).
+
+    ``g [N]`` fp32: each row's cross-entropy weight; ``g_l1 [N]`` fp32: each row's L1 weight (``None``: ``g``).
+    """
     N, Hv = value_hidden.shape
     Vb, Vv, Vloop, fuse = _loop_shape(value_weight, vocab_map, base_logits, base_weight, Vb)
     dvh = torch.zeros((N, Hv), dtype=torch.float32, device=value_hidden.device)
@@ -485,7 +497,8 @@ def launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
                                                       base_weight, vocab_map, alpha_tensor, target_local)
         row_tiles = triton.cdiv(N, common["BLOCK_M"])
         common = dict(common, GRAD_SKIP=skip_threshold > 0)
-        args = tensors + (lse, g, dvh, dvw)
+        gl1 = g if g_l1 is None else g_l1
+        args = tensors + (lse, g, gl1, dvh, dvw)
         scalars = (alpha_scalar, fill, smooth_self, smooth_all, l1_scale, skip_threshold)
         with_l1 = l1_scale != 0.0
         _ce_bwd_kernel[(triton.cdiv(Vloop, common["BLOCK_V"]), row_tiles)](
@@ -497,7 +510,7 @@ def launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight
             l1_tensors, l1_strides, _, l1_common = _kernel_inputs(value_hidden, value_weight, None, None, None,
                                                                   None, None, target_local)
             _ce_bwd_kernel[(triton.cdiv(Vv, common["BLOCK_V"]), row_tiles)](
-                *l1_tensors, lse, g, dvh, dvw, N, Vb, Vv, Vv, Hv, 0, *l1_strides, *scalars, FUSE_L1=False,
+                *l1_tensors, lse, g, gl1, dvh, dvw, N, Vb, Vv, Vv, Hv, 0, *l1_strides, *scalars, FUSE_L1=False,
                 L1_ONLY=True, **dict(l1_common, GRAD_SKIP=common["GRAD_SKIP"]))
     return dvh.to(value_hidden.dtype), dvw.to(value_weight.dtype)
 
@@ -536,8 +549,8 @@ def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_m
 def _guided_ce_bwd_op(value_hidden: torch.Tensor, value_weight: torch.Tensor, base_logits: Optional[torch.Tensor],
                       base_hidden: Optional[torch.Tensor], base_weight: Optional[torch.Tensor],
                       vocab_map: Optional[torch.Tensor], alpha_tensor: Optional[torch.Tensor], alpha_scalar: float,
-                      fill: float, target_local: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, Vb: int,
-                      smooth_self: float, smooth_all: float, l1_scale: float,
+                      fill: float, target_local: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                      g_l1: Optional[torch.Tensor], Vb: int, smooth_self: float, smooth_all: float, l1_scale: float,
                       skip_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.are_deterministic_algorithms_enabled():
         # warn_only=True (strict mode never selects this backend): warn as torch's own nondeterministic ops do.
@@ -545,12 +558,12 @@ def _guided_ce_bwd_op(value_hidden: torch.Tensor, value_weight: torch.Tensor, ba
                       stacklevel=2)
     return launch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                       alpha_scalar, fill, target_local, lse, g, Vb, smooth_self, smooth_all, l1_scale,
-                      skip_threshold)
+                      skip_threshold, g_l1)
 
 
 @_guided_ce_bwd_op.register_fake
 def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, alpha_scalar,
-      fill, target_local, lse, g, Vb, smooth_self, smooth_all, l1_scale, skip_threshold):
+      fill, target_local, lse, g, g_l1, Vb, smooth_self, smooth_all, l1_scale, skip_threshold):
     return torch.empty_like(value_hidden), torch.empty_like(value_weight)
 
 
@@ -630,8 +643,10 @@ def torch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight,
 
 def torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
               alpha_scalar, fill, target_local, lse, g, Vb, smooth_self, smooth_all, l1_scale, compute,
-              need_dvh=True, need_dvw=True) -> tuple:
+              need_dvh=True, need_dvw=True, g_l1=None) -> tuple:
     """Same contract as ``launch_bwd``; logits are recomputed chunk by chunk (extra memory: one chunk)."""
+    if g_l1 is None:
+        g_l1 = g
     N, Hv = value_hidden.shape
     Vb, Vv, identity_view, cols, unmapped, rows = _torch_setup(value_weight, vocab_map, base_logits, base_weight,
                                                                Vb, value_hidden.device)
@@ -671,7 +686,7 @@ def torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight,
                 dvl.index_add_(1, keep_cols, dz if keep is None else dz.index_select(1, keep))
             del dz
         if l1_scale:
-            dvl.add_(torch.sign(vl).mul_(g_c * l1_scale))
+            dvl.add_(torch.sign(vl).mul_(g_l1[r0:r1].to(compute).unsqueeze(1) * l1_scale))
         del vl
         dvl = dvl.to(dt)
         if need_dvh:
@@ -694,6 +709,7 @@ class _Config:
     Vv_global: int
     smoothing: float
     l1_coef: float
+    l1_all: bool         # l1_reduction == "all": the L1 term over every row, not only the kept ones
     reduction: str
     skip_threshold: float
     process_group: object
@@ -735,16 +751,22 @@ class _GuidedCrossEntropy(torch.autograd.Function):
         row = lse - (1.0 - cfg.smoothing) * zt
         if cfg.smoothing:  # skipped at 0: 0 * (-inf) from masked base logits would poison the row
             row = row - (cfg.smoothing / cfg.Vb_global) * zs
+        l1_all = with_l1 and cfg.l1_all
         if with_l1:
-            row = row + (cfg.l1_coef / cfg.Vv_global) * l1
+            l1_row = (cfg.l1_coef / cfg.Vv_global) * l1
+            if not l1_all:
+                row = row + l1_row
         row = torch.where(kept, row, torch.zeros_like(row))
         n_kept = kept.sum()
         if cfg.reduction == "none":
-            loss = row
+            loss = row + l1_row if l1_all else row
         elif cfg.reduction == "sum":
-            loss = row.sum()
+            loss = (row + l1_row).sum() if l1_all else row.sum()
         else:
             loss = row.sum() / n_kept.clamp(min=1).to(row.dtype)
+            if l1_all:
+                # IVL's released normaliser: every row passed (N), not the kept ones.
+                loss = loss + l1_row.sum() / max(row.shape[0], 1)
         ctx.save_for_backward(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
                               alpha_tensor, target_local, kept, lse)
         ctx.cfg = cfg
@@ -762,6 +784,12 @@ class _GuidedCrossEntropy(torch.autograd.Function):
          kept, lse) = ctx.saved_tensors
         cfg: _Config = ctx.cfg
         gf = grad_out.to(torch.float32 if cfg.compute != torch.float64 else torch.float64)
+        g_l1 = None  # the L1 weight of each row; None: g (the L1 term rides on the kept rows)
+        if cfg.l1_all and cfg.l1_coef != 0.0:
+            g_l1 = grad_out.to(gf.dtype)
+            if cfg.reduction == "mean":
+                g_l1 = g_l1 / max(kept.shape[0], 1)
+            g_l1 = g_l1.expand(kept.shape)
         if cfg.reduction == "mean":
             gf = gf / ctx.n_kept.clamp(min=1).to(gf.dtype)
         g = torch.where(kept, gf.expand(kept.shape), torch.zeros((), dtype=gf.dtype, device=gf.device))
@@ -775,11 +803,12 @@ class _GuidedCrossEntropy(torch.autograd.Function):
             dvh, dvw = torch.ops.ivl_kernels.guided_ce_bwd_triton(
                 value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                 cfg.alpha_scalar, cfg.fill, target_local, lse.float().contiguous(), g.float().contiguous(),
-                cfg.Vb, smooth_self, smooth_all, l1_scale, cfg.skip_threshold)
+                g_l1.float().contiguous() if g_l1 is not None else None, cfg.Vb, smooth_self, smooth_all, l1_scale,
+                cfg.skip_threshold)
         else:
             dvh, dvw = torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
                                  alpha_tensor, cfg.alpha_scalar, cfg.fill, target_local, lse, g, cfg.Vb,
-                                 smooth_self, smooth_all, l1_scale, cfg.compute, need_dvh, need_dvw)
+                                 smooth_self, smooth_all, l1_scale, cfg.compute, need_dvh, need_dvw, g_l1)
         if cfg.process_group is not None:
             import torch.distributed as dist
 
@@ -795,14 +824,25 @@ class _GuidedCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------
 def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,
                                base_weight=None, vocab_map=None, alpha=1.0, fill=0.0, l1_coef=0.0,
-                               ignore_index=-100, label_smoothing=0.0, reduction="mean", backend="auto",
-                               process_group=None, grad_skip_threshold=0.0) -> torch.Tensor:
+                               l1_reduction="kept", ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                               backend="auto", process_group=None, grad_skip_threshold=0.0) -> torch.Tensor:
     """Cross-entropy of guided logits (IVL training loss) without materialising ``[N, V]`` logits.
 
     ``z[n, b] = base[n, b] + alpha[n] * (value_hidden[n] . value_weight[map[b]])`` (``alpha[n] * fill`` where
-    ``map[b] == -1``), ``loss_n = logsumexp_b z[n] - z[n, target_n]`` (label smoothing exactly as
-    ``F.cross_entropy``, over the ``Vb`` classes) ``+ l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv``
-    (IVL's regulariser, over the value vocabulary before remapping, not scaled by alpha).
+    ``map[b] == -1``), ``ce_n = logsumexp_b z[n] - z[n, target_n]`` (label smoothing exactly as
+    ``F.cross_entropy``, over the ``Vb`` classes; 0 for ignored rows) and IVL's regulariser
+    ``l1_n = l1_coef * sum_j |value_hidden[n] . value_weight[j]| / Vv`` (over the value vocabulary before
+    remapping, not scaled by alpha). With ``K`` the number of kept rows and ``N`` the number of rows:
+
+    - ``l1_reduction="kept"`` (default): ``loss_n = ce_n + l1_n`` for kept rows, 0 for ignored rows;
+      ``"mean"`` = ``sum_n loss_n / K``, ``"sum"`` = ``sum_n loss_n``, ``"none"`` = ``loss_n``.
+    - ``l1_reduction="all"``: the L1 term of every row, ignored rows included;
+      ``"mean"`` = ``sum_{n kept} ce_n / K + sum_{all n} l1_n / N``, ``"sum"`` = ``sum_n (ce_n + l1_n)``,
+      ``"none"`` = ``ce_n + l1_n`` (``l1_n`` alone for ignored rows).
+
+    (a count of 0 makes its term 0). ``"all"`` is IVL's released training, which averages the L1 term over every
+    position of the padded batch: its L1 term is normalised by ``N``, not ``K``, and includes the ignored rows, so
+    its weight relative to the cross-entropy depends on how many rows (padding, prompt tokens) are ignored.
 
     Args:
         value_hidden: ``[..., Hv]`` value-network hidden states (leading dims flattened to ``N``).
@@ -817,11 +857,16 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
         alpha: float or ``[N]`` tensor; a constant (no gradient; a tensor that requires grad is an error).
         fill: value logit of unmapped base ids.
         l1_coef: weight (>= 0) of the L1 regulariser.
-        ignore_index: rows whose target equals it contribute nothing (loss 0, gradient 0).
+        l1_reduction: ``"kept"`` (default: the L1 term of the kept rows, normalised like the cross-entropy) or
+            ``"all"`` (the L1 term of every row, ignored ones included, averaged over ``N`` for ``"mean"``); see
+            above. With ``"all"`` (and ``l1_coef > 0``) ignored rows get the L1 term's gradient.
+        ignore_index: rows whose target equals it get no cross-entropy (and, with ``l1_reduction="kept"``, no L1
+            term): loss 0, gradient 0.
         label_smoothing: in ``[0, 1)``, as ``F.cross_entropy``.
         reduction: ``"mean"`` (sum over kept rows / number of kept rows; **0 when no row is kept**, where
             ``F.cross_entropy`` gives NaN), ``"sum"`` (0 when no row is kept) or ``"none"`` (``[N]``, 0 for
-            ignored rows).
+            ignored rows); with ``l1_reduction="all"`` the L1 term is added as above (a batch with no kept row
+            then gives the L1 term alone).
         backend: ``"auto" | "triton" | "torch"`` (``"cuda"`` is not implemented for this op and raises).
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (see the module
             docstring: contiguous base-vocabulary shards in rank order, rank-local ``vocab_map``, global target
@@ -832,8 +877,9 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
             ``threshold * |value_weight[v, k]|`` and ``d value_weight[v, k]`` by at most
             ``threshold * |value_hidden[n, k]|``, so ``|error(d value_hidden[n])|_inf <= threshold * Vb *
             max|value_weight|`` and ``|error(d value_weight[v])|_inf <= threshold * N * c_v * max|value_hidden|``
-            (``c_v`` = base ids mapped to ``v``). Note the L1 gradient has magnitude ``g * l1_coef / Vv`` per
-            entry: a threshold above it drops the regulariser's gradient in tiles where softmax is negligible.
+            (``c_v`` = base ids mapped to ``v``). Note the L1 gradient has magnitude ``h * l1_coef / Vv`` per
+            entry (``h`` the row's L1 weight: ``1 / K`` or ``1 / N`` for "mean"): a threshold above it drops the
+            regulariser's gradient in tiles where softmax is negligible.
 
     Returns:
         The loss in ``value_hidden.dtype`` (a scalar, or ``[N]`` for ``"none"``), computed in float32 (float64
@@ -844,7 +890,7 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
     check_backend(backend)
     a = validate_cross_entropy(value_hidden, value_weight, target, base_logits=base_logits,
                                base_hidden=base_hidden, base_weight=base_weight, vocab_map=vocab_map, alpha=alpha,
-                               fill=fill, l1_coef=l1_coef, ignore_index=ignore_index,
+                               fill=fill, l1_coef=l1_coef, l1_reduction=l1_reduction, ignore_index=ignore_index,
                                label_smoothing=label_smoothing, reduction=reduction, process_group=process_group,
                                check_values=not torch.compiler.is_compiling())
     skip = check_finite_float("grad_skip_threshold", grad_skip_threshold)
@@ -862,7 +908,8 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
     local = a.target.long() - a.vocab_offset
     target_local = torch.where(kept & (local >= 0) & (local < g.Vb), local, torch.full_like(local, -1))
     cfg = _Config(backend=which, alpha_scalar=float(alpha_scalar), fill=g.fill, Vb=g.Vb, Vb_global=a.Vb_global,
-                  Vv_global=a.Vv_global, smoothing=a.label_smoothing, l1_coef=a.l1_coef, reduction=a.reduction,
+                  Vv_global=a.Vv_global, smoothing=a.label_smoothing, l1_coef=a.l1_coef,
+                  l1_all=a.l1_reduction == "all", reduction=a.reduction,
                   skip_threshold=skip, process_group=a.process_group, compute=compute)
     loss = _GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
                                      g.vocab_map, alpha_tensor, target_local, kept, cfg)

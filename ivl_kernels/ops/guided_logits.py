@@ -7,7 +7,8 @@ with ``base`` either loaded from ``base_logits [M, Vb]`` or computed as ``base_h
 in the same loop. No ``[M, Vv]`` intermediate exists on the fused backends.
 
 Backends: ``triton`` (any M; one launch over a grid of vocabulary tiles x row tiles), ``cuda`` (the compiled
-decode kernel of ``csrc/``, M <= 16, memory-bound), ``torch`` (``reference.guided_logits_torch``).
+decode kernel of ``csrc/``, M <= 16; ``auto`` takes it only where the H100 measured it faster: see
+``CUDA_AUTO_ROWS``), ``torch`` (``reference.guided_logits_torch``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from ..reference import guided_logits_torch
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
 CUDA_MAX_ROWS = 16
+
+# backend="auto" routing between the CUDA kernel and Triton, from the H100 measurements at DESIGN's "qwen" heads
+# (benchmarks/results/gpu/2026-11-22-h100/rerun/bench-decode.log, bf16, M = 1..16):
+# * GPU time (a replayed CUDA graph): the CUDA kernel re-reads and unpacks per row, so it is issue-bound from
+#   M = 2 (base hidden: 1.07x the floor at M = 2, 2.54x at M = 8; Triton 0.97-1.00x for every M <= 16). Only M = 1
+#   goes to CUDA, where both sit at the floor.
+# * Eager calls with base logits given (IVLLogitsProcessor): the whole kernel takes ~0.09 ms, less than Triton's
+#   host launch path (0.158 ms per call back to back at M = 1 against 0.092 ms for CUDA), so the host bounds the
+#   loop; CUDA stays faster up to M = 3 (0.132 vs 0.178 ms), ties at M = 4 and loses from M = 6.
+CUDA_AUTO_ROWS = 1
+CUDA_AUTO_ROWS_EAGER_BASE_LOGITS = 3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,6 +246,15 @@ def _vector_aligned(t: torch.Tensor) -> bool:
         t.dim() == 1 or t.stride(0) % vec == 0)
 
 
+def _cuda_preferred(a: GuidedArgs) -> bool:
+    """Whether ``auto`` should take the CUDA kernel over Triton for this call (see ``CUDA_AUTO_ROWS``)."""
+    if a.M <= CUDA_AUTO_ROWS:
+        return True
+    if a.base_mode == 2 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return False  # GPU time decides: a captured graph (or a compiled one) replays without the host path
+    return a.M <= CUDA_AUTO_ROWS_EAGER_BASE_LOGITS
+
+
 def _cuda_supports(a: GuidedArgs, out: Optional[torch.Tensor]) -> str:
     if a.M > CUDA_MAX_ROWS:
         return f"it handles M <= {CUDA_MAX_ROWS} rows (decode), got M = {a.M}; use backend='triton'"
@@ -300,7 +321,7 @@ def fused_guided_logits(value_hidden, value_weight, *, base_logits=None, base_hi
                         check_map_values=not torch.compiler.is_compiling())
     out2d = validate_out(out, a)
     which = _backends.select(backend, a.device, cuda_supports=lambda: _cuda_supports(a, out2d),
-                             triton_supports=lambda: _triton_supports(a))
+                             triton_supports=lambda: _triton_supports(a), cuda_preferred=lambda: _cuda_preferred(a))
     if out2d is None:
         out2d = torch.empty((a.M, a.Vb), dtype=a.out_dtype, device=a.device)
     alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None

@@ -22,8 +22,10 @@ def _batch(seed=41, lengths=(9, 5, 12, 7)):
     return ids, mask, labels
 
 
-def naive_loss(base, value, ids, mask, labels, *, alpha, l1_coef, vmap):
-    """CE(base_logits + alpha * remap(value_logits)) over shifted, kept labels + IVL's L1 term."""
+def naive_loss(base, value, ids, mask, labels, *, alpha, l1_coef, vmap, l1_reduction="kept"):
+    """CE(base_logits + alpha * remap(value_logits)) over shifted, kept labels + IVL's L1 term, averaged over the
+    positions with a kept label (``"kept"``) or over all ``B * T`` positions (``"all"``; left padding here, so
+    the mask-derived positions are the module's at every position)."""
     pos = position_ids_from_mask(mask)
     with torch.no_grad():
         zb = base(ids, attention_mask=mask, position_ids=pos).logits
@@ -33,24 +35,29 @@ def naive_loss(base, value, ids, mask, labels, *, alpha, l1_coef, vmap):
     zz, vv = z[:, :-1].reshape(-1, z.shape[-1]), vl[:, :-1].reshape(-1, vl.shape[-1])
     kept = target != -100
     ce = F.cross_entropy(zz, target, ignore_index=-100)
-    l1 = (vv[kept].abs().sum(-1) / vv.shape[-1]).mean()
+    if l1_reduction == "all":
+        l1 = (vl.abs().sum(-1) / vl.shape[-1]).mean()
+    else:
+        l1 = (vv[kept].abs().sum(-1) / vv.shape[-1]).mean()
     return ce + l1_coef * l1
 
 
-@pytest.mark.parametrize("tie_value,kind,alpha,l1", [
-    pytest.param(True, "identity-tail", 1.0, 1.0, id="value-tied-identity-tail-l1"),
-    pytest.param(False, "random-map", 0.5, 0.0, id="value-untied-random-map-alpha0.5"),
+@pytest.mark.parametrize("tie_value,kind,alpha,l1,l1_reduction", [
+    pytest.param(True, "identity-tail", 1.0, 1.0, "kept", id="value-tied-identity-tail-l1kept"),
+    pytest.param(False, "random-map", 0.5, 0.0, "kept", id="value-untied-random-map-alpha0.5"),
+    pytest.param(False, "random-map", 0.5, 0.7, "all", id="value-untied-random-map-alpha0.5-l1all"),
 ])
-def test_loss_and_gradients_equal_naive(tie_value, kind, alpha, l1):
+def test_loss_and_gradients_equal_naive(tie_value, kind, alpha, l1, l1_reduction):
     base, value = make_base(tie=True), make_value(tie=tie_value)
     vmap = None if kind == "identity-tail" else random_map()
     ids, mask, labels = _batch()
-    model = IVLForCausalLM(base, value, alpha=alpha, l1_coef=l1, vocab_map=vmap)
+    model = IVLForCausalLM(base, value, alpha=alpha, l1_coef=l1, l1_reduction=l1_reduction, vocab_map=vmap)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     got = {n: p.grad.clone() for n, p in value.named_parameters()}
     value.zero_grad()
-    expected = naive_loss(base, value, ids, mask, labels, alpha=alpha, l1_coef=l1, vmap=vmap)
+    expected = naive_loss(base, value, ids, mask, labels, alpha=alpha, l1_coef=l1, vmap=vmap,
+                          l1_reduction=l1_reduction)
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for n, p in value.named_parameters():
@@ -58,6 +65,14 @@ def test_loss_and_gradients_equal_naive(tie_value, kind, alpha, l1):
         err = (got[n] - p.grad).norm().item()
         assert err <= 1e-4 * p.grad.norm().item() + 1e-7, f"{n}: |diff| {err:.3g} vs |grad| {p.grad.norm():.3g}"
     assert all(p.grad is None for p in base.parameters())
+
+
+def test_defaults_reproduce_released_training_and_l1_reduction_is_checked():
+    base, value = make_base(), make_value()
+    model = IVLForCausalLM(base, value)
+    assert (model.alpha, model.l1_coef, model.l1_reduction) == (1.0, 1.0, "all")
+    with pytest.raises(ValueError, match=r"l1_reduction must be one of \('kept', 'all'\)"):
+        IVLForCausalLM(base, value, l1_reduction="mean")
 
 
 def test_base_is_frozen_and_stays_in_eval_mode():

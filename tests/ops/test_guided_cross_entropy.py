@@ -28,7 +28,7 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bf
 
 def _make(N=7, Hv=24, Vv=100, Vb=None, Hb=16, base="hidden", vmap="identity", alpha="float", fill=0.0,
           l1_coef=0.0, smoothing=0.0, reduction="mean", ignore=(), dtype=torch.float32, lead=None,
-          noncontig=False, device=DEVICE):
+          noncontig=False, device=DEVICE, l1_reduction="kept"):
     """Inputs of one case: a dict with tensors in ``dtype`` and options (Vb defaults to Vv)."""
     Vb = Vv if Vb is None else Vb
     f64 = dict(dtype=torch.float64, device=device)
@@ -36,6 +36,8 @@ def _make(N=7, Hv=24, Vv=100, Vb=None, Hb=16, base="hidden", vmap="identity", al
     # Scaled so logits are O(1-3): a realistic softmax, neither uniform nor one-hot.
     vw = torch.randn(Vv, Hv, **f64) / Hv ** 0.5 * 1.5
     kw = dict(fill=fill, l1_coef=l1_coef, label_smoothing=smoothing, reduction=reduction)
+    if l1_reduction != "kept":
+        kw["l1_reduction"] = l1_reduction
     if base == "logits":
         bl = torch.randn(N, Vb, **f64) * 2
         if noncontig:  # columns of a wider tensor: row stride != Vb
@@ -134,6 +136,10 @@ CASES = [
     _case("N7-hidden-narrow_base_identity-l1-none", N=7, Vb=70, Vv=100, l1_coef=0.3, reduction="none"),
     _case("B2xT5-logits-map-l1-noncontig-none", N=10, lead=(2, 5), base="logits", vmap="map", Vb=77, l1_coef=0.5,
           noncontig=True, reduction="none", ignore=(4,)),
+    _case("N33-hidden-identity-l1all-smooth-ignore-mean", N=33, l1_coef=1.0, l1_reduction="all", smoothing=0.1,
+          ignore=(0, 1, 17, 32)),
+    _case("N7-logits-map-l1all-ignore-sum", N=7, base="logits", vmap="map", Vb=90, l1_coef=0.6,
+          l1_reduction="all", ignore=(2, 6), reduction="sum"),
 ]
 TRITON_CASES = [c for c in CASES]
 
@@ -172,11 +178,12 @@ def test_triton_half_on_gpu(case, dtype):
     _check("triton", vh, vw, target, kw, dtype)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_gradcheck_torch_backend(reduction):
+@pytest.mark.parametrize("l1_reduction", ["kept", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_torch_backend(reduction, l1_reduction):
     vh, vw, target, kw = _make(N=5, Hv=6, Vv=11, Vb=13, Hb=4, base="logits", vmap="map", alpha="tensor",
                                fill=0.3, l1_coef=0.7, smoothing=0.1, reduction=reduction, ignore=(1,),
-                               dtype=torch.float64, device="cpu")
+                               dtype=torch.float64, device="cpu", l1_reduction=l1_reduction)
     vh.requires_grad_()
     vw.requires_grad_()
     assert torch.autograd.gradcheck(
@@ -254,6 +261,88 @@ def test_grad_skip_threshold_is_bounded_and_off_by_default():
 
 
 # ------------------------------------------------------------------------------------------------------------
+# l1_reduction: "kept" vs "all", against a reference written here from the definition
+# ------------------------------------------------------------------------------------------------------------
+def _l1_reduction_reference(vh, vw, target, *, base_logits=None, base_hidden=None, base_weight=None, vocab_map=None,
+                            alpha=1.0, fill=0.0, l1_coef=0.0, l1_reduction="kept", reduction="mean",
+                            ignore_index=-100):
+    """fp64, materialised: ``ce_n = lse(z_n) - z_n[t_n]`` (0 for ignored rows), ``l1_n = l1_coef * |vl_n|_1 / Vv``;
+    "kept": ``loss_n = [kept] (ce_n + l1_n)``, mean = sum / K; "all": ``loss_n = ce_n + l1_n`` for every row,
+    mean = sum ce / K + sum l1 / N. Counts of 0 give 0."""
+    vh, vw = vh.double(), vw.double()
+    vl = vh @ vw.T                                                           # [N, Vv]
+    N, Vv = vl.shape
+    if base_logits is not None:
+        base = base_logits.double()
+    elif base_hidden is not None:
+        base = base_hidden.double() @ base_weight.double().T
+    else:
+        base = None
+    Vb = base.shape[1] if base is not None else (vocab_map.shape[0] if vocab_map is not None else Vv)
+    m = (vocab_map.long() if vocab_map is not None
+         else torch.where(torch.arange(Vb) < Vv, torch.arange(Vb), -1).to(vh.device))
+    remapped = torch.where(m >= 0, vl[:, m.clamp(min=0)], torch.full_like(vl[:, :1], fill))
+    a = alpha.double().unsqueeze(1) if isinstance(alpha, torch.Tensor) else alpha
+    z = a * remapped + (base if base is not None else 0.0)
+    kept = target != ignore_index
+    t = torch.where(kept, target, torch.zeros_like(target)).long()
+    ce = torch.where(kept, torch.logsumexp(z, 1) - z.gather(1, t.unsqueeze(1)).squeeze(1), torch.zeros(()).double())
+    l1 = l1_coef * vl.abs().sum(1) / Vv
+    K = max(int(kept.sum()), 1)
+    if l1_reduction == "kept":
+        rows = torch.where(kept, ce + l1, torch.zeros(()).double())
+        return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / K}[reduction]
+    return {"none": ce + l1, "sum": ce.sum() + l1.sum(), "mean": ce.sum() / K + l1.sum() / max(N, 1)}[reduction]
+
+
+L1_CASES = [
+    # identity map (the L1 sum fused into the column loop), base head fused, odd sizes, ignored rows first/last
+    _case("N37-hidden-identity-mean", N=37, Hv=20, Vv=101, base="hidden", ignore=(0, 4, 5, 36)),
+    # a map (the L1 term's own value-vocabulary pass), base logits, per-row alpha, fill
+    _case("N37-logits-map-alpha_tensor-sum", N=37, Hv=20, Vv=101, Vb=131, base="logits", vmap="map",
+          alpha="tensor", fill=-0.4, ignore=(1, 2, 30), reduction="sum"),
+    # value-only, map, per-row upstream gradient
+    _case("N9-valueonly-map-none", N=9, Vv=61, Vb=70, base="none", vmap="map", ignore=(3, 8), reduction="none"),
+    # base vocabulary wider than the value head (identity with an unmapped tail)
+    _case("N5-logits-wide_base-mean", N=5, Vv=67, Vb=83, base="logits", ignore=(2,)),
+    # every row ignored: "kept" gives 0, "all" the L1 term alone (with gradients)
+    _case("N7-hidden-map-all_ignored-mean", N=7, Vv=50, Vb=64, vmap="map", ignore=tuple(range(7))),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("l1_reduction", ["kept", "all"])
+@pytest.mark.parametrize("case", L1_CASES)
+def test_l1_reduction_matches_definition(case, l1_reduction, backend):
+    vh, vw, target, kw = _make(**case, l1_coef=0.9, dtype=torch.float32, l1_reduction=l1_reduction)
+    kw.pop("label_smoothing")
+    kw["l1_reduction"] = l1_reduction
+    upstream = torch.rand(target.shape, dtype=torch.float64, device=vh.device) if kw["reduction"] == "none" else None
+    ref = _run(_l1_reduction_reference, vh.double(), vw.double(), target, _to(kw, torch.float64), upstream)
+    ours = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend), vh, vw, target, kw,
+                upstream)
+    for name, o, r in zip(("loss", "d value_hidden", "d value_weight"), ours, ref):
+        torch.testing.assert_close(o.double(), r, rtol=2e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    if case["ignore"] and l1_reduction == "all":
+        # Ignored rows carry the L1 term's gradient under "all" (and none under "kept").
+        ignored = torch.tensor(case["ignore"])
+        assert (ours[1][ignored].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_l1_reduction_all_equals_kept_without_ignored_rows(backend):
+    """Without ignored rows K = N: "all" and "kept" are the same loss, for every reduction."""
+    for reduction in ("mean", "sum", "none"):
+        vh, vw, target, kw = _make(N=9, Vv=70, base="logits", vmap="map", Vb=80, l1_coef=1.0, reduction=reduction)
+        a = _run(lambda *x, **k: ivl.fused_guided_cross_entropy(*x, **k, backend=backend, l1_reduction="all"),
+                 vh, vw, target, kw, torch.ones(9) if reduction == "none" else None)
+        b = _run(lambda *x, **k: ivl.fused_guided_cross_entropy(*x, **k, backend=backend), vh, vw, target, kw,
+                 torch.ones(9) if reduction == "none" else None)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Bad inputs: each raises before anything is computed, naming the argument
 # ------------------------------------------------------------------------------------------------------------
 def _bad(id_, exc, match, **over):
@@ -277,6 +366,9 @@ BAD = [
     _bad("l1_coef-nan", ValueError, "l1_coef must be a finite float >= 0", l1_coef=lambda _: float("nan")),
     _bad("l1_coef-inf", ValueError, "l1_coef must be a finite float >= 0", l1_coef=lambda _: float("inf")),
     _bad("l1_coef-negative", ValueError, "l1_coef must be a finite float >= 0", l1_coef=lambda _: -1.0),
+    _bad("l1_reduction-unknown", ValueError, r"l1_reduction must be one of \('kept', 'all'\).*got 'mean'",
+         l1_reduction=lambda _: "mean"),
+    _bad("l1_reduction-not-str", ValueError, r"l1_reduction must be one of", l1_reduction=lambda _: None),
     _bad("ignore_index-float", TypeError, "ignore_index must be a Python int", ignore_index=lambda _: -100.0),
     _bad("grad_skip_threshold-negative", ValueError, "grad_skip_threshold", grad_skip_threshold=lambda _: -1.0),
     _bad("backend-cuda", RuntimeError, "not implemented for this op", backend=lambda _: "cuda"),
@@ -371,12 +463,14 @@ def test_triton_memory_on_gpu_grows_with_N_times_H():
     assert extra <= 4 * (N * H + V * H) * 4 + 64 * N * 4 + (1 << 20), extra
 
 
+@pytest.mark.parametrize("l1_reduction", ["kept", "all"])
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON and (interpreter_enabled() or HAS_GPU) else []))
-def test_traced_whole_by_torch_compile(backend):
+def test_traced_whole_by_torch_compile(backend, l1_reduction):
     """torch.compile(fullgraph=True) traces the loss and its backward (no graph break); results equal eager.
     aot_eager runs dynamo + AOTAutograd (functionalisation, the custom ops' fakes) without a C++ toolchain."""
     device = "cuda" if HAS_GPU else "cpu"
-    vh, vw, target, kw = _make(N=7, Vv=50, base="logits", l1_coef=0.5, device=device)
+    vh, vw, target, kw = _make(N=7, Vv=50, base="logits", l1_coef=0.5, device=device, l1_reduction=l1_reduction,
+                               ignore=(2,))
     fn = torch.compile(lambda h, w: ivl.fused_guided_cross_entropy(h, w, target, backend=backend, **kw),
                        fullgraph=True, backend="aot_eager")
     compiled = _run(lambda h, w, t, **k: fn(h, w), vh, vw, target, {})

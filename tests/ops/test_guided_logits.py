@@ -236,6 +236,31 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
     assert _backends.select("auto", torch.device("cpu"), triton_supports=lambda: "") == "torch"
 
 
+@pytest.mark.parametrize("M,base,capturing,want", [
+    (1, "hidden", False, "cuda"), (2, "hidden", False, "triton"), (16, "hidden", False, "triton"),
+    (1, "logits", False, "cuda"), (3, "logits", False, "cuda"), (4, "logits", False, "triton"),
+    (1, "logits", True, "cuda"), (2, "logits", True, "triton")],
+    ids=lambda v: str(v) if not isinstance(v, bool) else ("graph" if v else "eager"))
+def test_auto_routes_cuda_only_where_measured_faster(monkeypatch, M, base, capturing, want):
+    """The router's table (H100 measurements, CUDA_AUTO_ROWS): decided without a GPU by faking availability."""
+    from ivl_kernels.ops import guided_logits as gl
+    from ivl_kernels._validate import validate_guided
+
+    monkeypatch.delenv("IVL_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(_backends, "cuda_usable", lambda d: (True, ""))
+    monkeypatch.setattr(_backends, "triton_usable", lambda d: (True, ""))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    vh, vw, kw = _inputs(M, 64, 100, 128, 16, torch.float16, "cpu", base)
+    a = validate_guided(vh, vw, **kw)
+    pick = _backends.select("auto", torch.device("cuda"), cuda_supports=lambda: "",
+                            triton_supports=lambda: "", cuda_preferred=lambda: gl._cuda_preferred(a))
+    assert pick == want
+    # Where Triton cannot run, a call the CUDA kernel handles still goes to it.
+    monkeypatch.setattr(_backends, "triton_usable", lambda d: (False, "no triton"))
+    assert _backends.select("auto", torch.device("cuda"), cuda_supports=lambda: "", triton_supports=lambda: "",
+                            cuda_preferred=lambda: gl._cuda_preferred(a)) == "cuda"
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_auto_backend_on_gpu_picks_fused():
     dev = torch.device("cuda")
