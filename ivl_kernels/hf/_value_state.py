@@ -38,7 +38,9 @@ class ValueRunner:
 
     def reset(self) -> None:
         self.cache = None
-        self.mask: Optional[torch.Tensor] = None        # [B, L] long, 1 = column valid for that row
+        self._buf: Optional[torch.Tensor] = None         # [B, capacity] long: the cache columns' mask, grown ahead
+        self._len = 0                                    # columns in use
+        self._count: Optional[torch.Tensor] = None       # [B] long: valid columns per row = next position
         self.tokens: Optional[List[List[int]]] = None   # per row, the tokens in the cache (re-tokenising path)
         self.cols: Optional[List[List[int]]] = None     # per row, their cache columns
         self.last_hidden: Optional[torch.Tensor] = None  # [B, H]
@@ -47,24 +49,47 @@ class ValueRunner:
     def started(self) -> bool:
         return self.cache is not None
 
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        """``[B, L]`` long view: 1 = cache column valid for that row."""
+        return None if self._buf is None else self._buf[:, : self._len]
+
+    def _reserve(self, k: int) -> None:
+        # Grown geometrically: a decode step writes one column into spare room instead of concatenating the whole
+        # mask (an allocation and a copy of every column, each step).
+        if self._len + k > self._buf.shape[1]:
+            buf = self._buf.new_zeros((self._buf.shape[0], max(2 * self._buf.shape[1], self._len + k + 64)))
+            buf[:, : self._len] = self._buf[:, : self._len]
+            self._buf = buf
+
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def feed(self, ids: torch.Tensor, mask: torch.Tensor, every_row_fed: bool = False) -> torch.Tensor:
         """Append ``ids [B, k]`` (``mask [B, k]``: 1 = real token, 0 = hole); return ``[B, H]``, each row's final
-        hidden state after its newest real token (rows whose chunk is all holes keep their previous one)."""
+        hidden state after its newest real token (rows whose chunk is all holes keep their previous one;
+        ``every_row_fed=True``: the caller knows every row's last column is a real token, as in a decode step).
+
+        No host sync: positions run on from a per-row count kept on the device, the mask grows in place, and
+        rows without a new token are selected on the device."""
+        B, k = ids.shape
         if self.cache is None:
             self.cache = _dynamic_cache(self.backbone)
-            self.mask = mask.new_zeros((mask.shape[0], 0))
-        full_mask = torch.cat([self.mask, mask.to(self.mask.dtype)], dim=1)
+            self._buf = mask.new_zeros((B, k + 64), dtype=torch.long)
+            self._len = 0
+            self._count = mask.new_zeros((B,), dtype=torch.long)
+        self._reserve(k)
+        mask = mask.to(torch.long)
+        self._buf[:, self._len: self._len + k] = mask
+        full_mask = self._buf[:, : self._len + k]
         # A row's next position is its count of valid columns (columns masked out by a rollback do not count).
-        pos = position_ids_from_mask(mask, offset=self.mask.sum(1))
+        pos = position_ids_from_mask(mask, offset=self._count)
         out = self.backbone(input_ids=ids, attention_mask=full_mask, position_ids=pos,
                             past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else self.cache
         hidden = out.last_hidden_state[:, -1]
-        fed = mask[:, -1].bool()
-        if self.last_hidden is not None and not bool(fed.all()):
-            hidden = torch.where(fed.unsqueeze(1), hidden, self.last_hidden)
-        self.mask = full_mask
+        if self.last_hidden is not None and not every_row_fed:
+            hidden = torch.where(mask[:, -1:].bool(), hidden, self.last_hidden)
+        self._len += k
+        self._count = self._count + mask.sum(1)
         self.last_hidden = hidden
         return hidden
 
@@ -96,23 +121,26 @@ class ValueRunner:
             invalid.append((r, self.cols[r][lcp:]))
             del self.tokens[r][lcp:], self.cols[r][lcp:]
             new_parts.append(list(seq[lcp:]))
-        if self.mask is not None:
+        if self._buf is not None:
+            mask = self.mask
             for r, cols in invalid:
                 if cols:
-                    self.mask[r, cols] = 0
+                    mask[r, cols] = 0
             # Columns that no row uses any more at the end of the cache: crop them (the common suffix).
-            valid_any = self.mask.any(0)
+            valid_any = mask.any(0)
             keep = int(valid_any.nonzero().max()) + 1 if bool(valid_any.any()) else 0
-            drop = self.mask.shape[1] - keep
+            drop = self._len - keep
             if drop > 0:
                 self.cache.crop(-drop)
-                self.mask = self.mask[:, :keep]
+                self._buf[:, keep: self._len] = 0
+                self._len = keep
+            self._count = self.mask.sum(1)
         k = max(len(p) for p in new_parts)
         if k == 0:
             return self.last_hidden
         ids = torch.full((B, k), self.pad_id, dtype=torch.long)
         chunk_mask = torch.zeros((B, k), dtype=torch.long)
-        L0 = 0 if self.mask is None else self.mask.shape[1]
+        L0 = self._len
         for r, part in enumerate(new_parts):
             if part:
                 ids[r, k - len(part):] = torch.tensor(part, dtype=torch.long)

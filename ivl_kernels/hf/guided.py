@@ -330,7 +330,11 @@ class GuidedCausalLM(nn.Module):
         runners = [ValueRunner(part[0]) for part in self._parts]
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        seqs = input_ids
+        # Sequences grow in a buffer sized for the whole run (a view per step; no per-step concatenation).
+        seq_buf = input_ids.new_empty((B, T + max_new_tokens))
+        seq_buf[:, :T] = input_ids
+        seqs = seq_buf[:, :T]
+        ones = torch.ones((B, 1), dtype=torch.long, device=device)
         scores_out = () if want_scores else None
         logits_out = () if want_logits else None
         terms_out = () if want_terms else None
@@ -338,13 +342,14 @@ class GuidedCausalLM(nn.Module):
         eos_t = torch.tensor(eos_list, device=device) if eos_list else None
         step_ids, step_mask = input_ids, mask
         for step in range(max_new_tokens):
-            bh = base_runner.feed(step_ids, step_mask)
+            decode = step > 0  # one real token per row
+            bh = base_runner.feed(step_ids, step_mask, every_row_fed=decode)
             vhs = []
             for runner, part, own in zip(runners, self._parts, own_prompts):
                 if step == 0 and own is not None:
                     vhs.append(runner.feed(*own))
                 else:
-                    vhs.append(runner.feed(part[4](step_ids), step_mask))
+                    vhs.append(runner.feed(part[4](step_ids), step_mask, every_row_fed=decode))
             logits = suppress_ids_(self._guided_logits(bh, vhs), limit)
             if want_terms:
                 terms_out += (self._term_logits(bh, vhs),)
@@ -360,7 +365,8 @@ class GuidedCausalLM(nn.Module):
                 next_tokens = scores.argmax(dim=-1)
             if pad_finished:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-            seqs = torch.cat([seqs, next_tokens[:, None]], dim=1)
+            seq_buf[:, seqs.shape[1]] = next_tokens
+            seqs = seq_buf[:, : seqs.shape[1] + 1]
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
             if eos_t is not None:
@@ -369,15 +375,16 @@ class GuidedCausalLM(nn.Module):
                 # As transformers: the criteria see the sequences so far and the scores collected (or None).
                 unfinished &= ~criteria(seqs, scores_out).to(device=device, dtype=torch.bool)
             if (eos_t is not None or len(criteria)) and not bool(unfinished.any()):
-                break
+                break  # the loop's one host sync: whether every row has finished
             # Finished rows keep feeding tokens with mask 1, as transformers does: their outputs are unused.
             step_ids = next_tokens[:, None]
-            step_mask = torch.ones((B, 1), dtype=torch.long, device=device)
+            step_mask = ones
         if streamer is not None:
             streamer.end()
         if return_dict:
+            seqs = seqs if seqs.shape[1] == seq_buf.shape[1] else seqs.clone()
             return GuidedGenerateOutput(sequences=seqs, scores=scores_out, logits=logits_out, term_logits=terms_out)
-        return seqs
+        return seqs if seqs.shape[1] == seq_buf.shape[1] else seqs.clone()
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError("GuidedCausalLM is for decoding: use .generate(); train with IVLForCausalLM")

@@ -198,7 +198,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
             else:
                 hidden = self._runner.feed(self._translate(input_ids[:, -1:]),
-                                           torch.ones((B, 1), dtype=torch.long, device=input_ids.device))
+                                           torch.ones((B, 1), dtype=torch.long, device=input_ids.device),
+                                           every_row_fed=True)
         fused_guided_logits(hidden, self.value_weight, base_logits=scores, out=scores, vocab_map=self._vocab_map,
                             alpha=self.alpha, fill=self.fill, backend=self.backend)
         return suppress_ids_(scores, self._limit)
