@@ -1,6 +1,8 @@
 """Guided generation throughput, side by side in one run (tokens per second, generated tokens only).
 
     guided-lm        GuidedCausalLM.generate: both backbones with KV caches, one fused head call per step
+    guided-static    the same with cache_implementation="static": StaticCache per model, the decode step (both
+                     backbones + the fused head) captured in a CUDA graph and replayed (eager on CPU)
     processor        base.generate(logits_processor=[IVLLogitsProcessor]): value backbone cached, fused in place
     floor            DESIGN's floor: the two models' own forward passes alone (each with its KV cache and its LM
                      head on the last position), fed the same number of tokens; no guidance, no sampling, no
@@ -136,6 +138,8 @@ def main(argv=None) -> int:
     ref_new = max(4, new // 4) if device.type == "cpu" else new  # the reference is slow: time fewer steps
     methods = [
         ("guided-lm", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new), args.batch * new),
+        ("guided-static", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                                  cache_implementation="static"), args.batch * new),
         ("processor", run_processor, args.batch * new),
         ("floor (the two models' forward passes alone)", lambda: _forward_floor((base, value), ids, mask, fed),
          args.batch * new),
@@ -143,8 +147,9 @@ def main(argv=None) -> int:
     ]
     times = _time_interleaved([m[1] for m in methods], device, repeats)
     rows = [(name, tokens / t, t, tokens) for (name, _, tokens), t in zip(methods, times)]
-    floor_t = rows[2][2] / rows[2][3]
-    ref = rows[3][1]
+    by_name = {r[0].split(" (")[0]: r for r in rows}
+    floor_t = by_name["floor"][2] / by_name["floor"][3]
+    ref = by_name["ivl-reference"][1]
     env = environment(device)
     env["transformers"] = transformers.__version__
     print_environment(env)

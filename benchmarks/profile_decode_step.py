@@ -7,6 +7,7 @@ counts syncs on the CPU too. The script runs the same tiny models three ways, ea
 
 * ``floor``: the two backbones' incremental forward passes alone (KV caches, no guidance, no sampling);
 * ``guided-lm``: ``GuidedCausalLM.generate`` (greedy, EOS set, so its one EOS check per step runs);
+* ``guided-static``: the same with ``cache_implementation="static"`` (eager here; a CUDA graph on a GPU);
 * ``processor``: ``base.generate(logits_processor=[IVLLogitsProcessor(value)])``;
 
 and prints, per decode step, the CPU time and the ``_local_scalar_dense`` calls beyond the floor's (transformers'
@@ -102,16 +103,21 @@ def main(argv=None) -> dict:
         return lm.generate(ids, attention_mask=mask, max_new_tokens=N, eos_token_id=args.vocab + 7,
                            pad_token_id=0)
 
+    def guided_static():
+        return lm.generate(ids, attention_mask=mask, max_new_tokens=N, eos_token_id=args.vocab + 7,
+                           pad_token_id=0, cache_implementation="static")
+
     def processor():
         proc = IVLLogitsProcessor(value, alpha=1.0, attention_mask=mask, backend="torch")
         return base.generate(ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=N,
                              min_new_tokens=N, do_sample=False, eos_token_id=args.vocab + 7, pad_token_id=0)
 
     with torch.no_grad():
-        for fn in (floor, guided, processor):  # warm-up
+        for fn in (floor, guided, guided_static, processor):  # warm-up
             fn()
         rows = {}
-        for name, fn in (("floor", floor), ("guided-lm", guided), ("processor", processor)):
+        for name, fn in (("floor", floor), ("guided-lm", guided), ("guided-static", guided_static),
+                         ("processor", processor)):
             best = None
             for _ in range(args.repeats):
                 wall, syncs = _count(fn)
@@ -125,9 +131,9 @@ def main(argv=None) -> dict:
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; batch {args.batch}, "
           f"prompt {args.prompt}, {N} new tokens; Llama vocab {args.vocab}, hidden {args.hidden}/{args.hidden // 2}, "
           f"{args.layers} layers; best of {args.repeats} (profiler on)")
-    print(f"{'method':<12}{'ms/step':>10}{'syncs/step':>12}{'extra ms':>10}{'extra syncs':>13}")
+    print(f"{'method':<14}{'ms/step':>10}{'syncs/step':>12}{'extra ms':>10}{'extra syncs':>13}")
     for name, r in rows.items():
-        print(f"{name:<12}{r['ms_per_step']:>10.3f}{r['syncs_per_step']:>12.2f}{r['extra_ms_per_step']:>10.3f}"
+        print(f"{name:<14}{r['ms_per_step']:>10.3f}{r['syncs_per_step']:>12.2f}{r['extra_ms_per_step']:>10.3f}"
               f"{r['extra_syncs_per_step']:>13.2f}")
     if args.json:
         with open(args.json, "w") as f:

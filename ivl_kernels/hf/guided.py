@@ -199,6 +199,7 @@ class GuidedCausalLM(nn.Module):
                  return_dict_in_generate: Optional[bool] = None, output_scores: Optional[bool] = None,
                  output_logits: Optional[bool] = None, output_term_logits: bool = False, term_inputs=None,
                  prompt_texts: Optional[Sequence[str]] = None, suppress_ids_from: Optional[int] = None,
+                 cache_implementation: Optional[str] = None, cuda_graph: Optional[bool] = None,
                  **kwargs) -> Union[torch.LongTensor, GuidedGenerateOutput]:
         """Guided decoding; returns ``[B, T + new]`` token ids (prompt included), like ``model.generate``.
 
@@ -230,6 +231,12 @@ class GuidedCausalLM(nn.Module):
             prompt_texts: each row's prompt text, for terms with a ``prompt_template`` (default: decoded from
                 ``input_ids`` with the tokenizer).
             generator: ``torch.Generator`` for sampling.
+            cache_implementation: ``"dynamic"`` (default: transformers' ``DynamicCache`` per model) or
+                ``"static"``: a ``StaticCache`` per model sized for its prompt plus ``max_new_tokens``, and a decode
+                step that reads no tensor value on the host (``ivl_kernels.hf._static``). On CUDA that step (every
+                backbone and the fused head) is captured in a CUDA graph after one warm-up step and replayed per
+                token (``cuda_graph``: default ``True`` on CUDA; ``False`` runs the static step eagerly). Same
+                tokens as the dynamic cache. Models must support ``StaticCache`` (Llama, Qwen2, Mistral, ...).
         Beam search, assisted decoding and other modes raise ``ValueError`` before anything runs.
         """
         from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, StoppingCriteriaList,
@@ -326,8 +333,30 @@ class GuidedCausalLM(nn.Module):
                 procs.append(TopPLogitsWarper(p))
 
         own_prompts = self._term_prompts(term_inputs, prompt_texts, tokenizer, input_ids, mask)
-        base_runner = ValueRunner(self._base_backbone)
-        runners = [ValueRunner(part[0]) for part in self._parts]
+        static = cfg("cache_implementation", cache_implementation, "dynamic")
+        if static not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {static!r}")
+        static = static == "static"
+        if cuda_graph and not (static and device.type == "cuda"):
+            raise ValueError("cuda_graph=True needs cache_implementation='static' and CUDA models")
+        if static:
+            from ._static import StaticDecoder, StaticRunner
+
+            lengths = [T] + [T if own is None else own[0].shape[1] for own in own_prompts]
+            owners = [self.base_model] + list(self.value_models)
+            backbones = [self._base_backbone] + [part[0] for part in self._parts]
+            static_runners = [StaticRunner(bb, owner, n + max_new_tokens)
+                              for bb, owner, n in zip(backbones, owners, lengths)]
+
+            def static_step():
+                hs = [r.decode() for r in static_runners]
+                return hs[0], hs[1:], self._guided_logits(hs[0], hs[1:])
+
+            decoder = StaticDecoder(static_runners, static_step,
+                                    use_graph=device.type == "cuda" and cuda_graph is not False)
+        else:
+            base_runner = ValueRunner(self._base_backbone)
+            runners = [ValueRunner(part[0]) for part in self._parts]
         if streamer is not None:
             streamer.put(input_ids.cpu())
         # Sequences grow in a buffer sized for the whole run (a view per step; no per-step concatenation).
@@ -342,22 +371,33 @@ class GuidedCausalLM(nn.Module):
         eos_t = torch.tensor(eos_list, device=device) if eos_list else None
         step_ids, step_mask = input_ids, mask
         for step in range(max_new_tokens):
-            decode = step > 0  # one real token per row
-            bh = base_runner.feed(step_ids, step_mask, every_row_fed=decode)
-            vhs = []
-            for runner, part, own in zip(runners, self._parts, own_prompts):
-                if step == 0 and own is not None:
-                    vhs.append(runner.feed(*own))
-                else:
-                    vhs.append(runner.feed(part[4](step_ids), step_mask, every_row_fed=decode))
-            logits = suppress_ids_(self._guided_logits(bh, vhs), limit)
+            if static and step == 0:
+                bh = static_runners[0].prefill(input_ids, mask)
+                vhs = [r.prefill(*(own if own is not None else (part[4](input_ids), mask)))
+                       for r, part, own in zip(static_runners[1:], self._parts, own_prompts)]
+                logits = self._guided_logits(bh, vhs)
+            elif static:
+                # The step's outputs are the graph's buffers when captured: the logits are consumed (or cloned)
+                # before the next replay overwrites them.
+                bh, vhs, logits = decoder.step([step_ids] + [part[4](step_ids) for part in self._parts])
+            else:
+                decode = step > 0  # one real token per row
+                bh = base_runner.feed(step_ids, step_mask, every_row_fed=decode)
+                vhs = []
+                for runner, part, own in zip(runners, self._parts, own_prompts):
+                    if step == 0 and own is not None:
+                        vhs.append(runner.feed(*own))
+                    else:
+                        vhs.append(runner.feed(part[4](step_ids), step_mask, every_row_fed=decode))
+                logits = self._guided_logits(bh, vhs)
+            logits = suppress_ids_(logits, limit)
             if want_terms:
                 terms_out += (self._term_logits(bh, vhs),)
             if want_logits:
-                logits_out += (logits.clone() if len(procs) else logits,)
+                logits_out += (logits.clone() if len(procs) or static else logits,)
             scores = procs(seqs, logits) if len(procs) else logits
             if want_scores:
-                scores_out += (scores,)
+                scores_out += (scores.clone() if static and scores is logits else scores,)
             if do_sample:
                 probs = torch.softmax(scores, dim=-1)
                 next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)

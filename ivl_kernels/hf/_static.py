@@ -1,0 +1,132 @@
+"""Static KV caches and a CUDA-graph-captured decode step for ``GuidedCausalLM.generate(cache_implementation=
+"static")``.
+
+Each model (base and every guidance term) gets a transformers ``StaticCache`` sized for its prompt plus the new
+tokens. The prompt runs eagerly (any length, any padding). A decode step then has fixed shapes and addresses:
+
+* the new token ids ``[B, 1]``, the position ids ``[B, 1]`` (each row's count of real tokens, so left padding
+  never shifts positions) and an additive 4-D attention mask ``[B, 1, 1, L_max]`` (0 for the columns a row may
+  attend to, the dtype's minimum elsewhere) are buffers updated in place; a 4-D mask is used by transformers as
+  given, so its mask construction (which reads tensor values on the host) never runs;
+* the static cache writes the new key/value column at its own device-side counter.
+
+So the step (every backbone, then ``fused_guided_logits``) reads no tensor value on the host and can be captured
+once in a CUDA graph and replayed per token: one launch for the whole step instead of hundreds of kernels from
+Python. On CPU the same static step runs eagerly (the parity tests).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._common import position_ids_from_mask
+
+
+def _static_cache(model: nn.Module, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=int(max_len))
+
+
+def _model_dtype(backbone: nn.Module) -> torch.dtype:
+    for p in backbone.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class StaticRunner:
+    """One backbone over a ``StaticCache`` of ``max_len`` columns: ``prefill`` the prompt, then ``decode`` one
+    token per row per step from the buffers ``ids`` / ``pos`` / ``bias`` (updated by ``advance``)."""
+
+    def __init__(self, backbone: nn.Module, cache_owner: nn.Module, max_len: int):
+        self.backbone = backbone
+        self.cache = _static_cache(cache_owner, max_len)
+        self.max_len = int(max_len)
+        self.columns = 0                                  # columns written (host-side: known without a sync)
+        self.bias: Optional[torch.Tensor] = None          # [B, 1, 1, max_len] additive mask, model dtype
+        self.ids: Optional[torch.Tensor] = None           # [B, 1] long
+        self.pos: Optional[torch.Tensor] = None           # [B, 1] long: position of the next token per row
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids, mask [B, T]`` (left padding allowed): fill the cache, set up the decode buffers, return each
+        row's final hidden state ``[B, H]``."""
+        B, T = ids.shape
+        if T >= self.max_len:
+            raise ValueError(f"the prompt ({T} tokens) leaves no room in a static cache of {self.max_len} columns")
+        mask = mask.to(device=ids.device, dtype=torch.long)
+        full = torch.zeros((B, self.max_len), dtype=torch.long, device=ids.device)
+        full[:, :T] = mask
+        out = self.backbone(input_ids=ids, attention_mask=full, position_ids=position_ids_from_mask(mask),
+                            past_key_values=self.cache, use_cache=True)
+        dtype = _model_dtype(self.backbone)
+        self.bias = torch.where(full.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :].contiguous()
+        self.ids = torch.zeros((B, 1), dtype=torch.long, device=ids.device)
+        self.pos = mask.sum(1, keepdim=True)
+        self.columns = T
+        return out.last_hidden_state[:, -1]
+
+    def advance(self, ids: torch.Tensor) -> None:
+        """Stage the next token ``ids [B, 1]``: its column becomes visible to every row (outside any graph)."""
+        if self.columns >= self.max_len:
+            raise RuntimeError(f"the static cache of {self.max_len} columns is full")
+        self.ids.copy_(ids)
+        self.bias[:, :, :, self.columns] = 0.0
+
+    def decode(self) -> torch.Tensor:
+        """The captured part: one token per row from the buffers; ``[B, H]`` hidden states."""
+        out = self.backbone(input_ids=self.ids, attention_mask=self.bias, position_ids=self.pos,
+                            past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
+
+    def finish(self) -> None:
+        """After a decode step (outside any graph): the staged column is written, positions move on."""
+        self.columns += 1
+        self.pos.add_(1)
+
+
+class StaticDecoder:
+    """Runs ``step_fn`` (reads only the runners' buffers; returns tensors) eagerly, or captured in a CUDA graph
+    after one eager warm-up step and replayed from then on."""
+
+    def __init__(self, runners: Sequence[StaticRunner], step_fn: Callable[[], tuple], use_graph: bool):
+        self.runners = list(runners)
+        self.step_fn = step_fn
+        self.use_graph = use_graph
+        self.graph = None
+        self.outputs = None
+        self.steps = 0
+
+    def step(self, translated_ids: List[torch.Tensor]) -> tuple:
+        """``translated_ids[i] [B, 1]``: the new token in runner ``i``'s vocabulary. Returns ``step_fn``'s
+        outputs (graph-owned buffers when captured: consume or clone them before the next step)."""
+        for runner, ids in zip(self.runners, translated_ids):
+            runner.advance(ids)
+        if not self.use_graph:
+            out = self.step_fn()
+        elif self.graph is None and self.steps == 0:
+            # Warm-up on a side stream (allocator and library handles settle before capture), a real step.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step_fn()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(self.graph):
+                        self.outputs = self.step_fn()
+                except Exception as exc:
+                    raise RuntimeError(f"capturing the static decode step in a CUDA graph failed ({type(exc).__name__}: "
+                                       f"{exc}); pass cuda_graph=False to run the static cache without a graph") from exc
+            self.graph.replay()
+            out = self.outputs
+        for runner in self.runners:
+            runner.finish()
+        self.steps += 1
+        return out
