@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
+# The extension's sources (csrc/emulation/ is the tests' host emulation of the kernel, not part of the build).
+CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
 
 # The lent GPU machines' stack (no package registry there): `make test-compat` checks the package on it, on CPU.
 COMPAT_PYTHON ?= /root/.pyenv/versions/3.12.1/bin/python
@@ -20,7 +22,7 @@ COMPAT_TESTS ?= tests/ops tests/test_validate.py tests/test_build.py
 
 setup: $(VENV)/.ivl-installed
 
-$(VENV)/.ivl-installed: pyproject.toml setup.py requirements-test.txt $(wildcard csrc/*)
+$(VENV)/.ivl-installed: pyproject.toml setup.py requirements-test.txt $(CSRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
@@ -48,7 +50,7 @@ setup-compat: $(COMPAT_VENV)/.ivl-installed
 
 # The extension must compile against torch 2.11's headers for the H100/H200 (sm_90): a compile error fails here,
 # as it would in the GPU session's build step. Its .so is named for Python 3.12, beside .venv's own build.
-$(COMPAT_VENV)/.ivl-installed: pyproject.toml setup.py $(wildcard csrc/*)
+$(COMPAT_VENV)/.ivl-installed: pyproject.toml setup.py $(CSRC)
 	test -x $(COMPAT_BIN)/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_BIN)/python -m pip install -q --upgrade pip
 	$(COMPAT_BIN)/python -m pip install -q $(COMPAT_PKGS) "pytest>=8" ninja "setuptools>=69" wheel

@@ -76,6 +76,7 @@ def _cuda_extension():
     ext = CUDAExtension(
         name="ivl_kernels._C",
         sources=["csrc/bindings.cpp", "csrc/guided_logits.cu"],
+        depends=["csrc/guided_logits_kernel.cuh"],  # the kernel (shared with the tests' host emulation)
         include_dirs=include_dirs,
         extra_compile_args={
             "cxx": ["-O3"],

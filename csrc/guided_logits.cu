@@ -1,16 +1,6 @@
-// Decode-shaped fused guided logits (M <= 16 rows): memory-bound streaming of the gathered LM-head rows.
-//
-//   out[m, b] = base[m, b] + alpha[m] * (value_hidden[m] . value_weight[map[b]])   (map[b] >= 0)
-//   out[m, b] = base[m, b] + alpha[m] * fill                                        (map[b] == -1)
-//
-// base[m, b] is either loaded from base_logits [M, Vb] (BASE_MODE 1) or computed as
-// base_hidden[m] . base_weight[b] (BASE_MODE 2) by the same warp, so the two LM heads are read in one pass.
-//
-// One warp per base vocabulary id b (grid-stride): its lanes stream the weight row(s) with 16-byte loads that
-// bypass L1 (each weight byte is used once), multiply with the M hidden rows (small, re-read from L1/L2 by every
-// warp) and keep one fp32 accumulator per row in registers; a butterfly reduction gives every lane the sums and
-// lane r writes row r. Decode is bound by the weight bytes: everything else is arranged to keep enough 16-byte
-// loads in flight (UNROLL independent loads per lane before any FMA).
+// Decode-shaped fused guided logits: the host side of the extension (argument checks, instantiation choice,
+// launch). The kernel itself is in guided_logits_kernel.cuh, shared with the host SIMT emulation that runs it
+// on CPU in the tests.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,134 +11,9 @@
 
 #include <cstdint>
 
+#include "guided_logits_kernel.cuh"
+
 namespace ivl_kernels {
-
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
-constexpr int kMaxRows = 16;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// acc += sum_i w[i] * h[i] over the elements packed in one 16-byte vector.
-template <typename T>
-__device__ __forceinline__ float dot16(const uint4& w, const uint4& h, float acc) {
-  const T* wp = reinterpret_cast<const T*>(&w);
-  const T* hp = reinterpret_cast<const T*>(&h);
-#pragma unroll
-  for (int i = 0; i < int(16 / sizeof(T)); ++i) acc = fmaf(to_float(wp[i]), to_float(hp[i]), acc);
-  return acc;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// acc[r] += hidden[r] . weight_row for r < M; weight_row and hidden rows hold n16 16-byte vectors.
-template <typename T, int ROWS>
-__device__ __forceinline__ void row_dots(const uint4* __restrict__ wrow, const T* __restrict__ hidden,
-                                         int64_t hidden_stride, int M, int n16, int lane, float (&acc)[ROWS]) {
-  for (int v0 = lane; v0 < n16; v0 += 32 * kUnroll) {
-    uint4 w[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int v = v0 + u * 32;
-      if (v < n16) w[u] = __ldcs(wrow + v);  // streamed: used once, keep it out of L1
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int v = v0 + u * 32;
-      if (v < n16) {
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          if (r < M) {
-            const uint4 h = __ldg(reinterpret_cast<const uint4*>(hidden + r * hidden_stride) + v);
-            acc[r] = dot16<T>(w[u], h, acc[r]);
-          }
-        }
-      }
-    }
-  }
-}
-
-template <typename scalar_t, typename base_t, typename out_t, int ROWS, int BASE_MODE>
-__global__ void __launch_bounds__(kThreads, 2) guided_logits_decode_kernel(
-    const scalar_t* __restrict__ value_hidden, int64_t vh_stride,
-    const scalar_t* __restrict__ value_weight, int64_t vw_stride,
-    const void* __restrict__ vocab_map, bool has_map, bool map_is_int64,
-    const base_t* __restrict__ base_logits, int64_t bl_stride,
-    const scalar_t* __restrict__ base_hidden, int64_t bh_stride,
-    const scalar_t* __restrict__ base_weight, int64_t bw_stride,
-    const float* __restrict__ alpha, float alpha_scalar, float fill,
-    out_t* __restrict__ out, int64_t out_stride,
-    int M, int64_t Vb, int64_t Vv, int Hv, int Hb) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-
-  for (int64_t b = warp; b < Vb; b += num_warps) {
-    int64_t idx;
-    if (has_map) {
-      idx = map_is_int64 ? static_cast<const int64_t*>(vocab_map)[b]
-                         : static_cast<int64_t>(static_cast<const int32_t*>(vocab_map)[b]);
-    } else {
-      idx = b < Vv ? b : -1;
-    }
-    // Memory safety must not rest on the host's range check (it is skipped inside CUDA graphs and compiled
-    // graphs, and cannot see a map mutated behind the version counter): an entry outside [-1, Vv) is treated
-    // as unmapped (fill), so no address is ever formed from it and the CUDA context survives.
-    if (idx < 0 || idx >= Vv) idx = -1;
-
-    float acc[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
-    if (idx >= 0) {
-      row_dots<scalar_t, ROWS>(reinterpret_cast<const uint4*>(value_weight + idx * vw_stride), value_hidden,
-                               vh_stride, M, Hv / kVec, lane, acc);
-    }
-    float base_acc[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) base_acc[r] = 0.f;
-    if constexpr (BASE_MODE == 2) {
-      row_dots<scalar_t, ROWS>(reinterpret_cast<const uint4*>(base_weight + b * bw_stride), base_hidden,
-                               bh_stride, M, Hb / kVec, lane, base_acc);
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r < M) {
-        acc[r] = warp_sum(acc[r]);
-        if constexpr (BASE_MODE == 2) base_acc[r] = warp_sum(base_acc[r]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r < M && lane == r) {
-        const float value = idx >= 0 ? acc[r] : fill;
-        const float a = alpha != nullptr ? alpha[r] : alpha_scalar;
-        float base;
-        if constexpr (BASE_MODE == 1) {
-          base = to_float(base_logits[r * bl_stride + b]);
-        } else {
-          base = base_acc[r];
-        }
-        out[r * out_stride + b] = from_float<out_t>(base + a * value);
-      }
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host side
@@ -191,10 +56,8 @@ void launch(const Launch& p) {
   const int64_t Vv = p.vw.size(0);
   const int Hv = static_cast<int>(p.vh.size(1));
   const int Hb = BASE_MODE == 2 ? static_cast<int>(p.base_hidden->size(1)) : 0;
-  const int warps_per_block = kThreads / 32;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks_needed = (Vb + warps_per_block - 1) / warps_per_block;
-  const int blocks = static_cast<int>(std::min<int64_t>(blocks_needed, static_cast<int64_t>(sms) * 16));
+  const int blocks = grid_blocks(Vb, static_cast<int64_t>(sms) * kBlocksPerSm);
   if (blocks == 0) return;
   const bool has_map = p.vocab_map.has_value();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -216,12 +79,7 @@ void launch(const Launch& p) {
 
 template <typename scalar_t, typename base_t, typename out_t, int BASE_MODE>
 void dispatch_rows(const Launch& p) {
-  const int64_t M = p.vh.size(0);
-  if (M <= 1) return launch<scalar_t, base_t, out_t, 1, BASE_MODE>(p);
-  if (M <= 2) return launch<scalar_t, base_t, out_t, 2, BASE_MODE>(p);
-  if (M <= 4) return launch<scalar_t, base_t, out_t, 4, BASE_MODE>(p);
-  if (M <= 8) return launch<scalar_t, base_t, out_t, 8, BASE_MODE>(p);
-  return launch<scalar_t, base_t, out_t, kMaxRows, BASE_MODE>(p);
+  for_rows(p.vh.size(0), [&](auto rows) { launch<scalar_t, base_t, out_t, decltype(rows)::value, BASE_MODE>(p); });
 }
 
 template <typename scalar_t>

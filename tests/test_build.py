@@ -62,3 +62,28 @@ def test_import_without_triton_or_transformers(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_sdist_ships_the_kernel_sources(tmp_path):
+    """A source distribution carries every file of csrc/ (MANIFEST.in), with or without the CUDA build: the
+    extension's sources, the kernel header guided_logits.cu includes, and the host emulation of that kernel
+    (tests/ops/test_cuda_emulation.py)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = os.path.join(root, "csrc")
+    want = {os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, files in os.walk(csrc)
+            for f in files if f.endswith((".cu", ".cuh", ".cpp", ".h"))}
+    assert {"csrc/guided_logits.cu", "csrc/guided_logits_kernel.cuh", "csrc/emulation/simt_emu.h"} <= want
+    # The pure-Python configuration (no torch import, no extension listed): csrc/ must come from MANIFEST.in.
+    env = {k: v for k, v in os.environ.items() if k != "IVL_KERNELS_REQUIRE_CUDA_BUILD"}
+    env["IVL_KERNELS_SKIP_CUDA_BUILD"] = "1"
+    r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d",
+                        str(tmp_path)], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert want <= names, sorted(want - names)
