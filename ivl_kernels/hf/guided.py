@@ -429,6 +429,60 @@ class GuidedCausalLM(nn.Module):
     def forward(self, *args, **kwargs):
         raise NotImplementedError("GuidedCausalLM is for decoding: use .generate(); train with IVLForCausalLM")
 
+    # ---- the guided checkpoint (``ivl_kernels.hf.checkpoint``): references, alphas and maps, no weights --------
+    def save_pretrained(self, save_directory: str, *, base: Optional[str] = None,
+                        terms: Optional[Sequence[str]] = None, references_as_given: bool = False) -> None:
+        """Write a guided checkpoint naming the models (not copying them), the alphas, the maps and the base's
+        tokenizer; ``GuidedCausalLM.from_pretrained`` and vLLM (``ivl_kernels.vllm``) load it.
+
+        ``base`` / ``terms``: where the models are (directories or hub ids); default: where they were loaded from
+        (``config._name_or_path``). A model built in memory has no such record: save it first
+        (``model.save_pretrained(path)``) and pass ``path``.
+        """
+        from .checkpoint import reference_of, vocab_map_object, write_guided_checkpoint
+
+        refs = list(terms) if terms is not None else [reference_of(t.model) for t in self.terms]
+        if len(refs) != len(self.terms):
+            raise ValueError(f"terms= has {len(refs)} entries for {len(self.terms)} guidance terms")
+        base_ref = base if base is not None else reference_of(self.base_model)
+        for role, r in [("base", base_ref)] + [(self._role(i), r) for i, r in enumerate(refs)]:
+            if not r:
+                raise ValueError(f"the {role} model records no path it was loaded from (built in memory?): save it "
+                                 f"with save_pretrained(path) and pass that path (base= / terms=)")
+        Vb = self.vocab_size
+        specs = [{"model": r, "alpha": part[3],  # the term's own VocabMap keeps its tokenizer fingerprints
+                  "map": None if part[2] is None else vocab_map_object(
+                      t.vocab_map if t.vocab_map is not None else part[2], Vb, part[1].shape[0])}
+                 for r, part, t in zip(refs, self._parts, self.terms)]
+        write_guided_checkpoint(save_directory, base_ref, specs, fill=self.fill,
+                                suppress_ids_from=self.suppress_ids_from, tokenizer=self.tokenizer,
+                                references_as_given=references_as_given)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, backend: str = "auto", **model_kwargs) -> "GuidedCausalLM":
+        """Load a guided checkpoint (``ivl-kernels compose`` / ``save_pretrained``): every model with
+        ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
+        PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it."""
+        from ..vocab import VocabMap
+        from .checkpoint import load_causal_lm, read_guided_checkpoint
+
+        spec = read_guided_checkpoint(directory)
+        base = load_causal_lm(spec.resolve(spec.base), "base", **model_kwargs)
+        terms = []
+        for i, t in enumerate(spec.terms):
+            model = load_causal_lm(spec.resolve(t.model), f"guidance term {i}", **model_kwargs)
+            path = spec.map_path(t)
+            terms.append(GuidanceTerm(model, t.alpha, None if path is None else VocabMap.load(path)))
+        tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(spec.directory)
+        except Exception:  # a checkpoint whose base had no tokenizer
+            tokenizer = None
+        return cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
+                   suppress_ids_from=spec.suppress_ids_from)
+
 
 def _unsupported_names():
     from ._common import UNSUPPORTED_GENERATE_KWARGS
