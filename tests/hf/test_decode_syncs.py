@@ -9,6 +9,7 @@ construction) are told apart from ours.
 from __future__ import annotations
 
 import collections
+import os
 import traceback
 
 import pytest
@@ -23,6 +24,10 @@ from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM, IVLLogitsProcessor  # n
 from ._models import left_pad, make_base, make_value, random_prompts  # noqa: E402
 
 
+# torch's own frames, by the package's location (a venv path may itself contain "/torch/", as on the GPU image).
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
 class _ScalarReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -30,8 +35,7 @@ class _ScalarReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
-            frames = [f for f in traceback.extract_stack()[:-1]
-                      if "/torch/" not in f.filename and "_python_dispatch" not in f.filename]
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(_TORCH_DIR)]
             origin = frames[-1] if frames else None
             key = "ours" if origin is not None and "/ivl_kernels/" in origin.filename else "other"
             if key == "ours":
