@@ -306,7 +306,8 @@ class CrossEntropyArgs:
     """Validated arguments of ``fused_guided_cross_entropy``: the guided part (``g``, flattened to ``[N, ...]``,
     ``N = g.M``) plus ``target [N]`` (int32/int64, as given, flattened) and the loss options.
 
-    With a ``process_group``, ``g.Vb`` / ``g.Vv`` are this rank's shard sizes; ``Vb_global`` / ``Vv_global`` the
+    With a ``process_group`` (a ``ProcessGroup``: a ``DeviceMesh`` given by the caller is replaced by its group),
+    ``g.Vb`` / ``g.Vv`` are this rank's shard sizes; ``Vb_global`` / ``Vv_global`` the
     sums over the group and ``vocab_offset`` the first global base id of this rank's shard (ranks hold
     contiguous shards in rank order). Without one, global == local and the offset is 0.
     """
@@ -324,13 +325,41 @@ class CrossEntropyArgs:
     vocab_offset: int
 
 
-def _shard_sizes(process_group, Vb: int, Vv: int, device: torch.device) -> tuple:
-    """``(Vb_global, Vv_global, offset)`` from every rank's ``(Vb, Vv)`` (one all_gather of two ints)."""
+def check_process_group(process_group):
+    """The ``torch.distributed`` ``ProcessGroup`` a vocabulary-sharded loss communicates over.
+
+    Accepts a ``ProcessGroup`` or a one-dimensional ``DeviceMesh`` (``init_device_mesh(...)`` with one dimension,
+    or one dimension of a larger mesh: ``mesh["tp"]``), whose group is returned. A mesh with several dimensions is
+    an error that names them: the loss needs the one its vocabulary is sharded over."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialised "
                          "(call torch.distributed.init_process_group first)")
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without device meshes
+        DeviceMesh = ()
+    if DeviceMesh and isinstance(process_group, DeviceMesh):
+        if process_group.ndim != 1:
+            names = process_group.mesh_dim_names
+            how = (" or ".join(f'mesh["{n}"]' for n in names) if names else
+                   "a 1-D mesh (init_device_mesh with mesh_dim_names, then mesh[name])")
+            raise ValueError(f"process_group is a DeviceMesh with {process_group.ndim} dimensions "
+                             f"{tuple(names) if names else tuple(process_group.shape)}: pass the one dimension the "
+                             f"vocabulary is sharded over ({how}), or its ProcessGroup")
+        return process_group.get_group()
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup or a one-dimensional DeviceMesh "
+                        f"(e.g. mesh[\"tp\"]), got {type(process_group).__name__}")
+    return process_group
+
+
+def _shard_sizes(process_group, Vb: int, Vv: int, device: torch.device) -> tuple:
+    """``(Vb_global, Vv_global, offset)`` from every rank's ``(Vb, Vv)`` (one all_gather of two ints);
+    ``process_group`` is a ``ProcessGroup`` (``check_process_group``)."""
+    import torch.distributed as dist
+
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
     mine = torch.tensor([Vb, Vv], dtype=torch.int64, device=device)
@@ -385,6 +414,7 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
     if process_group is not None:
+        process_group = check_process_group(process_group)
         Vb_global, Vv_global, offset = _shard_sizes(process_group, g.Vb, g.Vv, g.device)
     else:
         Vb_global, Vv_global, offset = g.Vb, g.Vv, 0

@@ -1,4 +1,4 @@
-"""Command line: ``ivl-kernels bench | demo | map | compose | info``."""
+"""Command line: ``ivl-kernels bench | demo | map | train | compose | info``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def _map(argv) -> int:
     return main(argv)
 
 
+def _train(argv) -> int:
+    from .hf.train_cli import main
+
+    return main(argv)
+
+
 def _compose(argv) -> int:
     from .hf._compose_cli import main
 
@@ -61,6 +67,7 @@ COMMANDS = {
     "bench": (_bench, "side-by-side benchmarks (fused vs unfused vs peers); see `ivl-kernels bench --help`"),
     "demo": (_demo, "train a tiny value network with IVL on CPU and attach it to two base models"),
     "map": (_map, "build a vocabulary map between two tokenizers"),
+    "train": (_train, "train a value network against a frozen base (IVL loss, transformers.Trainer)"),
     "compose": (_compose, "write a guided checkpoint (base + guidance terms, no weights copied)"),
     "info": (_info, "versions, devices and which backends this installation can run"),
 }
@@ -69,7 +76,7 @@ COMMANDS = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: ivl-kernels {{{','.join(COMMANDS)}}} [args...]\n")
+        print("usage: ivl-kernels {" + ",".join(COMMANDS) + "} [args...]\n")
         for name, (_, doc) in COMMANDS.items():
             print(f"  {name:8s} {doc}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

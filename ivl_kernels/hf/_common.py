@@ -75,7 +75,8 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers ``*ForCausalLM`` inside a PEFT wrapper (LoRA layers are injected in place, so running
     the unwrapped model's backbone runs the adapters too); other models are returned as they are."""
     get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and type(model).__name__.startswith("Peft"):
+    # Any class in the MRO: FSDP2's fully_shard swaps in a subclass (``FSDPPeftModelForCausalLM``).
+    if callable(get_base) and any(c.__name__.startswith("Peft") for c in type(model).__mro__):
         return get_base()
     return model
 
@@ -115,7 +116,9 @@ def split_causal_lm(model: nn.Module, role: str = "value") -> Tuple[nn.Module, t
 
 def input_vocab_size(model: nn.Module) -> int:
     """Rows of the model's input embedding: the token ids it can read."""
-    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
+    emb = unwrap_causal_lm(model).get_input_embeddings()
+    n = getattr(emb, "num_embeddings", None)  # DeepSpeed ZeRO-3 partitions the weight: its .shape is empty
+    return int(n) if isinstance(n, int) else emb.weight.shape[0]
 
 
 def resolve_vocab_map(vocab_map, Vb: int, Vv: int, device, *, role: str = "value") -> Optional[torch.Tensor]:

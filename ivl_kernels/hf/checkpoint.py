@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 GUIDED_MODEL_TYPE = "ivl_guided"
 GUIDED_ARCHITECTURE = "IVLGuidedForCausalLM"
 FORMAT_VERSION = 1
+TRAINED_MAP = "vocab_map.pt"  # the map file `ivl-kernels train` writes into its output directory
 
 
 @dataclass
@@ -70,6 +71,10 @@ def _reference_for(path_or_id: str, directory: str) -> str:
 def _config(ref: str, role: str):
     from transformers import AutoConfig
 
+    adapter = os.path.join(ref, "adapter_config.json")
+    if os.path.isdir(ref) and os.path.isfile(adapter):  # a PEFT adapter (`ivl-kernels train --lora-r`): its base's
+        with open(adapter) as f:
+            ref = json.load(f).get("base_model_name_or_path") or ref
     try:
         return AutoConfig.from_pretrained(ref)
     except Exception as exc:
@@ -110,7 +115,8 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
     Args:
         directory: created if missing; an existing ``config.json`` there is replaced.
         base: the base model (directory or hub id).
-        terms: ``[{"model": path_or_id, "alpha": float, "map": VocabMap | path | None}, ...]``.
+        terms: ``[{"model": path_or_id, "alpha": float, "map": VocabMap | path | None}, ...]``; a term
+            directory written by ``ivl-kernels train`` brings its own map (``vocab_map.pt``) when none is given.
         fill, suppress_ids_from: as ``GuidedCausalLM``.
         tokenizer: a tokenizer object to save; default: the base model's, loaded from ``base`` (skipped, with no
             error, when it has none).
@@ -133,6 +139,9 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
             raise ValueError(f"{role}: alpha must be finite, got {alpha}")
         Vv = _vocab_size(_config(t["model"], role))
         vmap = t.get("map")
+        trained_map = os.path.join(t["model"], TRAINED_MAP)
+        if vmap is None and os.path.isfile(trained_map):
+            vmap = trained_map  # `ivl-kernels train` saved the map it trained with beside the value network
         if vmap is None:
             if Vv > Vb:
                 raise ValueError(f"{role}: its vocabulary ({Vv} ids) does not fit the base's ({Vb}) without a map: "

@@ -6,15 +6,28 @@
 with the L1 rows every position of ``input_ids`` (``l1_reduction="all"``, the default: IVL's released training,
 padding and the last position included) or the positions with a kept label (``"kept"``). Computed by
 ``fused_guided_cross_entropy`` from hidden states and LM head weights, so no ``[tokens, vocab]`` logits tensor
-exists on the fused backends. The base runs under ``torch.no_grad`` (frozen, eval mode always); gradients reach
-the value network only. Works in a plain PyTorch loop and with ``transformers.Trainer``.
+exists on the fused backends. The base is frozen (``requires_grad=False``, so it records no autograd graph; eval
+mode always); gradients reach the value network only. Works in a plain PyTorch loop and with ``transformers.Trainer``.
+
+Distributed training: the weights are read **through the modules**, so the parameter gathering of DDP, FSDP2
+(``fully_shard``), DeepSpeed ZeRO-3 and accelerate's offload hooks applies unchanged. ``forward`` calls each
+model's *root* forward (``base_model(...)``, ``value_model(...)``: every hook of every wrapper runs) with the
+``forward`` of its output head (``get_output_embeddings()``, the module itself and its hooks untouched) replaced
+for the duration of the call by a function that receives the final hidden states while that head's weight is
+gathered: the base head's stand-in records the base hidden states and runs the value model's root forward, whose
+head stand-in computes the fused loss from both hidden states and both (gathered) head weights and returns it as
+the "logits". The loss thus comes out of both roots' forwards, and the hooks the wrappers register on forward
+outputs (FSDP2's and ZeRO-3's pre-backward re-gathering) are on it; the value head's gradient lands in the head's
+own parameter, where FSDP2 / ZeRO-3 reduce-scatter it and DDP all-reduces it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,7 +36,7 @@ from .._validate import check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, position_ids_from_mask,
-                      resolve_vocab_map, split_causal_lm)
+                      resolve_vocab_map, split_causal_lm, unwrap_causal_lm)
 
 try:
     from transformers.utils import ModelOutput
@@ -41,6 +54,69 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     last = torch.where(real, idx, torch.full_like(idx, -1)).cummax(-1).values
     after = pos.gather(-1, last.clamp(min=0)) + (idx - last)
     return torch.where(real | (last < 0), pos, after)
+
+
+def _output_head(model: nn.Module, role: str) -> nn.Module:
+    """The LM head module of a causal LM (through a PEFT wrapper): the module whose forward is replaced."""
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else getattr(lm, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{role} model {type(model).__name__}: cannot find its LM head module "
+                         f"(get_output_embeddings)")
+    return head
+
+
+def _head_shape(head: nn.Module) -> tuple:
+    """``(V, H)`` of an LM head, read without its (possibly sharded or partitioned) values: the global shape of an
+    FSDP2 DTensor, DeepSpeed ZeRO-3's ``ds_shape`` of a partitioned parameter, else ``nn.Linear``'s sizes."""
+    w = head.weight
+    shape = getattr(w, "ds_shape", None)
+    if shape is None and isinstance(head, nn.Linear):
+        shape = (head.out_features, head.in_features)
+    if shape is None:
+        shape = w.shape
+    return int(shape[0]), int(shape[1])
+
+
+_MISSING = object()
+
+
+@contextmanager
+def _head_forward_replaced(head: nn.Module, fn: Callable):
+    """Within the block, calling ``head`` (``head(hidden_states)``, as a causal LM's forward does) runs ``fn``
+    instead of the head's own forward. The module object, its parameters and every hook on it stay (FSDP2's,
+    DeepSpeed ZeRO-3's pre-forward gathering, accelerate's device / offload hook): only the innermost forward is
+    swapped, an instance attribute removed again on exit whatever happens."""
+    # accelerate's add_hook_to_module sets ``forward`` to a wrapper that runs its hook around ``_old_forward``.
+    attr = "_old_forward" if hasattr(head, "_hf_hook") and "_old_forward" in head.__dict__ else "forward"
+    if getattr(head.__dict__.get(attr), "_ivl_head_stand_in", False):
+        raise RuntimeError("IVLForCausalLM: the LM head is already being replaced (re-entrant forward, or the base "
+                           "and value models share an LM head module)")
+    fn._ivl_head_stand_in = True
+    saved = head.__dict__.get(attr, _MISSING)
+    head.__dict__[attr] = fn
+    try:
+        yield
+    finally:
+        if saved is _MISSING:
+            del head.__dict__[attr]
+        else:
+            head.__dict__[attr] = saved
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the causal LM's forward (through a PEFT wrapper) takes the keyword ``name``."""
+    try:
+        return name in inspect.signature(unwrap_causal_lm(model).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _logits_of(out) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)):
+        logits = out[0]
+    return logits
 
 
 @dataclass
@@ -71,6 +147,12 @@ class IVLForCausalLM(nn.Module):
         vocab_map: base id -> value id (``VocabMap`` or int tensor ``[Vb]``), ``None`` = identity.
         label_smoothing, fill, backend: passed to ``fused_guided_cross_entropy``.
 
+    Distributed: wrap this module in ``DistributedDataParallel``; or shard with FSDP2 (``fully_shard`` on the
+    decoder layers, then on each model and/or on this module); or hand it to ``deepspeed.initialize`` with ZeRO-3
+    (models built under ``zero.Init`` too, as ``from_pretrained`` does under a ZeRO-3 config). The value network
+    may be a PEFT model in each case. Both heads' weights are gathered by the wrappers' own hooks (module
+    docstring); tested on 2 CPU processes against one (tests/distributed).
+
     With the defaults (``alpha=1``, ``l1_coef=1``, ``l1_reduction="all"``, identity map, no label smoothing) the
     loss is that of IVL's released training of a residual value network on a right-padded batch (whose
     transformers default positions are ``0..T-1``: see ``forward`` for the positions used). It is not the same
@@ -93,17 +175,20 @@ class IVLForCausalLM(nn.Module):
         self.backend = backend
         base_model.requires_grad_(False)
         base_model.eval()
-        self._base_backbone, self._base_weight = split_causal_lm(base_model, "base")
-        self._value_backbone, _ = split_causal_lm(value_model, "value")
-        Vb = self._base_weight.shape[0]
-        vmap = resolve_vocab_map(vocab_map, Vb, self._value_weight().shape[0], self._base_weight.device)
+        # The checks of the fused heads (no bias, no logit softcapping or scale, no adapter on the head). Nothing
+        # is kept: the weights are read through the head modules on every call (see the module docstring).
+        split_causal_lm(base_model, "base")
+        split_causal_lm(value_model, "value")
+        Vb, _ = _head_shape(_output_head(base_model, "base"))
+        Vv, _ = _head_shape(_output_head(value_model, "value"))
+        vmap = resolve_vocab_map(vocab_map, Vb, Vv, _output_head(base_model, "base").weight.device)
         # A buffer so .to(device) moves it; not persistent: save_pretrained saves the value network only.
         self.register_buffer("vocab_map", vmap, persistent=False)
         self._translate = BaseToValueIds(vmap, input_vocab_size(value_model), fallback_input_id(value_model))
-
-    def _value_weight(self) -> torch.Tensor:
-        # Looked up on every call: PEFT / Trainer may wrap or move the value model after construction.
-        return split_causal_lm(self.value_model, "value")[1]
+        # logits_to_keep=0 (transformers >= 4.50: keep every position) passed explicitly where the forward takes
+        # it, so no configuration slices the hidden states the heads' stand-ins receive.
+        self._base_kwargs = {"logits_to_keep": 0} if _accepts(base_model, "logits_to_keep") else {}
+        self._value_kwargs = {"logits_to_keep": 0} if _accepts(value_model, "logits_to_keep") else {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,40 +201,84 @@ class IVLForCausalLM(nn.Module):
         (unshifted, as for ``*ForCausalLM``: position ``t`` predicts ``labels[t+1]``; -100 ignored; positions
         with ``attention_mask == 0`` ignored too). Returns ``IVLOutput(loss=scalar)``: the cross-entropy's mean
         over kept labels plus the L1 term over the positions ``l1_reduction`` names (all ``B * T`` for ``"all"``).
+        Without labels, ``IVLOutput(logits=[B, T, Vb])``: the guided logits (no gradient).
 
         Positions: a real token's is the number of real tokens before it (left padding does not shift them); a
         padding position after a real token continues counting from the last real one, a leading padding
         position gets 0. On a right-padded batch that is ``0..T-1``, transformers' default, so the value logits
         at padding positions (which the ``"all"`` L1 term reads) are those of a plain ``model(input_ids,
-        attention_mask)`` call."""
+        attention_mask)`` call.
+
+        The models run through their root forwards with their output heads' forwards replaced (module docstring):
+        the base model's forward runs in the caller's grad mode (so that wrappers register their backward hooks
+        on the loss it returns); its parameters are frozen, so it records no autograd graph."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.base_model.parameters()):
+            raise ValueError("IVLForCausalLM: base_model has parameters that require grad, but the base is frozen in "
+                             "IVL training (it gets no gradient): call base_model.requires_grad_(False)")
         pos = _positions(attention_mask)
-        with torch.no_grad():
-            base_hidden = self._base_backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                              position_ids=pos, use_cache=False).last_hidden_state
-        value_hidden = self._value_backbone(input_ids=self._translate(input_ids), attention_mask=attention_mask,
-                                            position_ids=pos, use_cache=False).last_hidden_state
-        value_weight = self._value_weight()
-        if labels is None:
-            with torch.no_grad():
-                logits = fused_guided_logits(value_hidden.detach(), value_weight.detach(),
-                                             base_hidden=base_hidden, base_weight=self._base_weight,
-                                             vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill,
-                                             backend=self.backend)
-            return IVLOutput(loss=None, logits=logits.view(*input_ids.shape, -1))
-        # Every position is a row of the loss: position t's target is labels[t + 1]; the last position has none
-        # (-100) but is still a row, so that l1_reduction="all" counts it, as IVL's released code does.
-        target = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        target = torch.cat([target, target.new_full((target.shape[0], 1), -100)], dim=1)
-        Hv, Hb = value_hidden.shape[-1], base_hidden.shape[-1]
-        loss = _gce.fused_guided_cross_entropy(
-            value_hidden.reshape(-1, Hv), value_weight, target.reshape(-1),
-            base_hidden=base_hidden.reshape(-1, Hb).detach(), base_weight=self._base_weight.detach(),
-            vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill, l1_coef=self.l1_coef,
-            l1_reduction=self.l1_reduction, ignore_index=-100, label_smoothing=self.label_smoothing,
-            reduction="mean", backend=self.backend)
-        return IVLOutput(loss=loss)
+        B, T = input_ids.shape
+        base_head = _output_head(self.base_model, "base")
+        value_head = _output_head(self.value_model, "value")
+        target = None
+        if labels is not None:
+            # Every position is a row of the loss: position t's target is labels[t + 1]; the last position has
+            # none (-100) but is still a row, so that l1_reduction="all" counts it, as IVL's released code does.
+            target = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            target = torch.cat([target, target.new_full((B, 1), -100)], dim=1).reshape(-1)
+        base = {}
+
+        def rows(hidden: torch.Tensor, role: str) -> torch.Tensor:
+            if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, T):
+                raise RuntimeError(f"IVLForCausalLM: the {role} model's LM head received hidden states of shape "
+                                   f"{list(hidden.shape)}, expected [{B}, {T}, H] (one row per input position)")
+            return hidden.reshape(B * T, hidden.shape[-1])
+
+        def value_head_forward(hidden, *args, **kwargs):
+            # Inside the value model's root forward (its head's weight gathered), itself inside the base model's
+            # (the base head's weight gathered too).
+            value_hidden, value_weight = rows(hidden, "value"), value_head.weight
+            if target is None:
+                with torch.no_grad():
+                    logits = fused_guided_logits(value_hidden.detach(), value_weight.detach(),
+                                                 base_hidden=base["hidden"], base_weight=base["weight"],
+                                                 vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill,
+                                                 backend=self.backend)
+                return logits.view(B, T, -1)
+            # The parameter itself, not a detached alias: its gradient accumulates where the wrappers read it,
+            # and a saved reference sees the weight that pre-backward hooks gather again for the backward pass.
+            return _gce.fused_guided_cross_entropy(
+                value_hidden, value_weight, target, base_hidden=base["hidden"], base_weight=base["weight"],
+                vocab_map=self.vocab_map, alpha=self.alpha, fill=self.fill, l1_coef=self.l1_coef,
+                l1_reduction=self.l1_reduction, ignore_index=-100, label_smoothing=self.label_smoothing,
+                reduction="mean", backend=self.backend)
+
+        def base_head_forward(hidden, *args, **kwargs):
+            base["hidden"] = rows(hidden, "base").detach()
+            # The parameter itself (see above); frozen, so it requires grad only under torch.no_grad (checked in
+            # grad mode), where a detached alias is as good.
+            weight = base_head.weight
+            base["weight"] = weight.detach() if weight.requires_grad else weight
+            try:
+                out = self.value_model(input_ids=self._translate(input_ids), attention_mask=attention_mask,
+                                       position_ids=pos, use_cache=False, **self._value_kwargs)
+            finally:
+                base.clear()
+            return _logits_of(out)
+
+        with _head_forward_replaced(base_head, base_head_forward), \
+                _head_forward_replaced(value_head, value_head_forward):
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                  use_cache=False, **self._base_kwargs)
+        result = _logits_of(out)
+        if target is None:
+            return IVLOutput(loss=None, logits=result)
+        if result.numel() != 1:
+            raise RuntimeError(f"IVLForCausalLM: the models' forwards turned the loss into a tensor of shape "
+                               f"{list(result.shape)}")
+        # The tensor the roots returned (not a copy): wrappers' backward hooks are registered on it.
+        return IVLOutput(loss=result if result.dim() == 0 else result.reshape(()))
 
     # ---- persistence: the value network only -------------------------------------------------------------
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -26,7 +26,8 @@ float32, the target column's term added row by row), ``torch`` (an
 ``autograd.Function`` chunked over rows; extra memory is one chunk of logits, not ``[N, V]``). There is no
 ``cuda`` backend for this op.
 
-Distributed (``process_group=``, tensor-parallel LM heads): each rank holds a contiguous shard of the base
+Distributed (``process_group=`` a ``ProcessGroup`` or a 1-D ``DeviceMesh`` such as ``mesh["tp"]``,
+tensor-parallel LM heads): each rank holds a contiguous shard of the base
 vocabulary (``base_logits [N, Vb_r]`` columns / ``base_weight [Vb_r, Hb]`` rows, shards in rank order) and a
 shard of the value head ``value_weight [Vv_r, Hv]``; ``vocab_map`` (if given) is rank-local: ``[Vb_r]`` entries
 index this rank's ``value_weight`` shard (``None`` = local identity). Targets are global base ids;
@@ -868,9 +869,11 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
             ignored rows); with ``l1_reduction="all"`` the L1 term is added as above (a batch with no kept row
             then gives the L1 term alone).
         backend: ``"auto" | "triton" | "torch"`` (``"cuda"`` is not implemented for this op and raises).
-        process_group: a ``torch.distributed`` group over which the vocabulary is sharded (see the module
-            docstring: contiguous base-vocabulary shards in rank order, rank-local ``vocab_map``, global target
-            ids; ``d value_hidden`` is all-reduced). Every rank must call with the same ``target``/``alpha``.
+        process_group: a ``torch.distributed`` ``ProcessGroup`` over which the vocabulary is sharded, or a
+            one-dimensional ``DeviceMesh`` (``mesh["tp"]`` of a larger mesh, or a 1-D mesh: its group is used; a
+            mesh with several dimensions is a ``ValueError``). See the module docstring: contiguous
+            base-vocabulary shards in rank order, rank-local ``vocab_map``, global target ids; ``d value_hidden``
+            is all-reduced. Every rank must call with the same ``target``/``alpha``.
         grad_skip_threshold: Triton backend only (the torch backend is always exact): backward skips a
             ``[BLOCK_M x BLOCK_V]`` tile whose value-logit gradients are all below this in magnitude. Off (0) by
             default. Error bound: a skipped entry changes ``d value_hidden[n, k]`` by at most

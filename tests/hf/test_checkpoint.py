@@ -140,3 +140,23 @@ def test_compose_refuses_different_tokenizers_without_a_map(models, tmp_path, ca
 def test_reading_a_non_guided_directory_fails(models):
     with pytest.raises(ValueError, match="not a guided checkpoint"):
         read_guided_checkpoint(models["base"])
+
+
+def test_compose_takes_a_lora_adapter_and_its_trained_map(models, tmp_path):
+    """What `ivl-kernels train --lora-r` writes: an adapter directory naming its base, with vocab_map.pt beside."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    small = AutoModelForCausalLM.from_pretrained(models["small"])
+    lora = peft.get_peft_model(small, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    shutil.copy(models["map"], adapter / "vocab_map.pt")
+    out = str(tmp_path / "g")
+    assert cli(["compose", models["base"], str(adapter), "-o", out, "--alpha", "0.5"]) == 0
+    assert read_guided_checkpoint(out).terms[0].map == "map_0.pt"
+    lm = GuidedCausalLM.from_pretrained(out)
+    want = GuidedCausalLM(AutoModelForCausalLM.from_pretrained(models["base"]),
+                          [GuidanceTerm(lora, 0.5, VocabMap.load(models["map"]))])
+    assert torch.equal(_tokens(lm), _tokens(want))

@@ -1,0 +1,592 @@
+"""``ivl-kernels train BASE VALUE --data FILE -o OUT``: train a value network against a frozen base (IVL).
+
+The loss is ``IVLForCausalLM``'s (with its defaults, those of IVL's released training: ``alpha=1``,
+``l1_coef=1``, ``l1_reduction="all"``); the loop is ``transformers.Trainer``'s, so progress bars, logging,
+checkpoints, resuming, mixed precision, and several processes (``torchrun`` / ``accelerate launch``: DDP) come
+from the ecosystem. What this module adds:
+
+- ``load_records`` / ``tokenize_record``: a JSONL of ``{"prompt", "response"}`` (``"completion"`` is accepted
+  for ``"response"``) or ``{"messages": [...]}`` (rendered with the value tokenizer's chat template; the last
+  message, an assistant message, is the response), tokenised with the BASE tokenizer (the base reads these ids;
+  the value model reads them through the vocabulary map when it has another vocabulary); the prompt's labels are
+  ``-100``.
+- ``IVLDataCollator``: right padding, labels ``-100`` on prompt and padding.
+- ``IVLTrainer``: a ``Trainer`` whose checkpoints and final save hold the value network only (full model, or the
+  PEFT adapter) plus the value tokenizer and ``ivl_train.json`` (base, alpha, map...), never the base's weights,
+  and which resumes into the value network.
+
+OUT, and every ``OUT/checkpoint-N``, is a value-model directory: ``AutoModelForCausalLM.from_pretrained(OUT)``
+(or the adapter with PEFT) plugs into ``GuidedCausalLM(base, value)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+INFO_NAME = "ivl_train.json"
+MAP_NAME = "vocab_map.pt"
+INFO_FORMAT = "ivl-kernels/trained-value"
+INFO_VERSION = 1
+
+DESCRIPTION = ("Train a value network against a frozen base model with Inverse Value Learning's loss "
+               "(cross-entropy of base_logits + alpha * value_logits, plus IVL's L1 term) on transformers.Trainer. "
+               "Runs on several processes unchanged under torchrun / accelerate launch (DDP).")
+
+EPILOG = """\
+data: a JSONL file, one example a line: {"prompt": ..., "response": ...} (the response gets the tokenizer's EOS
+appended unless --no-eos) or {"messages": [{"role": ..., "content": ...}, ...]} rendered with the value
+tokenizer's chat template, the last (assistant) message being the response. Ids come from the base tokenizer;
+the loss is taken on the response tokens only.
+
+OUT holds the value network (or its LoRA adapter), the value tokenizer and ivl_train.json (base, alpha, map);
+checkpoints go to OUT/checkpoint-N. Use it with
+  GuidedCausalLM(base_model, AutoModelForCausalLM.from_pretrained(OUT), alpha=1.0)
+Several processes: torchrun --nproc-per-node 8 -m ivl_kernels.cli train ... (or accelerate launch);
+--batch-size is per process: the global batch is batch-size x grad-accum x processes.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ivl-kernels train", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="frozen base model: a transformers model directory or hub id")
+    p.add_argument("value", metavar="VALUE", help="value network to train (its initial weights): a directory or hub id")
+    p.add_argument("--data", required=True, metavar="FILE", help="training data, JSONL (see below)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (checkpoints inside)")
+
+    g = p.add_argument_group("models and vocabularies")
+    g.add_argument("--value-tokenizer", metavar="PATH", help="value tokenizer (default: VALUE's)")
+    g.add_argument("--base-tokenizer", metavar="PATH", help="base tokenizer (default: BASE's); tokenises the data")
+    g.add_argument("--map", metavar="FILE", help="vocabulary map base -> value (from `ivl-kernels map`); required "
+                   "when the two tokenizers' vocabularies differ")
+    g.add_argument("--base-dtype", choices=("float32", "bfloat16", "float16"), default=None, metavar="DTYPE",
+                   help="float32, bfloat16 or float16: the frozen base's dtype (default: bfloat16 with --bf16, "
+                        "else float32)")
+    g.add_argument("--trust-remote-code", action="store_true", help="passed to from_pretrained")
+
+    g = p.add_argument_group("IVL loss")
+    g.add_argument("--alpha", type=float, default=1.0, metavar="A",
+                   help="guidance strength in the loss (default 1, as IVL)")
+    g.add_argument("--l1-coef", type=float, default=1.0, metavar="C",
+                   help="weight of IVL's L1 term on the value logits (default 1)")
+    g.add_argument("--l1-reduction", choices=("all", "kept"), default="all", metavar="{all,kept}",
+                   help="positions the L1 term averages over: all (default, IVL's release) or kept labels")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--max-length", type=int, default=1024, metavar="N",
+                   help="truncate examples to this many tokens (default 1024)")
+    g.add_argument("--pad-to-max-length", action="store_true",
+                   help="pad every batch to --max-length (as IVL's release; with --l1-reduction all the L1 weight "
+                        "depends on padding)")
+    g.add_argument("--no-eos", action="store_true",
+                   help="do not append EOS to the responses of prompt/response examples")
+
+    g = p.add_argument_group("training (transformers.TrainingArguments)")
+    g.add_argument("--epochs", type=float, default=1.0, metavar="E", help="number of epochs (default 1)")
+    g.add_argument("--max-steps", type=int, default=-1, metavar="N",
+                   help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)")
+    g.add_argument("--lr-scheduler", default="linear", metavar="NAME",
+                   help="scheduler type (linear, cosine, constant, ...)")
+    g.add_argument("--warmup-steps", type=int, default=0, metavar="N")
+    g.add_argument("--weight-decay", type=float, default=0.0, metavar="W")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="examples per process per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="K", help="gradient accumulation steps (default 1)")
+    g.add_argument("--seed", type=int, default=42, metavar="S")
+    g.add_argument("--logging-steps", type=int, default=10, metavar="N")
+    g.add_argument("--save-steps", type=int, default=500, metavar="N",
+                   help="checkpoint every N steps (default 500); 0: no intermediate checkpoints")
+    g.add_argument("--save-total-limit", type=int, default=None, metavar="N", help="keep at most N checkpoints")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="resume from OUT/checkpoint-N, a checkpoint directory, or 'latest' (what --resume alone "
+                        "means; put it after BASE VALUE)")
+    g.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds checkpoints")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in the value model")
+    g.add_argument("--report-to", default="none", metavar="NAMES", help="tensorboard, wandb, ... (default none)")
+    g.add_argument("--use-cpu", action="store_true", help="train on CPU even when a GPU is visible")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs are printed)")
+
+    g = p.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora-r", type=int, default=0, metavar="R",
+                   help="train a LoRA adapter of rank R on the value network")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default 2 * R)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    g.add_argument("--lora-target-modules", default="all-linear", metavar="NAMES",
+                   help="comma-separated module names, or all-linear (default)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_records(path: str) -> List[dict]:
+    """The JSONL records of ``path``; ``ValueError`` naming the line for a malformed one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data: no such file: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict) or not ("messages" in rec or "prompt" in rec):
+                raise ValueError(f"{path}:{n}: expected an object with 'prompt' and 'response', or 'messages'")
+            rec["_line"] = n
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no examples")
+    return records
+
+
+def _render_chat(messages, chat_tokenizer, where: str):
+    """(prompt text, response text) of a conversation: the prompt is the conversation without its last message,
+    with the generation prompt; the response is the rest of the rendered conversation."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    if messages[-1].get("role") != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's (the response to learn), "
+                         f"got role {messages[-1].get('role')!r}")
+    if getattr(chat_tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: 'messages' data needs a chat template, and the value tokenizer has none")
+    prompt = chat_tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = chat_tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(f"{where}: the chat template does not render the conversation without its last message "
+                         f"(with the generation prompt) as a prefix of the whole conversation")
+    return prompt, full[len(prompt):]
+
+
+def tokenize_record(rec: dict, tokenizer, chat_tokenizer=None, *, max_length: Optional[int] = None,
+                    add_eos: bool = True, where: str = "example") -> Optional[Dict[str, List[int]]]:
+    """``{"input_ids", "labels"}`` of one record, ids from ``tokenizer``, labels ``-100`` on the prompt.
+
+    ``{"prompt", "response"}``: the prompt is tokenised with the tokenizer's special tokens (BOS), the response
+    without, then EOS is appended (``add_eos``) unless already there; each part is tokenised on its own, as the
+    prompt is at generation time. ``{"messages"}``: rendered with ``chat_tokenizer``'s chat template (default
+    ``tokenizer``), both parts tokenised without added special tokens (the template writes them). Truncated to
+    ``max_length`` from the right; ``None`` when no response token is left.
+    """
+    if "messages" in rec:
+        prompt, response = _render_chat(rec["messages"], chat_tokenizer or tokenizer, where)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    else:
+        response = rec.get("response", rec.get("completion"))
+        if not isinstance(rec.get("prompt"), str) or not isinstance(response, str):
+            raise ValueError(f"{where}: 'prompt' and 'response' must be strings")
+        prompt_ids = tokenizer(rec["prompt"], add_special_tokens=True)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        if add_eos and eos is not None and (not response_ids or response_ids[-1] != eos):
+            response_ids = response_ids + [eos]
+    ids = list(prompt_ids) + list(response_ids)
+    labels = [-100] * len(prompt_ids) + list(response_ids)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    # Position t predicts labels[t + 1]: a kept label at position 0 trains nothing.
+    if all(x == -100 for x in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+class ListDataset:
+    """A map-style dataset over a list (``torch.utils.data.Dataset`` protocol)."""
+
+    def __init__(self, items: List[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@dataclass
+class IVLDataCollator:
+    """Right-pads ``input_ids`` with ``pad_token_id``; ``attention_mask`` 1 on real tokens; ``labels`` -100 on
+    padding (and wherever the example had -100). ``pad_to``: pad every batch to this length instead of its
+    longest example."""
+
+    pad_token_id: int = 0
+    pad_to: Optional[int] = None
+
+    def __call__(self, features: List[dict]) -> Dict[str, Any]:
+        import torch
+
+        T = max(len(f["input_ids"]) for f in features)
+        if self.pad_to is not None:
+            T = max(T, self.pad_to)
+        B = len(features)
+        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            mask[i, :n] = 1
+            labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Trainer
+
+
+def _ivl_module(model):
+    """The ``IVLForCausalLM`` inside whatever wraps it (DDP, accelerate)."""
+    from .training import IVLForCausalLM
+
+    m = model
+    for _ in range(8):
+        if isinstance(m, IVLForCausalLM):
+            return m
+        m = getattr(m, "module", None)
+        if m is None:
+            break
+    raise TypeError(f"IVLTrainer trains an IVLForCausalLM, got {type(model).__name__}")
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _load_full_value_weights(value, checkpoint: str) -> None:
+    """Load ``value.save_pretrained`` weights (one safetensors file or an index of shards) into ``value``;
+    ``ValueError`` unless every parameter is either loaded or tied to one that is."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(checkpoint, "model.safetensors")
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        state = load_file(single, device="cpu")
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(checkpoint, name), device="cpu"))
+    else:
+        raise ValueError(f"{checkpoint}: no value-network weights (model.safetensors) to resume from")
+    result = value.load_state_dict(state, strict=False)
+    own = value.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]  # tied weights are fine
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{checkpoint}: value weights do not match the value network (missing {missing[:5]}, "
+                         f"unexpected {list(result.unexpected_keys)[:5]})")
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer_class():
+    from transformers import Trainer
+
+    class IVLTrainer(Trainer):
+        """``Trainer`` for ``IVLForCausalLM``: saves and resumes the value network only.
+
+        Checkpoints (``checkpoint-N``) and ``save_model`` write ``value_model.save_pretrained`` (the full value
+        model, or its PEFT adapter), ``value_tokenizer`` when given, and ``ivl_info`` (a dict, or a callable
+        ``global_step -> dict``) as ``ivl_train.json``, on the process that saves (rank 0) only. Resuming loads
+        those weights back into the value network; the optimizer, scheduler, RNG and data position are restored
+        by ``Trainer``.
+        """
+
+        def __init__(self, *args, value_tokenizer=None, ivl_info=None, vocab_map=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.value_tokenizer = value_tokenizer
+            self.ivl_info = ivl_info
+            self.vocab_map = vocab_map
+
+        def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+            from transformers.trainer import TRAINING_ARGS_NAME
+            import torch
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            ivl = _ivl_module(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+            kwargs = {}
+            if state_dict is not None:  # FSDP / DeepSpeed: the gathered state dict of the whole IVL module
+                prefix = "value_model."
+                kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            ivl.value_model.save_pretrained(output_dir, **kwargs)
+            if self.value_tokenizer is not None:
+                self.value_tokenizer.save_pretrained(output_dir)
+            info = self.ivl_info(self.state.global_step) if callable(self.ivl_info) else self.ivl_info
+            if info is not None:
+                write_info(output_dir, info)
+            if self.vocab_map is not None:
+                self.vocab_map.save(os.path.join(output_dir, MAP_NAME))
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # pragma: no cover - not run in CI
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            ivl = _ivl_module(self.accelerator.unwrap_model(model if model is not None else self.model))
+            if _is_peft(ivl.value_model):
+                return super()._load_from_checkpoint(resume_from_checkpoint, ivl.value_model)
+            _load_full_value_weights(ivl.value_model, resume_from_checkpoint)
+
+    return IVLTrainer
+
+
+def __getattr__(name):  # ``from ivl_kernels.hf.train_cli import IVLTrainer`` without importing Trainer eagerly
+    if name == "IVLTrainer":
+        return _trainer_class()
+    raise AttributeError(name)
+
+
+def write_info(directory: str, info: dict) -> None:
+    with open(os.path.join(directory, INFO_NAME), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_info(directory: str) -> dict:
+    """``ivl_train.json`` of a trained value directory."""
+    with open(os.path.join(directory, INFO_NAME)) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _source(name: str) -> str:
+    """A local directory as an absolute path (so ivl_train.json stays valid from elsewhere); a hub id as is."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def _same_vocabulary(base_tok, value_tok) -> bool:
+    """Whether the identity map is right: every id both tokenizers have is the same token in both (ids only one
+    of them has, such as added special tokens past the shared vocabulary, are unmapped or never read)."""
+    try:
+        bv = {i: t for t, i in base_tok.get_vocab().items()}
+        vv = {i: t for t, i in value_tok.get_vocab().items()}
+    except Exception:  # pragma: no cover - tokenizers without get_vocab
+        return False
+    common = bv.keys() & vv.keys()
+    return bool(common) and all(bv[i] == vv[i] for i in common)
+
+
+def _resolve_resume(resume: Optional[str], out: str, overwrite: bool) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(out) if os.path.isdir(out) else None
+    if resume is None:
+        if last is not None and not overwrite:
+            raise UsageError(f"{out} already holds checkpoints ({os.path.basename(last)}): pass --resume latest "
+                             f"to continue from it, or --overwrite to start over")
+        return None
+    if resume == "latest":
+        if last is None:
+            raise UsageError(f"--resume latest: no checkpoint-N directory in {out}")
+        return last
+    for cand in (resume, os.path.join(out, resume)):
+        if os.path.isdir(cand):
+            return cand
+    raise UsageError(f"--resume {resume}: no such checkpoint directory")
+
+
+def _dtype(name: Optional[str]):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _setup(args) -> dict:
+    """Everything before training: tokenizers, map, data, models, Trainer. ``UsageError``/``ValueError``/
+    ``FileNotFoundError`` for bad input."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+
+    from .. import __version__ as ivl_version
+    from .training import IVLForCausalLM
+
+    if args.lora_r < 0:
+        raise UsageError("--lora-r must be >= 0")
+    if args.batch_size < 1 or args.grad_accum < 1 or args.max_length < 2:
+        raise UsageError("--batch-size and --grad-accum must be >= 1, --max-length >= 2")
+    resume = _resolve_resume(args.resume, args.output, args.overwrite)
+    records = load_records(args.data)
+
+    trc = {"trust_remote_code": True} if args.trust_remote_code else {}
+    base_tok = AutoTokenizer.from_pretrained(args.base_tokenizer or args.base, **trc)
+    value_tok = AutoTokenizer.from_pretrained(args.value_tokenizer or args.value, **trc)
+
+    vmap, map_info = None, None
+    if args.map:
+        from ..vocab import VocabMap
+
+        vmap = VocabMap.load(args.map, base=base_tok, value=value_tok)
+    elif not _same_vocabulary(base_tok, value_tok):
+        raise UsageError(
+            "the base and value tokenizers have different vocabularies: build a vocabulary map with "
+            f"`ivl-kernels map {args.base_tokenizer or args.base} {args.value_tokenizer or args.value} -o map.pt` "
+            "(tokenizer directories or files) and pass --map map.pt")
+
+    # Examples: ids from the base tokenizer; chat templates from the value tokenizer (else the base's).
+    chat_tok = value_tok if getattr(value_tok, "chat_template", None) else base_tok
+    examples, dropped = [], 0
+    for rec in records:
+        ex = tokenize_record(rec, base_tok, chat_tok, max_length=args.max_length, add_eos=not args.no_eos,
+                             where=f"{args.data}:{rec['_line']}")
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise UsageError(f"{args.data}: no example keeps a response token within --max-length {args.max_length}")
+
+    base_dtype = _dtype(args.base_dtype or ("bfloat16" if args.bf16 else "float32"))
+    # Local directories by absolute path, so that what OUT records (the config's name_or_path, a PEFT adapter's
+    # base_model_name_or_path) stays valid from any working directory.
+    base = AutoModelForCausalLM.from_pretrained(_source(args.base), dtype=base_dtype, **trc)
+    value = AutoModelForCausalLM.from_pretrained(_source(args.value), dtype=torch.float32, **trc)
+    if vmap is not None:
+        Vb, Vv = base.get_output_embeddings().weight.shape[0], value.get_output_embeddings().weight.shape[0]
+        if (vmap.base_vocab_size, vmap.value_vocab_size) != (Vb, Vv):
+            vmap = vmap.pad_to(Vb, Vv)  # heads padded past the tokenizers; ValueError when the map is larger
+        map_info = {"file": MAP_NAME, "coverage": round(vmap.coverage, 6), "method": vmap.method}
+    set_seed(args.seed)  # LoRA initialisation
+    if args.lora_r:
+        import peft
+
+        targets = args.lora_target_modules
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        cfg = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                              lora_dropout=args.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+        value = peft.get_peft_model(value, cfg)
+    if args.gradient_checkpointing:
+        lm = value.get_base_model() if args.lora_r else value
+        enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - older transformers
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = IVLForCausalLM(base, value, alpha=args.alpha, l1_coef=args.l1_coef, l1_reduction=args.l1_reduction,
+                           vocab_map=vmap)
+
+    targs = TrainingArguments(
+        output_dir=args.output, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
+        lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, seed=args.seed,
+        logging_steps=args.logging_steps, save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=max(args.save_steps, 1), save_total_limit=args.save_total_limit, bf16=args.bf16,
+        report_to=_report_to(args.report_to),
+        use_cpu=args.use_cpu, disable_tqdm=True if args.no_progress else None, dataloader_num_workers=0,
+        remove_unused_columns=False,
+        # Every trainable parameter gets a gradient every step (the frozen base has none to sync).
+        ddp_find_unused_parameters=False)
+
+    base_tok_src = _source(args.base_tokenizer or args.base)
+
+    def info(global_step: int) -> dict:
+        return {
+            "format": INFO_FORMAT, "version": INFO_VERSION,
+            "base_model": _source(args.base),
+            "base_tokenizer": base_tok_src,
+            "value_init": _source(args.value),
+            "adapter": bool(args.lora_r),
+            "alpha": args.alpha,
+            "vocab_map": map_info,
+            "loss": {"alpha": args.alpha, "l1_coef": args.l1_coef, "l1_reduction": args.l1_reduction},
+            "input_ids": "base tokenizer",
+            "global_step": int(global_step),
+            "training": {
+                "data": os.path.abspath(args.data), "examples": len(examples), "max_length": args.max_length,
+                "batch_size_per_process": args.batch_size, "grad_accum": args.grad_accum,
+                "processes": targs.world_size, "lr": args.lr, "lr_scheduler": args.lr_scheduler,
+                "seed": args.seed, "bf16": args.bf16, "lora_r": args.lora_r or None,
+            },
+            "ivl_kernels_version": ivl_version,
+        }
+
+    collator = IVLDataCollator(pad_token_id=_pad_id(base_tok), pad_to=args.max_length if args.pad_to_max_length
+                               else None)
+    trainer = _trainer_class()(model=model, args=targs, train_dataset=ListDataset(examples),
+                               data_collator=collator, value_tokenizer=value_tok, ivl_info=info, vocab_map=vmap)
+    return dict(trainer=trainer, resume=resume, info=info, vmap=vmap, examples=examples, dropped=dropped,
+                model=model)
+
+
+def _report_to(value: str):
+    if value.strip() in ("", "none"):
+        return []
+    if value.strip() == "all":
+        return "all"
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _pad_id(tok) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id, 0):
+        if isinstance(tid, int) and tid >= 0:
+            return tid
+    return 0  # pragma: no cover
+
+
+def main(argv=None) -> int:
+    """Run ``ivl-kernels train`` with ``argv`` (the arguments after ``train``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: argparse printed the message
+        return int(e.code or 0)
+
+    try:
+        s = _setup(args)
+    except (UsageError, FileNotFoundError, ValueError, TypeError, ImportError, OSError) as e:
+        print(f"ivl-kernels train: error: {e}", file=sys.stderr)
+        return 2
+    trainer = s["trainer"]
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        model = s["model"]
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_base = sum(p.numel() for p in model.base_model.parameters())
+        tokens = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in s["examples"])
+        print(f"ivl-kernels train: {len(s['examples'])} examples ({tokens} response tokens; {s['dropped']} dropped: "
+              f"no response token within --max-length), {trainer.args.world_size} process(es), global batch "
+              f"{args.batch_size * args.grad_accum * trainer.args.world_size}; base {args.base} "
+              f"({n_base / 1e6:.2f}M params, frozen), value {args.value} ({n_train / 1e6:.3f}M trainable"
+              f"{', LoRA r=%d' % args.lora_r if args.lora_r else ''})"
+              + (f"; map coverage {s['vmap'].coverage:.4f}" if s["vmap"] is not None else "")
+              + (f"; resuming from {s['resume']}" if s["resume"] else ""), flush=True)
+    result = trainer.train(resume_from_checkpoint=s["resume"])
+    trainer.save_model(args.output)
+    trainer.save_state()
+    if main_process:
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        use = f"AutoModelForCausalLM.from_pretrained({args.output!r})"
+        if s["vmap"] is not None:
+            use += f", vocab_map=VocabMap.load({os.path.join(args.output, MAP_NAME)!r})"
+        print(f"ivl-kernels train: saved the value network{' (LoRA adapter)' if args.lora_r else ''} to "
+              f"{args.output} (global step {trainer.state.global_step}); use it with GuidedCausalLM(base, {use})",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
