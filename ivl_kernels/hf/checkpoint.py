@@ -90,9 +90,20 @@ def _vocab_size(cfg) -> int:
     return size
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def has_tokenizer(ref: str) -> bool:
+    """Whether ``ref`` has tokenizer files (a hub id: assumed). transformers 5 builds a one-token tokenizer for a
+    model directory with none, which must not be compared, saved, nor give the number of ids to keep."""
+    return not os.path.isdir(ref) or any(os.path.isfile(os.path.join(ref, f)) for f in _TOKENIZER_FILES)
+
+
 def _same_tokenizer_ids(base_ref: str, value_ref: str) -> Optional[str]:
     """``None`` when the two tokenizers agree on every id they share (or one cannot be loaded: nothing to check),
     else a description of the first difference."""
+    if not (has_tokenizer(base_ref) and has_tokenizer(value_ref)):
+        return None
     try:
         from transformers import AutoTokenizer
 
@@ -176,7 +187,7 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
     }
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(doc, f, indent=2, default=str)
-    if tokenizer is None:
+    if tokenizer is None and has_tokenizer(base):
         try:
             from transformers import AutoTokenizer
 

@@ -464,7 +464,7 @@ class GuidedCausalLM(nn.Module):
         ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
         PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it."""
         from ..vocab import VocabMap
-        from .checkpoint import load_causal_lm, read_guided_checkpoint
+        from .checkpoint import has_tokenizer, load_causal_lm, read_guided_checkpoint
 
         spec = read_guided_checkpoint(directory)
         base = load_causal_lm(spec.resolve(spec.base), "base", **model_kwargs)
@@ -474,12 +474,13 @@ class GuidedCausalLM(nn.Module):
             path = spec.map_path(t)
             terms.append(GuidanceTerm(model, t.alpha, None if path is None else VocabMap.load(path)))
         tokenizer = None
-        try:
-            from transformers import AutoTokenizer
+        if has_tokenizer(spec.directory):
+            try:
+                from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(spec.directory)
-        except Exception:  # a checkpoint whose base had no tokenizer
-            tokenizer = None
+                tokenizer = AutoTokenizer.from_pretrained(spec.directory)
+            except Exception:  # an unreadable tokenizer: only suppress_ids_from applies
+                tokenizer = None
         return cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
                    suppress_ids_from=spec.suppress_ids_from)
 

@@ -160,3 +160,21 @@ def test_compose_takes_a_lora_adapter_and_its_trained_map(models, tmp_path):
     want = GuidedCausalLM(AutoModelForCausalLM.from_pretrained(models["base"]),
                           [GuidanceTerm(lora, 0.5, VocabMap.load(models["map"]))])
     assert torch.equal(_tokens(lm), _tokens(want))
+
+
+def test_models_without_tokenizer_files(models, tmp_path):
+    """transformers 5 builds a one-token tokenizer for a directory without tokenizer files: it must not be
+    compared, saved with the checkpoint, nor suppress every id >= 1."""
+    bare = tmp_path / "bare"
+    shutil.copytree(models["small"], bare)                   # the small value model was saved without a tokenizer
+    base = tmp_path / "base"
+    shutil.copytree(models["base"], base)
+    for f in os.listdir(base):
+        if "token" in f or f in ("vocab.json", "merges.txt"):
+            os.remove(base / f)
+    out = str(tmp_path / "g")
+    assert cli(["compose", str(base), str(bare), "-o", out, "--map", models["map"]]) == 0
+    assert not os.path.exists(os.path.join(out, "tokenizer_config.json"))
+    lm = GuidedCausalLM.from_pretrained(out)
+    assert lm.tokenizer is None and lm.suppress_ids_from is None
+    assert _tokens(lm).shape[1] == 9 + 6

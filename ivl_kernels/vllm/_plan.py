@@ -1,0 +1,228 @@
+"""Everything checked before vLLM builds a guided model, in one place (``check_guided_config``).
+
+It runs twice: in the front-end process, from vLLM's per-architecture config hook (``VllmConfig.__post_init__``,
+before any engine process starts, so a bad checkpoint fails ``vllm.LLM(...)`` / the server's start with this
+module's message), and again in the worker where the model is built (cheap: configs, maps and the tokenizer).
+Nothing here needs a model's weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from ..hf.checkpoint import (GUIDED_ARCHITECTURE, GuidedSpec, _same_tokenizer_ids, has_tokenizer as _has_tokenizer,
+                              read_guided_checkpoint)
+
+# transformers config attributes that transform the logits after the LM head (not applied by the fused head).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+_TRANSFORMERS_PATH = ("serve this pair with the transformers path instead: "
+                      "ivl_kernels.hf.IVLLogitsProcessor(value_model, vocab_map=..., base_tokenizer=..., "
+                      "value_tokenizer=...) re-tokenises the text for the value model")
+
+
+@dataclass
+class ModelPlan:
+    role: str
+    ref: str                       # resolved path or hub id
+    hf_config: object
+    vocab_size: int
+    alpha: float = 1.0
+    vocab_map: Optional[torch.Tensor] = None   # int32 [Vb] (base id -> this model's id, -1 = unmapped), or None
+    fallback_id: int = 0           # the value input id read for base ids with no counterpart
+
+
+@dataclass
+class GuidedPlan:
+    spec: GuidedSpec
+    base: ModelPlan
+    terms: List[ModelPlan] = field(default_factory=list)
+    fill: float = 0.0
+    suppress_from: Optional[int] = None
+
+
+def _checkpoint_directory(model_config) -> str:
+    model = model_config.model
+    if os.path.isdir(model):
+        return model
+    try:  # a guided checkpoint on the hub: its small files only (it holds no weights)
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, revision=getattr(model_config, "revision", None),
+                                 allow_patterns=["*.json", "map_*.pt", "*.model", "*.txt"])
+    except Exception as exc:
+        raise ValueError(f"guided checkpoint {model!r}: not a directory, and it cannot be fetched from the hub "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _looks_local(ref: str) -> bool:
+    """A reference that can only be a local path (a hub id is ``name`` or ``org/name``)."""
+    return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1 or os.sep != "/" and os.sep in ref
+
+
+def _read_config(ref: str, role: str, directory: str, trust_remote_code: bool):
+    if _looks_local(ref) and not os.path.exists(ref):
+        raise ValueError(f"guided checkpoint {directory}: the {role} model directory {ref!r} does not exist "
+                         f"(references are relative to the checkpoint directory; re-run `ivl-kernels compose` if the "
+                         f"models moved)")
+    try:
+        from vllm.transformers_utils.config import get_config
+
+        return get_config(ref, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ValueError(f"guided checkpoint {directory}: cannot read the {role} model's config from {ref!r} "
+                         f"({type(exc).__name__}: {exc}); give a model directory (with config.json) or a hub "
+                         f"id") from None
+
+
+def _architectures(cfg) -> List[str]:
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if not archs:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(cfg, "model_type", None))
+        archs = [name] if name else []
+    return archs
+
+
+def _text(cfg):
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _quant(cfg):
+    q = getattr(cfg, "quantization_config", None) or getattr(_text(cfg), "quantization_config", None)
+    if q is not None and not isinstance(q, dict):
+        q = q.to_dict() if hasattr(q, "to_dict") else dict(vars(q))
+    return q
+
+
+def check_guided_config(vllm_config) -> GuidedPlan:
+    """Validate a guided checkpoint against the engine's configuration; ``ValueError`` with the reason and the fix
+    for anything that could fail later (while serving), else the resolved plan the model is built from."""
+    from vllm.model_executor.models import ModelRegistry
+
+    from ..hf._common import resolve_suppress_from
+
+    model_config = vllm_config.model_config
+    directory = _checkpoint_directory(model_config)
+    spec = read_guided_checkpoint(directory)
+    where = f"guided checkpoint {directory}"
+
+    par = vllm_config.parallel_config
+    tp, pp = int(getattr(par, "tensor_parallel_size", 1)), int(getattr(par, "pipeline_parallel_size", 1))
+    if pp > 1:
+        raise ValueError(
+            f"{where}: pipeline_parallel_size={pp}: pipeline parallelism is not supported by the guided architecture "
+            f"(every stage would hold a slice of every model's layers); use tensor_parallel_size instead")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        raise ValueError(f"{where}: LoRA adapters (enable_lora) are not supported by the guided architecture; merge "
+                         f"an adapter into its model, or reference a PEFT adapter directory from the transformers path")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ValueError(f"{where}: speculative decoding is not supported by the guided architecture in this version")
+    if getattr(model_config, "enable_prompt_embeds", False):
+        raise ValueError(f"{where}: enable_prompt_embeds is not supported (each model embeds its own token ids)")
+
+    trust = bool(getattr(model_config, "trust_remote_code", False))
+    supported = set(ModelRegistry.get_supported_archs())
+    max_len = getattr(model_config, "max_model_len", None)
+
+    def build(role, stored_ref, alpha=1.0):
+        ref = spec.resolve(stored_ref)
+        cfg = _read_config(ref, role, directory, trust)
+        archs = _architectures(cfg)
+        if GUIDED_ARCHITECTURE in archs:
+            raise ValueError(f"{where}: the {role} model {ref!r} is itself a guided checkpoint; list its terms "
+                             f"directly")
+        if not any(a in supported for a in archs):
+            raise ValueError(f"{where}: the {role} model {ref!r} has architecture {archs or '(none)'}, which vLLM "
+                             f"does not implement; serve the checkpoint with the transformers path "
+                             f"(ivl_kernels.hf.GuidedCausalLM.from_pretrained)")
+        text = _text(cfg)
+        size = getattr(text, "vocab_size", None)
+        if not isinstance(size, int):
+            raise ValueError(f"{where}: the {role} model's config ({ref!r}) has no vocab_size")
+        for attr in _LOGIT_TRANSFORMS:
+            v = getattr(text, attr, None)
+            if v is not None and not (attr != "final_logit_softcapping" and float(v) == 1.0):
+                raise ValueError(f"{where}: the {role} model ({ref!r}) has {attr}={v}, which transforms the logits "
+                                 f"after the LM head; the fused guided head does not apply it: not supported")
+        mpe = getattr(text, "max_position_embeddings", None)
+        if isinstance(max_len, int) and isinstance(mpe, int) and mpe < max_len:
+            raise ValueError(f"{where}: the {role} model ({ref!r}) has max_position_embeddings={mpe}, below the "
+                             f"engine's max_model_len={max_len}: it would be run past its positions. Pass "
+                             f"max_model_len={mpe} (or less)")
+        pad = getattr(text, "pad_token_id", None)
+        return ModelPlan(role=role, ref=ref, hf_config=cfg, vocab_size=size, alpha=float(alpha),
+                         fallback_id=int(pad) if isinstance(pad, int) and 0 <= pad < size else 0)
+
+    base = build("base", spec.base)
+    Vb = base.vocab_size
+    stored_vb = (spec.text_config or {}).get("vocab_size")
+    if isinstance(stored_vb, int) and stored_vb != Vb:
+        raise ValueError(f"{where}: the base model's vocabulary is now {Vb} ids but the checkpoint was composed for "
+                         f"{stored_vb}: re-run `ivl-kernels compose`")
+    qb = _quant(base.hf_config)
+    plan = GuidedPlan(spec=spec, base=base, fill=float(spec.fill))
+    for i, t in enumerate(spec.terms):
+        role = f"term {i}" if len(spec.terms) > 1 else "value"
+        if not (t.alpha == t.alpha and abs(t.alpha) != float("inf")):
+            raise ValueError(f"{where}: {role} has alpha {t.alpha}; it must be finite")
+        m = build(role, t.model, t.alpha)
+        qt = _quant(m.hf_config)
+        if qt != qb:
+            desc = lambda q: "unquantized" if q is None else f"quantized ({q.get('quant_method', q)})"
+            raise ValueError(f"{where}: the base model is {desc(qb)} and the {role} model is {desc(qt)}: vLLM builds "
+                             f"every sub-model with one quantization config (the base's), which would be applied to "
+                             f"the {role} model's layers too. Use models with the same quantization (or none)")
+        path = spec.map_path(t)
+        if path is not None:
+            from ..vocab import VocabMap
+
+            vmap = VocabMap.load(path)
+            try:
+                vmap.check_compatible(Vb, m.vocab_size)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {role}'s map {t.map!r} does not fit: {exc}") from None
+            index = vmap.index.to(torch.int32)
+            lo, hi = int(index.min()), int(index.max())
+            if index.shape != (Vb,) or lo < -1 or hi >= m.vocab_size:
+                raise ValueError(f"{where}: {role}'s map {t.map!r} must hold {Vb} entries in [-1, {m.vocab_size})")
+            m.vocab_map = index
+        else:
+            if m.vocab_size > Vb:
+                raise ValueError(f"{where}: the {role} model's vocabulary ({m.vocab_size} ids) does not fit the base's "
+                                 f"({Vb}) without a map: build one (`ivl-kernels map`) and compose with it")
+            diff = (_same_tokenizer_ids(base.ref, m.ref) if _has_tokenizer(base.ref) and _has_tokenizer(m.ref)
+                    else None)
+            if diff is not None:
+                raise ValueError(f"{where}: the base and the {role} model tokenise differently ({diff}) and the "
+                                 f"checkpoint has no map for it: such a pair needs text re-tokenisation, which the "
+                                 f"vLLM path does not do; {_TRANSFORMERS_PATH}")
+        plan.terms.append(m)
+    tokenizer = None
+    if _has_tokenizer(spec.directory):
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(spec.directory)
+        except Exception:  # no usable tokenizer saved with the checkpoint: only suppress_ids_from applies
+            tokenizer = None
+    plan.suppress_from = resolve_suppress_from(spec.suppress_ids_from, tokenizer, Vb)
+    return plan
+
+
+def verify_hook():
+    """vLLM's per-architecture config hook class (``MODELS_CONFIG_MAP``): runs ``check_guided_config`` in the
+    front-end, before any engine process starts."""
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class IVLGuidedVerify(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            check_guided_config(vllm_config)
+
+    return IVLGuidedVerify
