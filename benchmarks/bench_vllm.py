@@ -101,12 +101,11 @@ def _vllm_rows(name: str, model: str, args) -> tuple[list, dict]:
         assert all(len(t) == args.new for t in tokens[batch])
         rows.append({"method": name, "batch": batch, "new_tokens": args.new, "seconds": secs,
                      "tokens_per_s": batch * args.new / secs, "engine_start_s": start_s})
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
+    from tests.vllm._vllm_util import shutdown
+
+    shutdown(llm)
     del llm
-    gc.collect()
+    gc.collect()  # the engine's last reference was ours
     return rows, tokens
 
 

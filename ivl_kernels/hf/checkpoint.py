@@ -68,13 +68,20 @@ def _reference_for(path_or_id: str, directory: str) -> str:
     return path_or_id
 
 
+def _adapter_parent(ref: str) -> Optional[str]:
+    """For a PEFT adapter directory (``ivl-kernels train --lora-r``), the model it adapts (``""`` when it names
+    none); ``None`` for anything else."""
+    path = os.path.join(ref, "adapter_config.json")
+    if not (os.path.isdir(ref) and os.path.isfile(path)):
+        return None
+    with open(path) as f:
+        return json.load(f).get("base_model_name_or_path") or ""
+
+
 def _config(ref: str, role: str):
     from transformers import AutoConfig
 
-    adapter = os.path.join(ref, "adapter_config.json")
-    if os.path.isdir(ref) and os.path.isfile(adapter):  # a PEFT adapter (`ivl-kernels train --lora-r`): its base's
-        with open(adapter) as f:
-            ref = json.load(f).get("base_model_name_or_path") or ref
+    ref = _adapter_parent(ref) or ref  # an adapter: its base's config
     try:
         return AutoConfig.from_pretrained(ref)
     except Exception as exc:
@@ -110,9 +117,19 @@ def _same_tokenizer_ids(base_ref: str, value_ref: str) -> Optional[str]:
         tb, tv = AutoTokenizer.from_pretrained(base_ref), AutoTokenizer.from_pretrained(value_ref)
     except Exception:
         return None
-    vb = {i: t for t, i in tb.get_vocab().items()}
-    vv = {i: t for t, i in tv.get_vocab().items()}
-    for i in sorted(set(vb) & set(vv)):
+    return tokenizer_id_difference(tb, tv)
+
+
+def tokenizer_id_difference(base_tok, value_tok) -> Optional[str]:
+    """``None`` when every id both tokenizers have is the same token in both (ids only one has, such as added
+    tokens past the shared vocabulary or a padded head's, are fine: the identity map holds), else the first
+    difference."""
+    vb = {i: t for t, i in base_tok.get_vocab().items()}
+    vv = {i: t for t, i in value_tok.get_vocab().items()}
+    common = sorted(set(vb) & set(vv))
+    if not common:
+        return "the two tokenizers have no id in common"
+    for i in common:
         if vb[i] != vv[i]:
             return f"id {i} is {vb[i]!r} for the base and {vv[i]!r} for the value model"
     return None
@@ -242,11 +259,10 @@ def load_causal_lm(ref: str, role: str, **kwargs):
     loaded onto the base model it names."""
     from transformers import AutoModelForCausalLM
 
-    if os.path.isdir(ref) and os.path.isfile(os.path.join(ref, "adapter_config.json")):
+    parent = _adapter_parent(ref)
+    if parent is not None:
         from peft import PeftModel
 
-        with open(os.path.join(ref, "adapter_config.json")) as f:
-            parent = json.load(f).get("base_model_name_or_path")
         if not parent:
             raise ValueError(f"{role}: the adapter at {ref!r} names no base_model_name_or_path")
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(parent, **kwargs), ref)

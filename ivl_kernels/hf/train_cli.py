@@ -381,13 +381,12 @@ def _source(name: str) -> str:
 def _same_vocabulary(base_tok, value_tok) -> bool:
     """Whether the identity map is right: every id both tokenizers have is the same token in both (ids only one
     of them has, such as added special tokens past the shared vocabulary, are unmapped or never read)."""
+    from .checkpoint import tokenizer_id_difference
+
     try:
-        bv = {i: t for t, i in base_tok.get_vocab().items()}
-        vv = {i: t for t, i in value_tok.get_vocab().items()}
+        return tokenizer_id_difference(base_tok, value_tok) is None
     except Exception:  # pragma: no cover - tokenizers without get_vocab
         return False
-    common = bv.keys() & vv.keys()
-    return bool(common) and all(bv[i] == vv[i] for i in common)
 
 
 def _resolve_resume(resume: Optional[str], out: str, overwrite: bool) -> Optional[str]:
