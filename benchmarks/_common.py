@@ -148,6 +148,19 @@ def floor_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> tupl
     return max(copy, read), copy, read
 
 
+def matrix_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """Measured dense matrix rate (TFLOP/s) of an ``n``-cubed product through torch (cuBLAS on a GPU) on random
+    data: the FLOP floor's ceiling (METHOD: never a datasheet figure, never zeros)."""
+    if device.type != "cuda":
+        n = min(n, 1024)
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device)
+    del a, b
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
 def write_csv(path: str, rows: list[dict], env: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     keys: list[str] = []

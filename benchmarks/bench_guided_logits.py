@@ -1,4 +1,4 @@
-"""Guided LM head, side by side: fused backends vs unfused eager torch vs torch.compile vs the memory floor.
+"""Guided LM head, side by side: fused backends vs unfused eager torch vs torch.compile vs cuBLAS vs the floor.
 
     out[m, b] = base[m, b] + alpha * (value_hidden[m] . value_weight[map[b]])      ([M, Vb] float32 logits)
 
@@ -16,7 +16,8 @@ dispatch in Python on every call). On a GPU:
     ``do_bench`` and the ``timing`` column says so;
   * ``launch_loop_ms`` is the per-call time of back-to-back eager calls: what a decode loop pays, host overhead
     included where the host is slower than the kernel (compare "ivl cuda op" with "ivl cuda").
-The memory floor (DESIGN): bytes that must move over the measured bandwidth (the faster of a copy, read + write,
+The floor (DESIGN): the larger of the FLOP floor (``2 M (Vb Hb + Vb Hv)`` FLOPs over the matrix rate measured in
+the same run, GPU only) and the memory floor: bytes that must move over the measured bandwidth (the faster of a copy, read + write,
 and a streaming read: the stricter floor), i.e. the
 weight matrices read, the base logits read (base "logits"), the float32 logits written; ``x_floor`` = ms /
 floor. Hidden states and the map add < 0.1 % and are left out. ``rel_err`` is ||out - ref|| / ||ref|| against
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Stopped, floor_bandwidth_gbs, cuda_context_error, environment, format_table,  # noqa: E402
+from _common import (Stopped, floor_bandwidth_gbs, matrix_tflops, cuda_context_error, environment, format_table,  # noqa: E402
                      plot_bars, print_environment, stop_on_sigterm, time_gpu_graph, time_launch_loop, time_ms,
                      write_csv)
 
@@ -51,7 +52,7 @@ from ivl_kernels.ops.guided_logits import _cuda_supports, _triton_supports  # no
 
 WORKLOADS = {
     # DESIGN's "qwen": base head Qwen2.5-7B, value head Qwen2.5-0.5B.
-    "qwen": dict(Vb=152064, Hb=3584, Vv=151936, Hv=896, dtype="bfloat16", M=[1, 8, 64, 512]),
+    "qwen": dict(Vb=152064, Hb=3584, Vv=151936, Hv=896, dtype="bfloat16", M=[1, 8, 64, 128, 256, 512, 2048]),
     # CPU-sized: a 32k-vocabulary base over a 32000-token value head (SentencePiece v3 -> v1 shape).
     "small": dict(Vb=32768, Hb=512, Vv=32000, Hv=256, dtype="float32", M=[1, 8, 64]),
     # Plumbing checks (the Triton interpreter): odd sizes, seconds per row.
@@ -137,7 +138,8 @@ def fused_candidates(vh, vw, base_kw, vocab_map, out, device):
     return cands, skipped
 
 
-def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compiled, device, bw_gbs, quick, g):
+def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compiled, device, bw_gbs, quick, g,
+               tflops=None):
     bw, vw = weights
     Vb = wl["Vb"]
     key = dict(M=M, base=base, map=map_name)
@@ -150,16 +152,24 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
         args = (bh, bw, vh, vw, cols, unmapped)
         ref = unfused_from_hidden(bh.float(), bw.float(), vh.float(), vw.float(), cols, unmapped)
         moved = bw.numel() * bw.element_size() + vw.numel() * vw.element_size() + M * Vb * 4
+        flops = 2 * M * (bw.numel() + Vb * wl["Hv"])
     else:
         base_logits = (4 * torch.randn(M, Vb, generator=g)).to(device)
         base_kw = dict(base_logits=base_logits)
         args = (base_logits, vh, vw, cols, unmapped)
         ref = unfused_from_logits(base_logits, vh.float(), vw.float(), cols, unmapped)
         moved = vw.numel() * vw.element_size() + 2 * M * Vb * 4
-    floor_ms = moved / (bw_gbs * 1e9) * 1e3
+        flops = 2 * M * Vb * wl["Hv"]
+    mem_ms = moved / (bw_gbs * 1e9) * 1e3
+    # DESIGN's floor: the larger of the memory floor and the FLOP floor at the measured matrix rate.
+    flop_ms = flops / (tflops * 1e12) * 1e3 if tflops else 0.0
+    floor_ms = max(mem_ms, flop_ms)
     eager = unfused_from_hidden if base == "hidden" else unfused_from_logits
 
     cands = {"eager (unfused)": lambda: eager(*args)}
+    if base == "hidden" and device.type == "cuda":
+        # The two heads alone in cuBLAS (bf16 out, no remap, no add): DESIGN's bar for M >= 128. Timing only.
+        cands["cuBLAS heads separately"] = lambda: (bh @ bw.T, vh @ vw.T)
     if compiled is not None:
         cands["torch.compile (unfused)"] = lambda: compiled(*args)
     out = torch.empty(M, Vb, device=device, dtype=torch.float32)
@@ -172,13 +182,16 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
         row = dict(key, impl=impl)
         try:
             out.fill_(float("nan"))  # an element the kernel never writes cannot pass
-            row["rel_err"] = rel_err(fn(), ref)
+            got = fn()
+            if torch.is_tensor(got):
+                row["rel_err"] = rel_err(got, ref)
             if device.type == "cpu" and impl.startswith("ivl triton"):
                 row["note"] = "Triton interpreter: checked, not timed"
             else:
                 row.update(measure(fn, device, quick))
                 row["x_floor"] = row["ms"] / floor_ms
                 row["GBps"] = moved / (row["ms"] * 1e-3) / 1e9
+                row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
         except Exception as exc:  # report, never hide, an implementation that cannot run here
             row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
             lost = cuda_context_error() if device.type == "cuda" else ""
@@ -187,7 +200,9 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
                 raise ContextLost(f"after {impl} at {key}: {lost}") from exc
         rows.append(row)
         print_row(row)
-    rows.append(dict(key, impl="memory floor", ms=floor_ms, x_floor=1.0, GBps=bw_gbs, note=f"{moved / 1e6:.1f} MB"))
+    rows.append(dict(key, impl="floor", ms=floor_ms, x_floor=1.0, GBps=bw_gbs,
+                     note=f"max(memory {mem_ms:.3g} ms: {moved / 1e6:.1f} MB, FLOP {flop_ms:.3g} ms: "
+                          f"{flops / 1e12:.3g} TFLOP at {tflops or 0:.0f} TFLOP/s)"))
     print_row(rows[-1])
 
 
@@ -207,7 +222,7 @@ def print_summary(rows, gpu: bool) -> None:
     configs = list(dict.fromkeys((r["M"], r["base"], r["map"]) for r in rows if r["impl"] != "(stopped)"))
     for field, title in (("ms", "ms (x floor)"), ("launch_loop_ms", "eager loop ms per call"))[: 2 if gpu else 1]:
         impls = list(dict.fromkeys(r["impl"] for r in rows
-                                   if r["impl"] != "memory floor" and isinstance(r.get(field), float)))
+                                   if r["impl"] != "floor" and isinstance(r.get(field), float)))
         table = []
         for M, base, map_name in configs:
             line = dict(M=M, base=base, map=map_name)
@@ -216,7 +231,7 @@ def print_summary(rows, gpu: bool) -> None:
                     line[r["impl"]] = f"{r[field]:.3g}" + (f" ({r['x_floor']:.2f}x)" if field == "ms" else "")
             table.append(line)
         print(f"\n# summary: {title}")
-        print(format_table(table, ["M", "base", "map"] + (["memory floor"] if field == "ms" else []) + impls))
+        print(format_table(table, ["M", "base", "map"] + (["floor"] if field == "ms" else []) + impls))
 
 
 def main(argv=None) -> int:
@@ -251,6 +266,10 @@ def main(argv=None) -> int:
     bw_gbs, copy_gbs, read_gbs = floor_bandwidth_gbs(device)
     print(f"# measured bandwidth: copy {copy_gbs:.1f} GB/s (read + write), streaming read {read_gbs:.1f} GB/s; "
           f"the floor uses {bw_gbs:.1f} GB/s")
+    tflops = matrix_tflops(device, dtype) if device.type == "cuda" else None
+    env["matrix_tflops"] = f"{tflops:.0f}" if tflops else "not measured (CPU: memory floor only)"
+    if tflops:
+        print(f"# measured matrix rate: {tflops:.0f} TFLOP/s ({dtype}, 8192^3 random)")
 
     rows: list[dict] = []
     stop_on_sigterm()
@@ -264,13 +283,14 @@ def main(argv=None) -> int:
                 for M in Ms:
                     run_config(rows, M=M, base=base, map_name=map_name, vocab_map=vocab_map, wl=wl, dtype=dtype,
                                weights=(bw, vw), compiled=compiled, device=device, bw_gbs=bw_gbs,
-                               quick=args.quick, g=g)
+                               quick=args.quick, g=g, tflops=tflops)
     except (ContextLost, Stopped) as exc:
         why = f"CUDA context lost {exc}" if isinstance(exc, ContextLost) else str(exc)
         print(f"# STOPPED: {why}; the rows so far are kept")
         rows.append(dict(M="", base="", map="", impl="(stopped)", note=why[:200]))
 
-    cols = ["M", "base", "map", "impl", "ms", "x_floor", "GBps", "launch_loop_ms", "rel_err", "timing", "note"]
+    cols = ["M", "base", "map", "impl", "ms", "x_floor", "GBps", "TFLOPs", "launch_loop_ms", "rel_err", "timing",
+            "note"]
     print_summary(rows, gpu=device.type == "cuda")
     tag = f"guided_logits_{name}_{device.type}"
     os.makedirs(args.out, exist_ok=True)

@@ -665,7 +665,7 @@ def read_measured(path: str) -> tuple:
             continue
         if r.get("impl") == "ivl cuda op" and r.get("x_floor"):
             out[(M, r["base"])] = float(r["x_floor"])
-        if r.get("impl") == "memory floor" and r.get("GBps"):
+        if r.get("impl") in ("memory floor", "floor") and r.get("GBps"):
             bw = float(r["GBps"])
     return out, bw
 

@@ -6,7 +6,9 @@
 with ``base`` either loaded from ``base_logits [M, Vb]`` or computed as ``base_hidden[m] . base_weight[b]``
 in the same loop. No ``[M, Vv]`` intermediate exists on the fused backends.
 
-Backends: ``triton`` (any M; one launch over a grid of vocabulary tiles x row tiles), ``cuda`` (the compiled
+Backends: ``triton`` (any M: below ``GEMM_MIN_ROWS`` rows one launch over a grid of vocabulary tiles x row tiles,
+memory-bound like decoding; from ``GEMM_MIN_ROWS`` rows, where the work is compute-bound, the heads as cuBLAS
+GEMMs accumulated into ``out``: the base head written, the value head added with ``beta = 1``), ``cuda`` (the compiled
 decode kernel of ``csrc/``, M <= 16; ``auto`` takes it only where the H100 measured it faster: see
 ``CUDA_AUTO_ROWS``), ``torch`` (``reference.guided_logits_torch``).
 """
@@ -21,6 +23,7 @@ from .. import _backends
 from .._triton import interpreter_enabled, tl, triton
 from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
 from ..reference import guided_logits_torch
+from ._gemm import addmm_into
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
 CUDA_MAX_ROWS = 16
@@ -35,6 +38,11 @@ CUDA_MAX_ROWS = 16
 #   loop; CUDA stays faster up to M = 3 (0.132 vs 0.178 ms), ties at M = 4 and loses from M = 6.
 CUDA_AUTO_ROWS = 1
 CUDA_AUTO_ROWS_EAGER_BASE_LOGITS = 3
+
+# From this many rows (serving batches, prefill, scoring) the head is compute-bound: the Triton tiles reached a
+# third of the H200's matrix rate there (M = 128: 0.736 ms against 0.38 ms for the two heads in cuBLAS), so the
+# heads run as cuBLAS GEMMs accumulated into ``out`` (``launch_gemm``).
+GEMM_MIN_ROWS = 128
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,13 +164,73 @@ def _dummy(a: GuidedArgs) -> torch.Tensor:
     return a.value_hidden
 
 
+def gemm_path(M: int, vocab_map: Optional[torch.Tensor], fill: float) -> bool:
+    """Whether ``launch_triton`` hands these rows to ``launch_gemm``: compute-bound sizes, and a fill the GEMM
+    expresses (any fill with the identity map, whose unmapped ids are a tail of columns; 0 with a map)."""
+    return M >= GEMM_MIN_ROWS and (vocab_map is None or fill == 0.0)
+
+
+def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
+    """The head as GEMMs into ``out [M, Vb]`` (float32 accumulation, one rounding to ``out``'s dtype per GEMM):
+
+        out  = (alpha * X_v) @ W^T  (W = value_weight[:Vb], or its rows gathered through the map, zero rows
+                                     for unmapped ids: contributes nothing there, the fill being 0; added to
+                                     a copy of base_logits, or to base_logits itself when out is it)
+        out[:, Vv:] = alpha * fill  (identity map: the base ids beyond the value vocabulary, added likewise)
+        out += X_b @ W_b^T          (base hidden states)
+
+    A map costs one gather of the value head per call (``[Vb, Hv]``).
+    """
+    Vv, Vb = value_weight.shape[0], out.shape[1]
+    dt = value_hidden.dtype
+    if alpha_tensor is not None:
+        xs, a, a_col = value_hidden * alpha_tensor[:, None].to(dt), 1.0, alpha_tensor[:, None].to(out.dtype)
+    else:
+        xs, a, a_col = value_hidden, alpha_scalar, alpha_scalar
+    if base_hidden is not None:
+        # The value GEMM writes (beta = 0) and the base GEMM, K = Hb (4x the value head's K at the qwen shapes),
+        # adds on top: the read of ``out`` rides on the longer GEMM, whose epilogue has more compute to hide it.
+        beta_v = 0.0
+    else:
+        beta_v = 1.0
+        if base_logits is not None:
+            if not (out.data_ptr() == base_logits.data_ptr() and out.stride() == base_logits.stride()):
+                out.copy_(base_logits)
+        else:
+            beta_v = 0.0
+    if vocab_map is None:
+        cols = min(Vb, Vv)
+        if cols:
+            part = out[:, :cols]
+            addmm_into(part, xs, value_weight[:cols].T, beta=beta_v, alpha=a)
+        if cols < Vb:
+            tail = out[:, cols:]
+            if beta_v == 0.0:
+                tail.zero_()
+            tail.add_(a_col * fill)
+    else:
+        idx = vocab_map.long()
+        valid = (idx >= 0) & (idx < Vv)
+        # Clamped gather: no entry, whatever its value, addresses outside the head; invalid rows are zeroed.
+        w = value_weight.index_select(0, idx.clamp(0, max(Vv - 1, 0))).mul_(valid[:, None].to(dt))
+        addmm_into(out, xs, w.T, beta=beta_v, alpha=a)
+    if base_hidden is not None:
+        addmm_into(out, base_hidden, base_weight.T, beta=1.0)
+
+
 def launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
                   alpha_tensor, alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
-    """Run the Triton kernel: all tensors already validated and flattened (``[M, Hv]``, ``[M, Vb]``...)."""
+    """Run the ``triton`` backend: all tensors already validated and flattened (``[M, Hv]``, ``[M, Vb]``...);
+    from ``GEMM_MIN_ROWS`` rows, ``launch_gemm``."""
     M, Hv = value_hidden.shape
     Vv = value_weight.shape[0]
     Vb = out.shape[1]
     if M == 0 or Vb == 0:
+        return
+    if gemm_path(M, vocab_map, fill) and Vv > 0:
+        launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                    alpha_scalar, fill, out)
         return
     base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
     Hb = base_hidden.shape[1] if base_hidden is not None else 0

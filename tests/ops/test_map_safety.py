@@ -105,7 +105,7 @@ def _loss_bare(backend, vh, vw, m, target, base_logits, g):
     if backend == "triton":
         st = gce.launch_fwd(vh, vw, base_logits, None, None, m, None, 0.7, -0.5, target, base_logits.shape[1], True)
         grads = gce.launch_bwd(vh, vw, base_logits, None, None, m, None, 0.7, -0.5, target, st[0].contiguous(), g,
-                               base_logits.shape[1], 0.9, 0.1 / base_logits.shape[1], 0.3 / vw.shape[0], 0.0)
+                               base_logits.shape[1], 0.9, 0.1 / base_logits.shape[1], 0.3 / vw.shape[0])
     else:
         st = gce.torch_fwd(vh, vw, base_logits, None, None, m, None, 0.7, -0.5, target, base_logits.shape[1], True,
                            torch.float32)

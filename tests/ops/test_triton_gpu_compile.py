@@ -51,9 +51,8 @@ BASE_MODES = ("none", "logits", "hidden")
 # flags alternating. bf16 on sm_90 is the benchmark (H100/H200); fp16 lowers like bf16; fp32 has its own tiles.
 LOGITS_COVERAGE = (("bf16", 90, "full"), ("bf16", 80, "rows"), ("fp32", 90, "rows"), ("fp32", 80, "spot"),
                    ("fp16", 90, "spot"))
-LOSS_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 90, 64, "full"), ("bf16", 80, 16384, "rows"),
-                 ("bf16", 80, 64, "spot"), ("fp32", 90, 16384, "rows"), ("fp32", 80, 16384, "spot"),
-                 ("fp16", 90, 16384, "spot"))
+LOSS_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "rows"), ("fp32", 90, 16384, "rows"),
+                 ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
 
 
 def jobs() -> list:
@@ -74,7 +73,8 @@ def jobs() -> list:
                 for with_l1 in ((False, True) if cover == "full" else ((j + with_map) % 2 == 0 or cover == "spot",)):
                     odd = (j + with_map + (with_l1 if cover == "full" else 0)) % 2 == 1
                     out.append(("fwd", dtype, N, base, with_map, odd, with_l1, False, cc))
-                    out.append(("bwd", dtype, N, base, with_map, odd, with_l1, not odd, cc))
+                    out.append(("bwd", dtype, N, base, with_map, odd, with_l1, False, cc))
+                    out.append(("one", dtype, N, base, with_map, not odd, with_l1, False, cc))
     return out
 
 
@@ -111,9 +111,15 @@ def _launcher_call(job):
         return gce.launch_fwd, (vh, vw, base_logits, base_hidden, base_weight, vocab_map, alpha, alpha_scalar,
                                 fill, target, Vb, with_l1)
     lse, g = t(rows, dtype=torch.float32), t(rows, dtype=torch.float32)
-    return gce.launch_bwd, (vh, vw, base_logits, base_hidden, base_weight, vocab_map, alpha, alpha_scalar, fill,
-                            target, lse, g, Vb, 0.9, 0.1 / Vb, (1.0 / Vv) if with_l1 else 0.0,
-                            1e-6 if grad_skip else 0.0)
+    if op == "bwd":
+        return gce.launch_bwd, (vh, vw, base_logits, base_hidden, base_weight, vocab_map, alpha, alpha_scalar,
+                                fill, target, lse, g, Vb, 0.9, 0.1 / Vb, (1.0 / Vv) if with_l1 else 0.0)
+
+    def one_pass(*a):  # statistics and gradients in one pass (the forward of "mean"/"sum" losses)
+        return gce.chunked_loss(*a, want_stats=True, g=g, h=g, need_dvh=True, need_dvw=True)
+
+    return one_pass, (vh, vw, base_logits, base_hidden, base_weight, vocab_map, alpha, alpha_scalar, fill, target,
+                      Vb, with_l1, 0.9, 0.1 / Vb, (1.0 / Vv) if with_l1 else 0.0)
 
 
 class _TargetDriver:
@@ -144,7 +150,7 @@ def _kernels():
     from ivl_kernels.ops import guided_logits as gl
 
     found = {}
-    for mod in (gl, gce):
+    for mod in (gl, gce._kernels):
         for v in vars(mod).values():
             if isinstance(v, JITFunction):
                 found[id(v)] = v
@@ -244,20 +250,19 @@ def ptxas_usage(ptx: str, cc: int) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
-KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_fwd_kernel": "loss fwd", "_ce_bwd_kernel": "loss bwd"}
+KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1"}
 
 
 def _describe(job, kwargs) -> str:
     op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, cc = job
-    if kwargs.get("L1_ONLY"):
-        parts = [f"N={rows}", "L1-only"]
-    else:
-        parts = [f"{'M' if op == 'logits' else 'N'}={rows}", f"base={base}", "map" if with_map else "no-map",
-                 "alpha[]" if alpha_tensor else "alpha=f"]
-        if kwargs.get("FUSE_L1"):
-            parts.append("+L1")
-    if kwargs.get("GRAD_SKIP"):
-        parts.append("skip")
+    parts = [f"{'M' if op == 'logits' else 'N'}={rows}", f"base={base}", "map" if with_map else "no-map",
+             "alpha[]" if alpha_tensor else "alpha=f"]
+    if op != "logits":
+        parts[0] = f"{op}:" + parts[0]
+        flags = [k.lower() for k in ("COMBINED", "WITH_L1", "SMOOTH", "STATS", "GRAD") if kwargs.get(k)]
+        parts.append("+".join(flags))
+        parts.append(f"B{kwargs['BLOCK']} w{kwargs.get('num_warps')}")
+        return " ".join(parts)
     tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
     parts.append(f"{tiles} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
                  + (f" r{kwargs['maxnreg']}" if kwargs.get("maxnreg") else ""))
@@ -287,11 +292,13 @@ def _job_keys(job) -> list:
 def _run_job(item) -> list:
     """Compile the launches of ``job`` whose keys are in ``wanted``; one result row per compiled kernel."""
     job, wanted = item
-    rows = []
+    rows, done = [], set()
 
     def on_launch(kernel, args, kwargs, compile_, key):
-        if key() not in wanted:
+        k = key()
+        if k not in wanted or k in done:  # a chunked launcher launches one kernel several times
             return
+        done.add(k)
         t0 = time.time()
         compiled = compile_()
         assert compiled is not None and len(compiled.asm.get("cubin", b"")) > 0, kernel.__name__
@@ -336,7 +343,8 @@ def main() -> int:
         print(f"{r['kernel']:9} {r['variant']:52} {r['dtype']:5} sm_{r['cc']:<3} {r['registers']:>4} "
               f"{r['shared']:>7} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {counts:>10} "
               f"{r['seconds']:5.1f}")
-        if "stride_vh_k" not in spec["unit"] or "vh_ptr" not in spec["div16"]:
+        launch_spec = (("stride_vh_k", "vh_ptr") if r["kernel"] == "logits" else (None, "buf_ptr"))
+        if (launch_spec[0] and launch_spec[0] not in spec["unit"]) or launch_spec[1] not in spec["div16"]:
             # The stand-ins are contiguous and aligned: a launch specialises both.
             failures.append(f"not compiled with the launch specialisation: {r}")
         if r["shared"] > SHARED_MEMORY_LIMIT[r["cc"]]:

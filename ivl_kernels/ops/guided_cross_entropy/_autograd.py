@@ -1,0 +1,169 @@
+"""The loss's ``autograd.Function``: per-row statistics to the reduced loss, and the gradients of both backends.
+
+With ``backend="triton"``, ``reduction`` "mean"/"sum" and no process group, the weight of every row is known in
+the forward pass (up to the scalar upstream gradient), so the forward computes the gradients in the same pass
+over the logits (``_chunked.py``) and the backward only scales them. Otherwise the forward gathers the statistics
+(all-reduced over the process group) and the backward recomputes the logits chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._torch_backend import torch_bwd, torch_fwd
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    alpha_scalar: float
+    fill: float
+    Vb: int              # this rank's base vocabulary
+    Vb_global: int
+    Vv_global: int
+    smoothing: float
+    l1_coef: float
+    l1_all: bool         # l1_reduction == "all": the L1 term over every row, not only the kept ones
+    reduction: str
+    process_group: object
+    compute: torch.dtype
+
+    @property
+    def smooth_self(self) -> float:
+        return 1.0 - self.smoothing
+
+    @property
+    def smooth_all(self) -> float:
+        return self.smoothing / self.Vb_global if self.Vb_global else 0.0
+
+    @property
+    def l1_scale(self) -> float:
+        return self.l1_coef / self.Vv_global if self.Vv_global else 0.0
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def row_weights(cfg: Config, kept: torch.Tensor, n_kept: torch.Tensor, grad_out: torch.Tensor) -> tuple:
+    """``(g, h)`` float32 ``[N]``: each row's cross-entropy and L1 weight in the gradient, for upstream
+    ``grad_out`` (a scalar, or ``[N]`` for "none"). ``h`` is None when the L1 term rides on the kept rows."""
+    gf = grad_out.to(torch.float32 if cfg.compute != torch.float64 else torch.float64)
+    h = None
+    if cfg.l1_all and cfg.l1_coef != 0.0:
+        h = gf / max(kept.shape[0], 1) if cfg.reduction == "mean" else gf
+        h = h.expand(kept.shape).contiguous()
+    if cfg.reduction == "mean":
+        gf = gf / n_kept.clamp(min=1).to(gf.dtype)
+    g = torch.where(kept, gf.expand(kept.shape), torch.zeros((), dtype=gf.dtype, device=gf.device))
+    return g, h
+
+
+class GuidedCrossEntropy(torch.autograd.Function):
+    """Loss from per-row statistics; only ``value_hidden`` and ``value_weight`` get gradients."""
+
+    @staticmethod
+    def forward(ctx, value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                target_local, kept, cfg: Config):
+        with_l1 = cfg.l1_coef != 0.0
+        need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_kept = kept.sum()
+        one_pass = (cfg.backend == "triton" and cfg.process_group is None and cfg.reduction != "none"
+                    and (need_dvh or need_dvw))
+        dvh = dvw = None
+        if cfg.backend == "triton":
+            g = h = None
+            if one_pass:
+                g, h = row_weights(cfg, kept, n_kept, torch.ones((), dtype=torch.float32, device=kept.device))
+            st, dvh, dvw = torch.ops.ivl_kernels.guided_ce_chunked(
+                value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                cfg.alpha_scalar, cfg.fill, target_local, None, g, h, cfg.Vb, with_l1, cfg.smooth_self,
+                cfg.smooth_all, cfg.l1_scale, one_pass and need_dvh, one_pass and need_dvw)
+        else:
+            st = torch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                           alpha_tensor, cfg.alpha_scalar, cfg.fill, target_local, cfg.Vb, with_l1, cfg.compute)
+        lse, zt, zs, l1 = st[0], st[1], st[2], st[3]
+        if cfg.process_group is not None:
+            import torch.distributed as dist
+
+            # Global lse = gmax + log(sum_r exp(lse_r - gmax)); one MAX and one SUM all_reduce.
+            gmax = _all_reduce(lse.clone(), dist.ReduceOp.MAX, cfg.process_group)
+            gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
+            packed = torch.stack([torch.exp(lse - gmax), zt, zs, l1])
+            _all_reduce(packed, dist.ReduceOp.SUM, cfg.process_group)
+            lse = gmax + torch.log(packed[0])
+            zt, zs, l1 = packed[1], packed[2], packed[3]
+        row = lse - cfg.smooth_self * zt
+        if cfg.smoothing:  # skipped at 0: 0 * (-inf) from masked base logits would poison the row
+            row = row - (cfg.smoothing / cfg.Vb_global) * zs
+        l1_all = with_l1 and cfg.l1_all
+        if with_l1:
+            l1_row = (cfg.l1_coef / cfg.Vv_global) * l1
+            if not l1_all:
+                row = row + l1_row
+        row = torch.where(kept, row, torch.zeros_like(row))
+        if cfg.reduction == "none":
+            loss = row + l1_row if l1_all else row
+        elif cfg.reduction == "sum":
+            loss = (row + l1_row).sum() if l1_all else row.sum()
+        else:
+            loss = row.sum() / n_kept.clamp(min=1).to(row.dtype)
+            if l1_all:
+                # IVL's released normaliser: every row passed (N), not the kept ones.
+                loss = loss + l1_row.sum() / max(row.shape[0], 1)
+        if one_pass:
+            ctx.save_for_backward(dvh if need_dvh else None, dvw if need_dvw else None)
+        else:
+            ctx.save_for_backward(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                                  alpha_tensor, target_local, kept, lse)
+        ctx.one_pass = one_pass
+        ctx.cfg = cfg
+        ctx.n_kept = n_kept
+        # Returned in the compute dtype; the public function casts outside this Function. A cast here is a no-op
+        # for float32 inputs that returns the *same* tensor object as ``loss``, and torch 2.11's dynamo
+        # (pytorch/pytorch#180642, fixed in 2.12) also returns that intermediate as an extra output of the traced
+        # forward: autograd then gives the user's tensor the extra output's slot, so under torch.compile this
+        # backward got a zero grad_out and returned all-zero gradients. The output must alias nothing else here.
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cfg: Config = ctx.cfg
+        none = (None,) * 8
+        if ctx.one_pass:
+            dvh, dvw = ctx.saved_tensors
+            # The forward's gradients are for an upstream gradient of 1 (a scalar loss): scale them.
+            dvh = dvh * grad_out.to(dvh.dtype) if dvh is not None else None
+            dvw = dvw * grad_out.to(dvw.dtype) if dvw is not None else None
+            return (dvh, dvw) + none
+        (value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, target_local,
+         kept, lse) = ctx.saved_tensors
+        g, g_l1 = row_weights(cfg, kept, ctx.n_kept, grad_out)
+        need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if cfg.process_group is not None:
+            need_dvh = True  # every rank must join the all_reduce below
+        if cfg.backend == "triton":
+            _, dvh, dvw = torch.ops.ivl_kernels.guided_ce_chunked(
+                value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                cfg.alpha_scalar, cfg.fill, target_local, lse.float().contiguous(), g.float().contiguous(),
+                g_l1.float().contiguous() if g_l1 is not None else None, cfg.Vb, cfg.l1_coef != 0.0,
+                cfg.smooth_self, cfg.smooth_all, cfg.l1_scale, need_dvh, need_dvw)
+            dvh = dvh if need_dvh else None
+            dvw = dvw if need_dvw else None
+        else:
+            dvh, dvw = torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                                 alpha_tensor, cfg.alpha_scalar, cfg.fill, target_local, lse, g, cfg.Vb,
+                                 cfg.smooth_self, cfg.smooth_all, cfg.l1_scale, cfg.compute, need_dvh, need_dvw,
+                                 g_l1)
+        if cfg.process_group is not None:
+            import torch.distributed as dist
+
+            # value_hidden is replicated and every shard's logits depend on it: its gradient is the sum.
+            dvh32 = _all_reduce(dvh.to(cfg.compute), dist.ReduceOp.SUM, cfg.process_group)
+            dvh = dvh32.to(value_hidden.dtype)
+        return (dvh if ctx.needs_input_grad[0] else None, dvw if ctx.needs_input_grad[1] else None) + none
