@@ -111,8 +111,9 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
 
     dummy = target_local
     cfg = _row_config(v_cols)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
+    def one_chunk(r0: int, r1: int) -> None:
+        # A function so that this chunk's logits, and every view of them, are freed when it returns, before the
+        # next chunk's GEMM allocates its own: one chunk alive at a time, not two.
         xv = vh[r0:r1]
         base_arg = base_logits[r0:r1] if base_logits is not None else None
         if base_hidden is not None:
@@ -154,9 +155,9 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
                     dvh[r0:r1].addmm_(lv, vw)
                 if need_dvw:
                     addmm_f32(acc_v, lv.T, xv, alpha=scale)
-            del lv
-        # Free this chunk's logits before the next chunk's GEMM allocates its own: one chunk alive, not two.
-        del buf, base_arg
+
+    for r0 in range(0, N, rows):
+        one_chunk(r0, min(N, r0 + rows))
     if need_dvh and scale != 1.0:
         dvh.mul_(scale)
     if need_dvw and not identity and Vv > 0:
