@@ -431,9 +431,14 @@ class GuidedCausalLM(nn.Module):
 
     # ---- the guided checkpoint (``ivl_kernels.hf.checkpoint``): references, alphas and maps, no weights --------
     def save_pretrained(self, save_directory: str, *, base: Optional[str] = None,
-                        terms: Optional[Sequence[str]] = None, references_as_given: bool = False) -> None:
+                        terms: Optional[Sequence[str]] = None, references_as_given: bool = False,
+                        overwrite: bool = False) -> None:
         """Write a guided checkpoint naming the models (not copying them), the alphas, the maps and the base's
         tokenizer; ``GuidedCausalLM.from_pretrained`` and vLLM (``ivl_kernels.vllm``) load it.
+
+        ``save_directory`` must not be a model it names (nor inside one); an existing directory that holds
+        anything but an earlier guided checkpoint is refused unless ``overwrite=True``. Written whole or not at
+        all (a temporary sibling, then a rename).
 
         ``base`` / ``terms``: where the models are (directories or hub ids); default: where they were loaded from
         (``config._name_or_path``). A model built in memory has no such record: save it first
@@ -456,7 +461,7 @@ class GuidedCausalLM(nn.Module):
                  for r, part, t in zip(refs, self._parts, self.terms)]
         write_guided_checkpoint(save_directory, base_ref, specs, fill=self.fill,
                                 suppress_ids_from=self.suppress_ids_from, tokenizer=self.tokenizer,
-                                references_as_given=references_as_given)
+                                references_as_given=references_as_given, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, directory: str, *, backend: str = "auto", **model_kwargs) -> "GuidedCausalLM":
@@ -464,23 +469,19 @@ class GuidedCausalLM(nn.Module):
         ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
         PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it."""
         from ..vocab import VocabMap
-        from .checkpoint import has_tokenizer, load_causal_lm, read_guided_checkpoint
+        from .checkpoint import load_causal_lm, load_checkpoint_tokenizer, read_guided_checkpoint, resolve_for_loading
 
         spec = read_guided_checkpoint(directory)
-        base = load_causal_lm(spec.resolve(spec.base), "base", **model_kwargs)
+        # Every reference and the tokenizer are checked before any model is loaded (minutes for a large base).
+        refs = [resolve_for_loading(spec, spec.base, "base")] + \
+            [resolve_for_loading(spec, t.model, f"guidance term {i}") for i, t in enumerate(spec.terms)]
+        tokenizer = load_checkpoint_tokenizer(spec)
+        base = load_causal_lm(refs[0], "base", **model_kwargs)
         terms = []
-        for i, t in enumerate(spec.terms):
-            model = load_causal_lm(spec.resolve(t.model), f"guidance term {i}", **model_kwargs)
+        for i, (t, ref) in enumerate(zip(spec.terms, refs[1:])):
+            model = load_causal_lm(ref, f"guidance term {i}", **model_kwargs)
             path = spec.map_path(t)
             terms.append(GuidanceTerm(model, t.alpha, None if path is None else VocabMap.load(path)))
-        tokenizer = None
-        if has_tokenizer(spec.directory):
-            try:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(spec.directory)
-            except Exception:  # an unreadable tokenizer: only suppress_ids_from applies
-                tokenizer = None
         return cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
                    suppress_ids_from=spec.suppress_ids_from)
 
