@@ -42,12 +42,14 @@ def is_within(path, parent) -> bool:
 
 def check_not_input(output, inputs: Iterable[tuple], *, flag: str = "-o") -> None:
     """``ValueError`` when ``output`` is one of ``inputs`` (``(role, path)`` pairs; hub ids and ``None`` are
-    skipped) or lies inside an input directory: a writer never writes over what it reads, with or without
-    ``--overwrite``."""
+    skipped) or an existing file or directory inside an input directory: a writer never writes over what it reads,
+    with or without ``--overwrite``. A new name inside an input directory (``map.pt`` beside ``tokenizer.json``)
+    destroys nothing and is allowed."""
     for role, path in inputs:
         if not path or not os.path.exists(os.fspath(path)):
             continue  # a hub id, or nothing there: nothing of the user's to destroy
-        if _real(output) == _real(path) or (os.path.isdir(path) and is_within(output, path)):
+        if _real(output) == _real(path) or (os.path.isdir(path) and is_within(output, path)
+                                            and os.path.lexists(os.fspath(output))):
             raise ValueError(f"{flag} {os.fspath(output)!r} is {'inside ' if _real(output) != _real(path) else ''}"
                              f"the {role} ({os.fspath(path)!r}), an input of this command: writing there would "
                              f"destroy it; choose another output")

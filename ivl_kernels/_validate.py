@@ -89,6 +89,21 @@ def check_finite_float(name: str, x, *, allow_inf: bool = False) -> float:
     return x
 
 
+def check_int(name: str, x, *, minimum: int = 1) -> int:
+    """A Python int (or an integer-valued 0-d tensor / numpy integer) ``>= minimum``; a bool, a float (2.7 must not
+    become 2) or a string is a ``TypeError``, a smaller value a ``ValueError``, each naming the argument."""
+    if isinstance(x, bool) or not (isinstance(x, int) or (hasattr(x, "__index__") and not isinstance(x, str)
+                                                          and not isinstance(x, float))):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(x).__name__} {x!r}")
+    try:
+        x = int(x.__index__())
+    except TypeError:  # a float tensor: __index__ refuses it
+        raise TypeError(f"{name} must be an int >= {minimum}, got {x!r}") from None
+    if x < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {x}")
+    return x
+
+
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 

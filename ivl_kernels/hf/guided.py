@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from transformers.generation import GenerateDecoderOnlyOutput
 
+from .._validate import check_int
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
-                      input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from, resolve_vocab_map,
-                      split_causal_lm, suppress_ids_)
+                      infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from,
+                      resolve_vocab_map, split_causal_lm, suppress_ids_)
 from ._value_state import ValueRunner
 
 
@@ -260,17 +261,25 @@ class GuidedCausalLM(nn.Module):
             v = getattr(gc, name, None) if gc is not None else None
             return default if v is None else v
 
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an int64/int32 tensor [B, T], got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): every row needs at least one "
+                             f"prompt token (e.g. the tokenizer's BOS)")
         if max_new_tokens is None and max_length is None and explicit_gc and gc.max_new_tokens is None:
             max_length = getattr(gc, "max_length", None)
         if max_new_tokens is None and max_length is not None:
-            if int(max_length) <= T:
+            max_length = check_int("max_length", max_length)
+            if max_length <= T:
                 raise ValueError(f"max_length={max_length} leaves no room for new tokens after the {T}-token prompt; "
                                  f"pass max_new_tokens instead")
-            max_new_tokens = int(max_length) - T
-        max_new_tokens = int(cfg("max_new_tokens", max_new_tokens, 20))
+            max_new_tokens = max_length - T
+        max_new_tokens = check_int("max_new_tokens", cfg("max_new_tokens", max_new_tokens, 20))
+        min_new_tokens = check_int("min_new_tokens", min_new_tokens or 0, minimum=0)
         do_sample = bool(cfg("do_sample", do_sample, False))
         eos = cfg("eos_token_id", eos_token_id, None)
         eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
@@ -288,10 +297,17 @@ class GuidedCausalLM(nn.Module):
                                       tokenizer, self.vocab_size)
 
         device = self.device
-        input_ids = input_ids.to(device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+        input_ids = input_ids.to(device).long()
+        if attention_mask is None:
+            mask = infer_attention_mask(input_ids, pad_token_id if pad_token_id is not None else
+                                        getattr(gc, "pad_token_id", None), eos_list)
+        else:
+            mask = attention_mask.to(device).long()
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {list(mask.shape)} must have the shape of input_ids {list(input_ids.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("a row of input_ids has no real token (attention_mask all 0): every prompt needs at least "
+                             "one token")
         if streamer is not None and B != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers)")
 
