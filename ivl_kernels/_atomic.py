@@ -70,10 +70,7 @@ def check_output_dir(path, *, overwrite: bool, ours: Optional[Callable[[str], bo
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
     if not os.path.exists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"{what} {path!r}: its parent directory {parent!r} does not exist")
-        return
+        return  # created, with missing parents (as save_pretrained does), by atomic_dir
     if not os.path.isdir(path):
         raise ValueError(f"{what} {path!r} exists and is not a directory; choose another path")
     if overwrite or not os.listdir(path) or (ours is not None and ours(path)):
@@ -118,12 +115,22 @@ def atomic_dir(path) -> Iterator[str]:
     when ``path`` does not exist or is empty; else its files replace same-named ones, see the module docstring),
     on failure it is removed and ``path`` is untouched. The caller has checked ``path`` (``check_output_dir``)."""
     path = os.path.abspath(os.fspath(path))
+    created = []  # missing parents, made here and removed again on failure
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    for d in reversed(created):
+        os.mkdir(d)
     tmp = _temp_sibling(path, "dir")
     try:
         yield tmp
         commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         raise
 
 

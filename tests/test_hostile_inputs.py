@@ -126,9 +126,17 @@ def test_overwrite_replaces_stale_weight_shards(tmp_path):
     assert sorted(os.listdir(out)) == ["README.md", "model.safetensors"]
 
 
-def test_check_output_dir_refuses_a_missing_parent(tmp_path):
-    with pytest.raises(FileNotFoundError, match="parent directory"):
-        _atomic.check_output_dir(tmp_path / "no" / "such", overwrite=False)
+def test_atomic_dir_makes_missing_parents_and_removes_them_on_failure(tmp_path):
+    target = tmp_path / "a" / "b" / "out"
+    _atomic.check_output_dir(target, overwrite=False)  # a new path: fine
+    with pytest.raises(KeyboardInterrupt):
+        with _atomic.atomic_dir(target) as tmp:
+            open(os.path.join(tmp, "config.json"), "w").write("{}")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+    with _atomic.atomic_dir(target) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+    assert os.listdir(target) == ["config.json"]
     with pytest.raises(TypeError, match="overwrite must be a bool"):
         _atomic.check_output_dir(tmp_path, overwrite="yes")
 

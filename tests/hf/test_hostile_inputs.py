@@ -259,6 +259,12 @@ def test_max_new_tokens_must_be_a_positive_int(lm, value, error):
         lm.generate(ids, max_new_tokens=value)
 
 
+@pytest.mark.parametrize("alpha", [float("nan"), 1e39, "1.0", True])
+def test_guided_lm_alpha_is_checked_at_construction(alpha):
+    with pytest.raises((TypeError, ValueError), match="value alpha"):
+        GuidedCausalLM(make_base(), make_value(), alpha=alpha)
+
+
 def test_empty_prompt_is_refused(lm):
     with pytest.raises(ValueError, match="input_ids is empty"):
         lm.generate(torch.zeros((1, 0), dtype=torch.long), max_new_tokens=2)
