@@ -144,13 +144,15 @@ def commit_dir(tmp: str, path: str) -> None:
         return
     written = set(os.listdir(tmp))
     families = {f for f in map(_weight_family, written) if f}
+    for name in written:  # every conflict is found before the first file moves
+        s, d = os.path.join(tmp, name), os.path.join(path, name)
+        if os.path.isdir(d) and not os.path.islink(d) and not os.path.isdir(s):
+            raise ValueError(f"cannot replace the directory {d!r} with a file")
     for name in sorted(written):
         s, d = os.path.join(tmp, name), os.path.join(path, name)
         if os.path.isdir(s) and os.path.isdir(d) and not os.path.islink(d):
             commit_dir(s, d)
             continue
-        if os.path.isdir(d) and not os.path.islink(d):
-            raise ValueError(f"cannot replace the directory {d!r} with a file")
         os.replace(s, d)
     for name in os.listdir(path):
         if name not in written and _weight_family(name) in families:
@@ -158,10 +160,18 @@ def commit_dir(tmp: str, path: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which would race with other threads' writes.
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 @contextlib.contextmanager

@@ -115,6 +115,13 @@ def check_float32_range(name: str, x: float) -> float:
     return x
 
 
+def check_alpha_float(name: str, x) -> float:
+    """A guidance strength given as a number: a real number (not a bool or a string), finite, and finite in
+    float32 (the kernels accumulate in float32). One rule for the ops, the models' constructors and the guided
+    checkpoint's config."""
+    return check_float32_range(name, check_finite_float(name, x))
+
+
 def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
     """``[..., K] -> [M, K]`` as a view when the strides allow it (no silent copy of big tensors)."""
     if t.dim() == 2:
@@ -311,7 +318,7 @@ def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden
         if check_map_values:  # the same rule as the map's range: no value reads while tracing
             check_alpha_tensor_values(alpha)
     else:
-        alpha = check_float32_range("alpha", check_finite_float("alpha", alpha))
+        alpha = check_alpha_float("alpha", alpha)
     fill = float(fill) if not isinstance(fill, bool) and isinstance(fill, (int, float)) else fill
     if not isinstance(fill, float) or math.isnan(fill):
         raise (TypeError if not isinstance(fill, float) else ValueError)(

@@ -201,7 +201,7 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
             stored relative to ``directory``).
     """
     from .._atomic import atomic_dir
-    from .._validate import check_finite_float
+    from .._validate import check_alpha_float, check_finite_float
     from ..vocab import VocabMap
 
     if not terms:
@@ -217,7 +217,7 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
     specs, maps = [], []
     for i, t in enumerate(terms):
         role = f"term {i} ({t['model']})"
-        alpha = check_alpha_value(t.get("alpha", 1.0), f"{role}: alpha")
+        alpha = check_alpha_float(f"{role}: alpha", t.get("alpha", 1.0))
         Vv = _vocab_size(_config(t["model"], role))
         vmap = t.get("map")
         trained_map = os.path.join(t["model"], TRAINED_MAP)
@@ -272,14 +272,6 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
     return read_guided_checkpoint(directory)
 
 
-def check_alpha_value(alpha, name: str) -> float:
-    """A term's guidance strength: a real number (not a bool or a string), finite, and within float32's range
-    (the fused kernels accumulate in float32: a larger alpha overflows to inf there)."""
-    from .._validate import check_finite_float, check_float32_range
-
-    return check_float32_range(name, check_finite_float(name, alpha))
-
-
 def load_tokenizer_files(directory: str, what: str):
     """The tokenizer saved in ``directory`` (which has tokenizer files, ``has_tokenizer``); ``ValueError`` naming
     the directory when they do not load: a corrupted tokenizer must not pass for "no tokenizer", which would
@@ -304,7 +296,7 @@ def is_guided_checkpoint(directory: str) -> bool:
 def read_guided_checkpoint(directory: str) -> GuidedSpec:
     """The spec of a guided checkpoint; ``ValueError`` naming the file and the key for anything malformed (a
     hand-edited alpha of ``"nan"`` or ``true`` is refused, not read as a number)."""
-    from .._validate import check_finite_float
+    from .._validate import check_alpha_float, check_finite_float
 
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
@@ -330,8 +322,8 @@ def read_guided_checkpoint(directory: str) -> GuidedSpec:
 
     def number(key, value):
         try:
-            return check_alpha_value(value, f"ivl_guided.{key}") if "alpha" in key else \
-                check_finite_float(f"ivl_guided.{key}", value)
+            check = check_alpha_float if "alpha" in key else check_finite_float
+            return check(f"ivl_guided.{key}", value)
         except (TypeError, ValueError):
             raise field_error(key, "a finite number", value) from None
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.generation import GenerateDecoderOnlyOutput
 
-from .._validate import check_finite_float, check_float32_range, check_int
+from .._validate import check_alpha_float, check_int
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
                       infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from,
@@ -107,7 +107,7 @@ class GuidedCausalLM(nn.Module):
                 raise ValueError(f"{self._role(i)}: prompt_template must be 'chat', a str with a '{{prompt}}' "
                                  f"placeholder, or a callable text -> str; got {tpl!r}")
             # A NaN / overflowing alpha would only be refused by the op after the prompt's forward: check it here.
-            check_float32_range(f"{self._role(i)} alpha", check_finite_float(f"{self._role(i)} alpha", t.alpha))
+            check_alpha_float(f"{self._role(i)} alpha", t.alpha)
             backbone, weight = split_causal_lm(t.model, self._role(i))
             vmap = resolve_vocab_map(t.vocab_map, Vb, weight.shape[0], self._base_weight.device, role=self._role(i))
             self._parts.append((backbone, weight, vmap, float(t.alpha),

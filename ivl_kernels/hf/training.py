@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .._validate import check_l1_reduction
+from .._validate import check_alpha_float, check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, position_ids_from_mask,
@@ -168,7 +168,7 @@ class IVLForCausalLM(nn.Module):
         self.l1_reduction = check_l1_reduction(l1_reduction)
         self.base_model = base_model
         self.value_model = value_model
-        self.alpha = float(alpha)
+        self.alpha = check_alpha_float("alpha", alpha)  # a NaN would only surface as a NaN loss
         self.l1_coef = float(l1_coef)
         self.label_smoothing = float(label_smoothing)
         self.fill = float(fill)
