@@ -50,11 +50,12 @@ test: setup
 demo: setup
 	$(BIN)/ivl-kernels demo
 
+# Local benchmark results (never the committed benchmarks/results/); re-runs replace them.
 bench: setup
-	$(BIN)/ivl-kernels bench logits
+	$(BIN)/ivl-kernels bench logits --out bench-results --overwrite
 
 bench-all: setup
-	$(BIN)/ivl-kernels bench all
+	$(BIN)/ivl-kernels bench all --out bench-results --overwrite
 
 info: setup
 	$(BIN)/ivl-kernels info

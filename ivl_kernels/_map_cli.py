@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--value-vocab-size", type=int, default=None,
                    help="pad the map to the value model's (padded) LM-head size")
     p.add_argument("--examples", type=int, default=8, help="how many mapped/unmapped examples to print")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
     return p
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:  # --help or a usage error: argparse already printed the message
         return int(e.code or 0)
 
+    from ._atomic import atomic_file, check_not_input, check_output_file
     from .vocab import VocabMap, load_tokenizer, tokenizer_vocab
 
     try:
@@ -55,17 +57,26 @@ def main(argv: list[str]) -> int:
             raise ValueError("--method dtw needs --corpus TEXT_FILE")
         if args.method == "exact" and args.corpus:
             raise ValueError("--corpus is only used with --method dtw")
+        if args.examples < 0:
+            raise ValueError(f"--examples must be >= 0, got {args.examples}")
+        for flag, size in (("--base-vocab-size", args.base_vocab_size), ("--value-vocab-size", args.value_vocab_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"{flag} must be >= 1, got {size}")
+        # Before the (possibly long) DTW alignment: the output is never an input file, nor an existing file
+        # without --overwrite.
+        out = Path(args.output)
+        check_not_input(out, [("base tokenizer", args.base), ("value tokenizer", args.value),
+                              ("corpus", args.corpus)], flag="-o")
+        check_output_file(out, overwrite=args.overwrite, what="-o")
         base = tokenizer_vocab(load_tokenizer(args.base))
         value = tokenizer_vocab(load_tokenizer(args.value))
         corpus = Path(args.corpus) if args.corpus else None
         vmap = VocabMap.from_tokenizers(base, value, method=args.method, corpus=corpus)
         if args.base_vocab_size is not None or args.value_vocab_size is not None:
             vmap = vmap.pad_to(args.base_vocab_size, args.value_vocab_size)
-        out = Path(args.output)
-        if out.parent and not out.parent.exists():
-            raise FileNotFoundError(f"output directory does not exist: {out.parent}")
-        vmap.save(out)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        with atomic_file(out) as tmp:  # whole or not at all
+            vmap.save(tmp)
+    except (OSError, ValueError, TypeError, ImportError) as e:
         print(f"ivl-kernels map: error: {e}", file=sys.stderr)
         return 2
 

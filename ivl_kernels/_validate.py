@@ -8,6 +8,7 @@ was expected, and leaves every tensor it was given untouched.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -88,6 +89,39 @@ def check_finite_float(name: str, x, *, allow_inf: bool = False) -> float:
     return x
 
 
+def check_int(name: str, x, *, minimum: int = 1) -> int:
+    """A Python int (or an integer-valued 0-d tensor / numpy integer) ``>= minimum``; a bool, a float (2.7 must not
+    become 2) or a string is a ``TypeError``, a smaller value a ``ValueError``, each naming the argument."""
+    if isinstance(x, bool) or not (isinstance(x, int) or (hasattr(x, "__index__") and not isinstance(x, str)
+                                                          and not isinstance(x, float))):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(x).__name__} {x!r}")
+    try:
+        x = int(x.__index__())
+    except TypeError:  # a float tensor: __index__ refuses it
+        raise TypeError(f"{name} must be an int >= {minimum}, got {x!r}") from None
+    if x < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {x}")
+    return x
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_float32_range(name: str, x: float) -> float:
+    """A finite Python float that stays finite in float32: the kernels accumulate in float32, where 1e39
+    becomes inf and the guided logits NaN/inf without a word."""
+    if abs(x) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.4g}), got {x}")
+    return x
+
+
+def check_alpha_float(name: str, x) -> float:
+    """A guidance strength given as a number: a real number (not a bool or a string), finite, and finite in
+    float32 (the kernels accumulate in float32). One rule for the ops, the models' constructors and the guided
+    checkpoint's config."""
+    return check_float32_range(name, check_finite_float(name, x))
+
+
 def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
     """``[..., K] -> [M, K]`` as a view when the strides allow it (no silent copy of big tensors)."""
     if t.dim() == 2:
@@ -99,31 +133,67 @@ def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
-# Range checks of a CUDA map cost a device synchronisation; a decoding loop passes the same map tensor every
-# step, so remember the tensors already checked: keyed on the object itself (a weak reference, so a new map
-# allocated at a freed map's address is checked again) and its version counter (in-place edits through torch
-# bump it). A CUDA map written behind torch's back (DLPack, raw pointers) is not seen here; the kernels treat
-# any entry outside [-1, Vv) as unmapped, so memory safety never rests on this check.
-_CHECKED_MAPS: "OrderedDict[int, tuple]" = OrderedDict()
-_CHECKED_MAPS_MAX = 16
+# Value checks of a CUDA tensor (a map's range, an alpha's finiteness) cost a device synchronisation; a decoding
+# loop passes the same tensors every step, so remember the tensors already checked: keyed on the object itself (a
+# weak reference, so a new tensor allocated at a freed one's address is checked again), its version counter
+# (in-place edits through torch bump it) and what it was checked against. A CUDA tensor written behind torch's
+# back (DLPack, raw pointers) is not seen here; the kernels treat any map entry outside [-1, Vv) as unmapped, so
+# memory safety never rests on this check. Servers call the ops from several threads: the cache's
+# get/move_to_end/popitem sequences run under one lock (an OrderedDict is not safe under concurrent mutation).
+_CHECKED: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CHECKED_MAX = 32
+_CHECKED_LOCK = threading.Lock()
+
+
+def _already_checked(t: torch.Tensor, what) -> bool:
+    key = (id(t), what[0])
+    with _CHECKED_LOCK:
+        entry = _CHECKED.get(key)
+        if entry is None:
+            return False
+        ref, version, checked = entry
+        if ref() is not t or version != t._version or checked != what:
+            return False
+        _CHECKED.move_to_end(key)
+        return True
+
+
+def _remember_checked(t: torch.Tensor, what) -> None:
+    key = (id(t), what[0])
+    with _CHECKED_LOCK:
+        _CHECKED[key] = (weakref.ref(t), t._version, what)
+        _CHECKED.move_to_end(key)
+        while len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
 
 
 def _map_checked(vocab_map: torch.Tensor, Vv: int) -> bool:
-    entry = _CHECKED_MAPS.get(id(vocab_map))
-    if entry is None:
-        return False
-    ref, version, checked_Vv = entry
-    if ref() is not vocab_map or version != vocab_map._version or checked_Vv != Vv:
-        return False
-    _CHECKED_MAPS.move_to_end(id(vocab_map))
-    return True
+    return _already_checked(vocab_map, ("map", Vv))
 
 
 def _remember_map(vocab_map: torch.Tensor, Vv: int) -> None:
-    _CHECKED_MAPS[id(vocab_map)] = (weakref.ref(vocab_map), vocab_map._version, Vv)
-    _CHECKED_MAPS.move_to_end(id(vocab_map))
-    if len(_CHECKED_MAPS) > _CHECKED_MAPS_MAX:
-        _CHECKED_MAPS.popitem(last=False)
+    _remember_checked(vocab_map, ("map", Vv))
+
+
+def check_alpha_tensor_values(alpha: torch.Tensor) -> None:
+    """Every per-row alpha must be finite, and finite in float32 (the kernels accumulate in float32): a NaN alpha
+    on one row gives NaN logits there, and in the loss NaN gradients for every row (even an ignored one). Read on
+    every call for CPU tensors (no sync), once per tensor and version on a GPU (the decode loop passes the same
+    tensor every step), never while a CUDA graph is being captured."""
+    if alpha.numel() == 0:
+        return
+    cached = alpha.device.type != "cpu"
+    if cached and (_already_checked(alpha, ("alpha",)) or _capturing(alpha.device)):
+        return
+    bad = ~torch.isfinite(alpha)
+    if alpha.dtype == torch.float64:
+        bad |= alpha.abs() > _FLOAT32_MAX
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0]) if alpha.dim() == 1 else 0
+        raise ValueError(f"alpha tensor entries must be finite (and within float32's range); row {row} is "
+                         f"{float(alpha.reshape(-1)[row])}")
+    if cached:
+        _remember_checked(alpha, ("alpha",))
 
 
 def _capturing(device: torch.device) -> bool:
@@ -185,6 +255,9 @@ def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden
         raise ValueError(f"value_weight is on {value_weight.device}, expected {device} (the device of value_hidden)")
     lead_shape = tuple(value_hidden.shape[:-1])
     Vv = value_weight.shape[0]
+    if Vv == 0:
+        raise ValueError("value_weight must have at least one row (Vv >= 1: the value vocabulary), got shape "
+                         f"{list(value_weight.shape)}")
 
     has_logits = base_logits is not None
     has_hidden = base_hidden is not None or base_weight is not None
@@ -242,8 +315,10 @@ def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden
             raise ValueError(f"alpha tensor must be [M] = [{M}] (one strength per row), got {list(alpha.shape)}")
         if alpha.device != device:
             raise ValueError(f"alpha is on {alpha.device}, expected {device} (the device of value_hidden)")
+        if check_map_values:  # the same rule as the map's range: no value reads while tracing
+            check_alpha_tensor_values(alpha)
     else:
-        alpha = check_finite_float("alpha", alpha)
+        alpha = check_alpha_float("alpha", alpha)
     fill = float(fill) if not isinstance(fill, bool) and isinstance(fill, (int, float)) else fill
     if not isinstance(fill, float) or math.isnan(fill):
         raise (TypeError if not isinstance(fill, float) else ValueError)(

@@ -17,25 +17,112 @@ def _info(argv) -> int:
 BENCHMARKS = {"logits": "bench_guided_logits.py", "loss": "bench_guided_loss.py", "generate": "bench_generate.py"}
 
 
-def _bench(argv) -> int:
-    """``ivl-kernels bench [logits|loss|generate|all] [benchmark args]``: runs the scripts in benchmarks/."""
+BENCH_USAGE = """usage: ivl-kernels bench [logits|loss|generate|all] [--out DIR] [--overwrite] [benchmark args]
+
+Runs the side-by-side benchmarks of benchmarks/ (a source checkout). Results (CSV, plots) go to DIR (default: the
+current directory), never into the package; an existing result of the same name is not replaced without
+--overwrite (this run's results are then kept in a new DIR/bench-<time>/ instead). `ivl-kernels bench logits
+--help` lists a benchmark's own arguments."""
+
+
+def _split_bench_args(rest):
+    """``(out, overwrite, device, rest)``: the options ``bench`` itself handles, taken out of ``rest``."""
+    out, overwrite, device, keep = None, False, None, []
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a in ("--out", "--device") and i + 1 < len(rest):
+            if a == "--out":
+                out = rest[i + 1]
+            else:
+                device = rest[i + 1]
+                keep += rest[i:i + 2]
+            i += 2
+            continue
+        if a.startswith("--out="):
+            out = a.split("=", 1)[1]
+        elif a == "--overwrite":
+            overwrite = True
+        else:
+            if a.startswith("--device="):
+                device = a.split("=", 1)[1]
+            keep.append(a)
+        i += 1
+    return out, overwrite, device, keep
+
+
+def _load_benchmark(root: str, name: str):
+    """The module of benchmark ``name`` (its ``main(argv)`` takes ``--out DIR``)."""
     import importlib.util
     import os
 
+    spec = importlib.util.spec_from_file_location(f"ivl_bench_{name}", os.path.join(root, BENCHMARKS[name]))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(argv) -> int:
+    """``ivl-kernels bench [logits|loss|generate|all] [--out DIR] [--overwrite] [benchmark args]``: runs the scripts
+    in benchmarks/, each into a temporary directory inside DIR whose files are moved into DIR when it finishes."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from ._atomic import commit_dir, is_within
+
     which = argv[0] if argv and argv[0] in (*BENCHMARKS, "all") else "logits"
     rest = argv[1:] if argv and argv[0] == which else argv
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    if not os.path.isdir(root):
-        print(f"benchmarks/ not found next to the package ({root}): run from a source checkout "
-              "(pip install -e .)", file=sys.stderr)
+    if rest and rest[0] in ("-h", "--help") and not (argv and argv[0] in BENCHMARKS):
+        print(BENCH_USAGE)
+        return 0
+    out, overwrite, device, rest = _split_bench_args(rest)
+    out = os.path.abspath(out if out is not None else os.getcwd())
+    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.join(os.path.dirname(package), "benchmarks")
+    try:
+        if is_within(out, package):
+            raise ValueError(f"--out {out}: inside the installed package ({package}); choose a results directory")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out}: exists and is not a directory")
+        if not os.path.isdir(os.path.dirname(out)):
+            raise FileNotFoundError(f"--out {out}: its parent directory does not exist")
+        if device is not None and device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} "
+                                 f"(CUDA {torch.version.cuda or 'not built'}); use --device cpu")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"benchmarks/ not found next to the package ({root}): run from a source "
+                                    f"checkout (pip install -e .)")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ivl-kernels bench: error: {e}", file=sys.stderr)
         return 2
     status = 0
+    os.makedirs(out, exist_ok=True)
     for name in (BENCHMARKS if which == "all" else [which]):
-        path = os.path.join(root, BENCHMARKS[name])
-        spec = importlib.util.spec_from_file_location(f"ivl_bench_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        status |= module.main(rest) or 0
+        module = _load_benchmark(root, name)
+        tmp = tempfile.mkdtemp(prefix=f".bench-{name}.tmp-", dir=out)
+        try:
+            status |= module.main(rest + ["--out", tmp]) or 0
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no partial results
+            raise
+        clash = sorted(n for n in os.listdir(tmp) if os.path.lexists(os.path.join(out, n)))
+        if clash and not overwrite:
+            kept = os.path.join(out, time.strftime(f"bench-{name}-%Y%m%d-%H%M%S"))
+            os.rename(tmp, kept)
+            print(f"ivl-kernels bench: refusing to overwrite {', '.join(clash)} in {out} (pass --overwrite to "
+                  f"replace them); this run's results are in {kept}", file=sys.stderr)
+            status |= 2
+        elif os.listdir(tmp):
+            names = sorted(os.listdir(tmp))
+            commit_dir(tmp, out)
+            print(f"ivl-kernels bench: results in {out}: {', '.join(names)}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return status
 
 

@@ -322,3 +322,20 @@ def decode_prompts(tokenizer, input_ids: torch.Tensor, mask: torch.Tensor) -> li
     """Each row's prompt text (padding dropped, special tokens skipped)."""
     return [tokenizer.decode(input_ids[r][mask[r].bool()].tolist(), skip_special_tokens=True)
             for r in range(input_ids.shape[0])]
+
+
+def infer_attention_mask(input_ids: torch.Tensor, pad_token_id, eos_token_ids) -> torch.Tensor:
+    """The attention mask transformers' ``generate`` infers when none is given: ``input_ids != pad_token_id`` when
+    a pad token is known, occurs in the batch, and is not an EOS token (then it could be a real token); else all
+    ones. Without it a left-padded batch would attend to its padding and give other tokens than with its mask."""
+    if isinstance(pad_token_id, (list, tuple)):
+        pad_token_id = pad_token_id[0] if pad_token_id else None
+    if pad_token_id is None or isinstance(pad_token_id, bool):
+        return torch.ones_like(input_ids)
+    pad = int(pad_token_id)
+    if pad in set(int(e) for e in (eos_token_ids or [])):
+        return torch.ones_like(input_ids)
+    is_pad = input_ids == pad
+    if not bool(is_pad.any()):  # one host read, before decoding starts
+        return torch.ones_like(input_ids)
+    return (~is_pad).long()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = """ivl-kernels compose BASE [VALUE] -o DIR [--alpha A] [--map FILE] [--term MODEL:ALPHA[:MAP]]...
+USAGE = """ivl-kernels compose BASE [VALUE] -o DIR [--alpha A] [--map FILE] [--term MODEL:ALPHA[:MAP]]... [--overwrite]
 
 Writes DIR/config.json naming BASE and the guidance terms (no weights are copied), each term's vocabulary map,
 and BASE's tokenizer. GuidedCausalLM.from_pretrained(DIR) loads it in transformers; with the vLLM plugin,
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--term", action="append", default=[], metavar="MODEL:ALPHA[:MAP]",
                     help="a guidance term (repeatable): proxy-tuning is --term EXPERT:1 --term ANTI:-1")
     ap.add_argument("--fill", type=float, default=0.0, help="value logit of unmapped base ids (default 0)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into an existing directory that holds other files (same-named files are replaced); "
+                         "without it only a new, empty or earlier guided-checkpoint directory is written")
     ap.add_argument("--suppress-ids-from", type=int, default=None,
                     help="ids >= N are never generated (default: the tokenizer's length when smaller than the head)")
     args = ap.parse_args(argv)
@@ -58,8 +61,9 @@ def main(argv=None) -> int:
 
     try:
         spec = write_guided_checkpoint(args.output, args.base, terms, fill=args.fill,
-                                       suppress_ids_from=args.suppress_ids_from)
-    except (ValueError, FileNotFoundError) as exc:
+                                       suppress_ids_from=args.suppress_ids_from, overwrite=args.overwrite,
+                                       overwrite_flag="--overwrite")
+    except (ValueError, TypeError, OSError) as exc:
         print(f"ivl-kernels compose: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: base {spec.base}; " +

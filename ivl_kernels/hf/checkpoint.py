@@ -83,10 +83,27 @@ def _config(ref: str, role: str):
 
     ref = _adapter_parent(ref) or ref  # an adapter: its base's config
     try:
-        return AutoConfig.from_pretrained(ref)
+        cfg = AutoConfig.from_pretrained(ref)
     except Exception as exc:
         raise ValueError(f"{role}: cannot read a model config from {ref!r} ({type(exc).__name__}: {exc}); "
                          f"give a model directory (with config.json) or a hub id") from None
+    check_causal_lm_config(cfg, ref, role)
+    return cfg
+
+
+def check_causal_lm_config(cfg, ref: str, role: str) -> None:
+    """``ValueError`` unless ``cfg`` is a decoder-only causal LM's: an encoder-decoder (T5, BART) or an encoder
+    (BERT) has no next-token head over the prompt for the guidance to add to, and would fail only when loaded."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(cfg, "model_type", None)
+    if getattr(cfg, "is_encoder_decoder", False) or model_type == GUIDED_MODEL_TYPE or \
+            (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(cfg, "auto_map", None)):
+        kind = ("an encoder-decoder model" if getattr(cfg, "is_encoder_decoder", False) else
+                "a guided checkpoint (list its terms instead)" if model_type == GUIDED_MODEL_TYPE else
+                "not a causal LM")
+        raise ValueError(f"{role}: {ref!r} is {kind} (model_type {model_type!r}); guidance needs decoder-only "
+                         f"causal LMs (AutoModelForCausalLM)")
 
 
 def _vocab_size(cfg) -> int:
@@ -135,13 +152,45 @@ def tokenizer_id_difference(base_tok, value_tok) -> Optional[str]:
     return None
 
 
+def is_own_checkpoint_dir(directory: str) -> bool:
+    """Whether ``directory`` holds only what a guided-checkpoint writer writes (a guided ``config.json``, maps,
+    tokenizer files): writing a new guided checkpoint there destroys nothing else. A directory that also holds
+    weights, or any other model, is not one."""
+    from .._atomic import WEIGHT_FILE
+
+    if not is_guided_checkpoint(directory):
+        return False
+    return not any(WEIGHT_FILE.match(n) or os.path.isdir(os.path.join(directory, n)) for n in os.listdir(directory))
+
+
+def check_guided_output(directory: str, base: str, models: Sequence[str], *, overwrite: bool,
+                        flag: str = "overwrite=True") -> None:
+    """The output checks of every guided-checkpoint writer (``compose``, ``GuidedCausalLM.save_pretrained``):
+    never one of the models it references (nor inside one), never a directory of someone else's files unless
+    ``overwrite``."""
+    from .._atomic import check_not_input, check_output_dir
+
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise TypeError(f"the checkpoint directory must be a non-empty path, got {directory!r}")
+    check_not_input(directory, [("base model", base)] + [(f"term {i} model", m) for i, m in enumerate(models)],
+                    flag="the checkpoint directory")
+    check_output_dir(directory, overwrite=overwrite, ours=is_own_checkpoint_dir, what="checkpoint directory",
+                     flag=flag)
+
+
 def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *, fill: float = 0.0,
                             suppress_ids_from: Optional[int] = None, tokenizer=None,
-                            references_as_given: bool = False) -> GuidedSpec:
+                            references_as_given: bool = False, overwrite: bool = False,
+                            overwrite_flag: str = "overwrite=True") -> GuidedSpec:
     """Write a guided checkpoint (see the module docstring) and return its spec.
 
+    Everything is checked before anything is written; the directory appears whole or not at all (written into a
+    temporary sibling, then renamed).
+
     Args:
-        directory: created if missing; an existing ``config.json`` there is replaced.
+        directory: created if missing. It must not be (or lie inside) a model it references; an existing
+            directory may only hold an earlier guided checkpoint (replaced) unless ``overwrite=True`` (then the
+            checkpoint's files replace same-named ones; other files are left alone).
         base: the base model (directory or hub id).
         terms: ``[{"model": path_or_id, "alpha": float, "map": VocabMap | path | None}, ...]``; a term
             directory written by ``ivl-kernels train`` brings its own map (``vocab_map.pt``) when none is given.
@@ -151,20 +200,24 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
         references_as_given: store ``base`` / term models exactly as given (default: local directories are
             stored relative to ``directory``).
     """
+    from .._atomic import atomic_dir
+    from .._validate import check_alpha_float, check_finite_float
     from ..vocab import VocabMap
 
     if not terms:
         raise ValueError("a guided checkpoint needs at least one guidance term")
-    os.makedirs(directory, exist_ok=True)
+    check_guided_output(directory, base, [t["model"] for t in terms], overwrite=overwrite, flag=overwrite_flag)
+    fill = check_finite_float("fill", fill)
+    if suppress_ids_from is not None and (isinstance(suppress_ids_from, bool) or not isinstance(suppress_ids_from, int)
+                                          or suppress_ids_from < 1):
+        raise ValueError(f"suppress_ids_from must be an int >= 1 or None, got {suppress_ids_from!r}")
     ref = (lambda r: r) if references_as_given else (lambda r: _reference_for(r, directory))
     base_cfg = _config(base, "base")
     Vb = _vocab_size(base_cfg)
     specs, maps = [], []
     for i, t in enumerate(terms):
         role = f"term {i} ({t['model']})"
-        alpha = float(t.get("alpha", 1.0))
-        if alpha != alpha or alpha in (float("inf"), float("-inf")):
-            raise ValueError(f"{role}: alpha must be finite, got {alpha}")
+        alpha = check_alpha_float(f"{role}: alpha", t.get("alpha", 1.0))
         Vv = _vocab_size(_config(t["model"], role))
         vmap = t.get("map")
         trained_map = os.path.join(t["model"], TRAINED_MAP)
@@ -183,9 +236,15 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
             vmap.check_compatible(Vb, Vv)
         maps.append(vmap)
         specs.append(TermSpec(model=ref(t["model"]), alpha=alpha, map=None if vmap is None else f"map_{i}.pt"))
-    for i, vmap in enumerate(maps):
-        if vmap is not None:
-            vmap.save(os.path.join(directory, f"map_{i}.pt"))
+    if tokenizer is None and os.path.isdir(base) and has_tokenizer(base):
+        tokenizer = load_tokenizer_files(base, "the base model's tokenizer")
+    elif tokenizer is None and not os.path.isdir(base):
+        try:  # a hub id: its tokenizer when it has one (models without tokenizer files exist there)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base)
+        except Exception:
+            tokenizer = None
     text = base_cfg.get_text_config().to_dict() if hasattr(base_cfg, "get_text_config") else base_cfg.to_dict()
     doc = {
         "model_type": GUIDED_MODEL_TYPE,
@@ -202,18 +261,28 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
         "max_position_embeddings": text.get("max_position_embeddings"),
         "torch_dtype": str(text.get("torch_dtype") or text.get("dtype") or "float32").replace("torch.", ""),
     }
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    if tokenizer is None and has_tokenizer(base):
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(base)
-        except Exception:
-            tokenizer = None
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with atomic_dir(directory) as tmp:
+        for i, vmap in enumerate(maps):
+            if vmap is not None:
+                vmap.save(os.path.join(tmp, f"map_{i}.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(doc, f, indent=2, default=str)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return read_guided_checkpoint(directory)
+
+
+def load_tokenizer_files(directory: str, what: str):
+    """The tokenizer saved in ``directory`` (which has tokenizer files, ``has_tokenizer``); ``ValueError`` naming
+    the directory when they do not load: a corrupted tokenizer must not pass for "no tokenizer", which would
+    silently turn padded-head suppression off."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:
+        raise ValueError(f"{what} in {directory!r} does not load ({type(exc).__name__}: {str(exc)[:300]}); "
+                         f"repair or remove its tokenizer files") from None
 
 
 def is_guided_checkpoint(directory: str) -> bool:
@@ -225,33 +294,95 @@ def is_guided_checkpoint(directory: str) -> bool:
 
 
 def read_guided_checkpoint(directory: str) -> GuidedSpec:
-    """The spec of a guided checkpoint; ``ValueError`` naming the file for anything malformed."""
+    """The spec of a guided checkpoint; ``ValueError`` naming the file and the key for anything malformed (a
+    hand-edited alpha of ``"nan"`` or ``true`` is refused, not read as a number)."""
+    from .._validate import check_alpha_float, check_finite_float
+
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no guided checkpoint at {directory!r}: {path} does not exist")
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            doc = json.load(f)
+            doc = json.loads(f.read().decode("utf-8"))
         except ValueError as exc:
-            raise ValueError(f"{path}: not JSON ({exc})") from None
-    if doc.get("model_type") != GUIDED_MODEL_TYPE or "ivl_guided" not in doc:
-        raise ValueError(f"{path}: not a guided checkpoint (model_type {doc.get('model_type')!r}, expected "
+            raise ValueError(f"{path}: not UTF-8 JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("model_type") != GUIDED_MODEL_TYPE or "ivl_guided" not in doc:
+        found = doc.get("model_type") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path}: not a guided checkpoint (model_type {found!r}, expected "
                          f"{GUIDED_MODEL_TYPE!r}); write one with `ivl-kernels compose` or GuidedCausalLM.save_pretrained")
     g = doc["ivl_guided"]
+    if not isinstance(g, dict):
+        raise ValueError(f"{path}: 'ivl_guided' must be an object, got {type(g).__name__}")
     if g.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: guided checkpoint format {g.get('format_version')} is not supported "
                          f"(expected {FORMAT_VERSION})")
-    terms = [TermSpec(model=t["model"], alpha=float(t.get("alpha", 1.0)), map=t.get("map")) for t in g["terms"]]
-    if not terms:
-        raise ValueError(f"{path}: no guidance terms")
-    spec = GuidedSpec(base=g["base"], terms=terms, fill=float(g.get("fill", 0.0)),
-                      suppress_ids_from=g.get("suppress_ids_from"), directory=os.path.abspath(directory),
-                      text_config=doc.get("text_config") or {})
+
+    def field_error(key, expected, got):
+        return ValueError(f"{path}: ivl_guided.{key} must be {expected}, got {got!r}")
+
+    def number(key, value):
+        try:
+            check = check_alpha_float if "alpha" in key else check_finite_float
+            return check(f"ivl_guided.{key}", value)
+        except (TypeError, ValueError):
+            raise field_error(key, "a finite number", value) from None
+
+    if not isinstance(g.get("base"), str) or not g["base"]:
+        raise field_error("base", "the base model's path or hub id (a non-empty string)", g.get("base"))
+    raw_terms = g.get("terms")
+    if not isinstance(raw_terms, list) or not raw_terms:
+        raise field_error("terms", "a non-empty list of {'model', 'alpha', 'map'} objects", raw_terms)
+    terms = []
+    for i, t in enumerate(raw_terms):
+        if not isinstance(t, dict):
+            raise field_error(f"terms[{i}]", "an object with 'model', 'alpha' and 'map'", t)
+        if not isinstance(t.get("model"), str) or not t["model"]:
+            raise field_error(f"terms[{i}].model", "a model path or hub id (a non-empty string)", t.get("model"))
+        m = t.get("map")
+        if m is not None and (not isinstance(m, str) or os.path.isabs(m) or ".." in m.replace("\\", "/").split("/")):
+            raise field_error(f"terms[{i}].map", "null or a file name inside the checkpoint directory", m)
+        terms.append(TermSpec(model=t["model"], alpha=number(f"terms[{i}].alpha", t.get("alpha", 1.0)), map=m))
+    sif = g.get("suppress_ids_from")
+    if sif is not None and (isinstance(sif, bool) or not isinstance(sif, int) or sif < 1):
+        raise field_error("suppress_ids_from", "null or an integer >= 1", sif)
+    text_config = doc.get("text_config") or {}
+    if not isinstance(text_config, dict):
+        raise ValueError(f"{path}: text_config must be an object, got {type(text_config).__name__}")
+    spec = GuidedSpec(base=g["base"], terms=terms, fill=number("fill", g.get("fill", 0.0)),
+                      suppress_ids_from=sif, directory=os.path.abspath(directory), text_config=text_config)
     for t in terms:
         p = spec.map_path(t)
         if p is not None and not os.path.isfile(p):
             raise ValueError(f"{path}: term {t.model!r} names the map {t.map!r}, which is missing from {directory}")
     return spec
+
+
+def looks_like_path(ref: str) -> bool:
+    """Whether a stored reference can only be a local path: a hub id is ``name`` or ``org/name`` (no leading
+    dot, no ``..``, at most one ``/``)."""
+    parts = ref.replace("\\", "/").split("/")
+    return (os.path.isabs(ref) or ref.startswith(".") or len(parts) > 2 or any(p in ("", ".", "..") for p in parts))
+
+
+def resolve_for_loading(spec: GuidedSpec, stored: str, role: str) -> str:
+    """``spec.resolve(stored)``, or ``FileNotFoundError`` naming the checkpoint and the path looked for when the
+    reference is a local path that no longer exists (models moved apart from the checkpoint), instead of the hub
+    client's complaint about an invalid repo id."""
+    resolved = spec.resolve(stored)
+    if looks_like_path(stored) and not os.path.exists(resolved):
+        looked = resolved if os.path.isabs(resolved) else os.path.normpath(os.path.join(spec.directory, stored))
+        raise FileNotFoundError(f"{os.path.join(spec.directory, 'config.json')}: the {role} model {stored!r} is not "
+                                f"at {looked} (moved or deleted?): put it back, or rewrite the checkpoint with "
+                                f"`ivl-kernels compose`")
+    return resolved
+
+
+def load_checkpoint_tokenizer(spec: GuidedSpec):
+    """The tokenizer saved with a guided checkpoint, ``None`` when it has none; ``ValueError`` when its files
+    are there but do not load."""
+    if not has_tokenizer(spec.directory):
+        return None
+    return load_tokenizer_files(spec.directory, "the guided checkpoint's tokenizer")
 
 
 def load_causal_lm(ref: str, role: str, **kwargs):
@@ -266,12 +397,20 @@ def load_causal_lm(ref: str, role: str, **kwargs):
         if not parent:
             raise ValueError(f"{role}: the adapter at {ref!r} names no base_model_name_or_path")
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(parent, **kwargs), ref)
-    if os.path.isabs(ref) and not os.path.exists(ref):
+    if looks_like_path(ref) and not os.path.exists(ref):
         raise FileNotFoundError(f"{role}: model directory {ref!r} does not exist")
+    if os.path.isdir(ref) and os.path.isfile(os.path.join(ref, "config.json")):
+        from transformers import AutoConfig
+
+        check_causal_lm_config(AutoConfig.from_pretrained(ref), ref, role)
     try:
         return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"{role}: cannot load a model from {ref!r} ({exc})") from None
+    except ValueError as exc:  # the hub client's HFValidationError for a name that is neither a path nor an id
+        if os.path.exists(ref):
+            raise
+        raise FileNotFoundError(f"{role}: {ref!r} is neither a local directory nor a valid hub id ({exc})") from None
 
 
 def reference_of(model) -> Optional[str]:

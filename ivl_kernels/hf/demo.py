@@ -38,13 +38,17 @@ def _labels(seqs: torch.Tensor, length: int) -> torch.Tensor:
     return labels
 
 
+MAX_POSITIONS = 64
+MAX_LENGTH = (MAX_POSITIONS - 3) // 2  # <s> digits | answer </s>
+
+
 def _llama(hidden: int, layers: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, pad_token_id=PAD,
         bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False))
 
 
@@ -54,7 +58,7 @@ def _qwen(hidden: int, layers: int, seed: int):
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, pad_token_id=PAD,
         bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=True))
 
 
@@ -87,6 +91,12 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=None, help="digits per sequence (default 4, quick 3)")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 15 s) for tests")
     args = p.parse_args(argv)
+    # Before any work (pre-training takes most of a minute): sequences are 2 * length + 3 tokens within the tiny
+    # models' 64 positions, and the run reports the last training step's loss.
+    if args.length is not None and not 1 <= args.length <= MAX_LENGTH:
+        p.error(f"--length must be an int in [1, {MAX_LENGTH}] (digits per sequence), got {args.length}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be an int >= 1 (value-network training steps), got {args.steps}")
 
     from tqdm.auto import tqdm
 

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from transformers.generation import GenerateDecoderOnlyOutput
 
+from .._validate import check_alpha_float, check_int
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
-                      input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from, resolve_vocab_map,
-                      split_causal_lm, suppress_ids_)
+                      infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from,
+                      resolve_vocab_map, split_causal_lm, suppress_ids_)
 from ._value_state import ValueRunner
 
 
@@ -105,6 +106,8 @@ class GuidedCausalLM(nn.Module):
             if tpl is not None and not ok:
                 raise ValueError(f"{self._role(i)}: prompt_template must be 'chat', a str with a '{{prompt}}' "
                                  f"placeholder, or a callable text -> str; got {tpl!r}")
+            # A NaN / overflowing alpha would only be refused by the op after the prompt's forward: check it here.
+            check_alpha_float(f"{self._role(i)} alpha", t.alpha)
             backbone, weight = split_causal_lm(t.model, self._role(i))
             vmap = resolve_vocab_map(t.vocab_map, Vb, weight.shape[0], self._base_weight.device, role=self._role(i))
             self._parts.append((backbone, weight, vmap, float(t.alpha),
@@ -260,17 +263,25 @@ class GuidedCausalLM(nn.Module):
             v = getattr(gc, name, None) if gc is not None else None
             return default if v is None else v
 
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be an int64/int32 tensor [B, T], got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): every row needs at least one "
+                             f"prompt token (e.g. the tokenizer's BOS)")
         if max_new_tokens is None and max_length is None and explicit_gc and gc.max_new_tokens is None:
             max_length = getattr(gc, "max_length", None)
         if max_new_tokens is None and max_length is not None:
-            if int(max_length) <= T:
+            max_length = check_int("max_length", max_length)
+            if max_length <= T:
                 raise ValueError(f"max_length={max_length} leaves no room for new tokens after the {T}-token prompt; "
                                  f"pass max_new_tokens instead")
-            max_new_tokens = int(max_length) - T
-        max_new_tokens = int(cfg("max_new_tokens", max_new_tokens, 20))
+            max_new_tokens = max_length - T
+        max_new_tokens = check_int("max_new_tokens", cfg("max_new_tokens", max_new_tokens, 20))
+        min_new_tokens = check_int("min_new_tokens", min_new_tokens or 0, minimum=0)
         do_sample = bool(cfg("do_sample", do_sample, False))
         eos = cfg("eos_token_id", eos_token_id, None)
         eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
@@ -288,10 +299,17 @@ class GuidedCausalLM(nn.Module):
                                       tokenizer, self.vocab_size)
 
         device = self.device
-        input_ids = input_ids.to(device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+        input_ids = input_ids.to(device).long()
+        if attention_mask is None:
+            mask = infer_attention_mask(input_ids, pad_token_id if pad_token_id is not None else
+                                        getattr(gc, "pad_token_id", None), eos_list)
+        else:
+            mask = attention_mask.to(device).long()
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {list(mask.shape)} must have the shape of input_ids {list(input_ids.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("a row of input_ids has no real token (attention_mask all 0): every prompt needs at least "
+                             "one token")
         if streamer is not None and B != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers)")
 
@@ -431,9 +449,14 @@ class GuidedCausalLM(nn.Module):
 
     # ---- the guided checkpoint (``ivl_kernels.hf.checkpoint``): references, alphas and maps, no weights --------
     def save_pretrained(self, save_directory: str, *, base: Optional[str] = None,
-                        terms: Optional[Sequence[str]] = None, references_as_given: bool = False) -> None:
+                        terms: Optional[Sequence[str]] = None, references_as_given: bool = False,
+                        overwrite: bool = False) -> None:
         """Write a guided checkpoint naming the models (not copying them), the alphas, the maps and the base's
         tokenizer; ``GuidedCausalLM.from_pretrained`` and vLLM (``ivl_kernels.vllm``) load it.
+
+        ``save_directory`` must not be a model it names (nor inside one); an existing directory that holds
+        anything but an earlier guided checkpoint is refused unless ``overwrite=True``. Written whole or not at
+        all (a temporary sibling, then a rename).
 
         ``base`` / ``terms``: where the models are (directories or hub ids); default: where they were loaded from
         (``config._name_or_path``). A model built in memory has no such record: save it first
@@ -456,7 +479,7 @@ class GuidedCausalLM(nn.Module):
                  for r, part, t in zip(refs, self._parts, self.terms)]
         write_guided_checkpoint(save_directory, base_ref, specs, fill=self.fill,
                                 suppress_ids_from=self.suppress_ids_from, tokenizer=self.tokenizer,
-                                references_as_given=references_as_given)
+                                references_as_given=references_as_given, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, directory: str, *, backend: str = "auto", **model_kwargs) -> "GuidedCausalLM":
@@ -464,23 +487,19 @@ class GuidedCausalLM(nn.Module):
         ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
         PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it."""
         from ..vocab import VocabMap
-        from .checkpoint import has_tokenizer, load_causal_lm, read_guided_checkpoint
+        from .checkpoint import load_causal_lm, load_checkpoint_tokenizer, read_guided_checkpoint, resolve_for_loading
 
         spec = read_guided_checkpoint(directory)
-        base = load_causal_lm(spec.resolve(spec.base), "base", **model_kwargs)
+        # Every reference and the tokenizer are checked before any model is loaded (minutes for a large base).
+        refs = [resolve_for_loading(spec, spec.base, "base")] + \
+            [resolve_for_loading(spec, t.model, f"guidance term {i}") for i, t in enumerate(spec.terms)]
+        tokenizer = load_checkpoint_tokenizer(spec)
+        base = load_causal_lm(refs[0], "base", **model_kwargs)
         terms = []
-        for i, t in enumerate(spec.terms):
-            model = load_causal_lm(spec.resolve(t.model), f"guidance term {i}", **model_kwargs)
+        for i, (t, ref) in enumerate(zip(spec.terms, refs[1:])):
+            model = load_causal_lm(ref, f"guidance term {i}", **model_kwargs)
             path = spec.map_path(t)
             terms.append(GuidanceTerm(model, t.alpha, None if path is None else VocabMap.load(path)))
-        tokenizer = None
-        if has_tokenizer(spec.directory):
-            try:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(spec.directory)
-            except Exception:  # an unreadable tokenizer: only suppress_ids_from applies
-                tokenizer = None
         return cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
                    suppress_ids_from=spec.suppress_ids_from)
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._validate import check_alpha_float
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, check_caller_generation_mode, check_prompt_batch, fallback_input_id,
                       input_vocab_size, resolve_suppress_from, resolve_vocab_map, split_causal_lm, suppress_ids_)
@@ -73,7 +74,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                  value_attention_mask: Optional[torch.Tensor] = None, suppress_ids_from: Optional[int] = None):
         self.value_model = value_model
         self.backbone, self.value_weight = split_causal_lm(value_model, "value")
-        self.alpha = alpha
+        # A number is checked here, a per-row tensor by the op (once per tensor version on a GPU).
+        self.alpha = alpha if isinstance(alpha, torch.Tensor) else check_alpha_float("alpha", alpha)
         self.fill = float(fill)
         self.backend = backend
         self.value_tokenizer = value_tokenizer

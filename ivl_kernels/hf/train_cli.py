@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from OUT/checkpoint-N, a checkpoint directory, or 'latest' (what --resume alone "
                         "means; put it after BASE VALUE)")
-    g.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds checkpoints")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that already holds files (checkpoints, a finished run); same-named "
+                        "files are replaced. Without it OUT must be new or empty (or pass --resume)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     g.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in the value model")
     g.add_argument("--report-to", default="none", metavar="NAMES", help="tensorboard, wandb, ... (default none)")
@@ -133,18 +135,25 @@ def load_records(path: str) -> List[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data: no such file: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or not ("messages" in rec or "prompt" in rec):
-                raise ValueError(f"{path}:{n}: expected an object with 'prompt' and 'response', or 'messages'")
-            rec["_line"] = n
-            records.append(rec)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is not part of the first record
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                         f"JSONL training data must be UTF-8") from None
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or not ("messages" in rec or "prompt" in rec):
+            raise ValueError(f"{path}:{n}: expected an object with 'prompt' and 'response', or 'messages'")
+        rec["_line"] = n
+        records.append(rec)
     if not records:
         raise ValueError(f"{path}: no examples")
     return records
@@ -317,24 +326,40 @@ def _trainer_class():
             from transformers.trainer import TRAINING_ARGS_NAME
             import torch
 
+            from .._atomic import atomic_dir
+
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             if not self.args.should_save:
                 return
-            os.makedirs(output_dir, exist_ok=True)
             ivl = _ivl_module(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
             kwargs = {}
             if state_dict is not None:  # FSDP / DeepSpeed: the gathered state dict of the whole IVL module
                 prefix = "value_model."
                 kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            ivl.value_model.save_pretrained(output_dir, **kwargs)
-            if self.value_tokenizer is not None:
-                self.value_tokenizer.save_pretrained(output_dir)
-            info = self.ivl_info(self.state.global_step) if callable(self.ivl_info) else self.ivl_info
-            if info is not None:
-                write_info(output_dir, info)
-            if self.vocab_map is not None:
-                self.vocab_map.save(os.path.join(output_dir, MAP_NAME))
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            # Staged in a temporary sibling, then moved in: an interrupt leaves the previous files (or none).
+            with atomic_dir(output_dir) as tmp:
+                ivl.value_model.save_pretrained(tmp, **kwargs)
+                if self.value_tokenizer is not None:
+                    self.value_tokenizer.save_pretrained(tmp)
+                info = self.ivl_info(self.state.global_step) if callable(self.ivl_info) else self.ivl_info
+                if info is not None:
+                    write_info(tmp, info)
+                if self.vocab_map is not None:
+                    self.vocab_map.save(os.path.join(tmp, MAP_NAME))
+                torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
+
+        def _save_checkpoint(self, model, trial) -> None:
+            # Trainer writes a checkpoint file by file (weights, optimizer, RNG, trainer state) and may be
+            # interrupted anywhere: the completion marker, written last (after every process has written its part)
+            # and atomically, is what makes a checkpoint one to resume from (``checkpoint_problem``).
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                run_dir = self._get_output_dir(trial=trial)
+                mark_checkpoint_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"),
+                                         self.state.global_step)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # pragma: no cover - not run in CI
@@ -357,6 +382,55 @@ def write_info(directory: str, info: dict) -> None:
     with open(os.path.join(directory, INFO_NAME), "w") as f:
         json.dump(info, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+COMPLETE_NAME = "ivl_checkpoint_complete.json"
+
+
+def mark_checkpoint_complete(directory: str, global_step: int) -> None:
+    from .._atomic import atomic_file
+
+    with atomic_file(os.path.join(directory, COMPLETE_NAME)) as tmp:
+        with open(tmp, "w") as f:
+            json.dump({"global_step": int(global_step)}, f)
+
+
+def checkpoint_problem(directory: str) -> Optional[str]:
+    """``None`` when ``directory`` is a complete checkpoint, else why not. Complete: the marker the trainer writes
+    last; a checkpoint written before the marker existed counts when its ``trainer_state.json`` (Trainer's last
+    file) is whole JSON and value weights (or an adapter) are there."""
+    if os.path.isfile(os.path.join(directory, COMPLETE_NAME)):
+        return None
+    state = os.path.join(directory, "trainer_state.json")
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "interrupted while saving (no completion marker, no whole trainer_state.json)"
+    names = set(os.listdir(directory))
+    if not names & {"model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                    "adapter_model.bin", "pytorch_model.bin"}:
+        return "no value-network weights"
+    return None
+
+
+def latest_complete_checkpoint(out: str):
+    """``(newest complete checkpoint-N in out or None, [(incomplete path, why), ...] newer than it)``."""
+    import re
+
+    found = []
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            m = re.fullmatch(r"checkpoint-(\d+)", name)
+            if m and os.path.isdir(os.path.join(out, name)):
+                found.append((int(m.group(1)), os.path.join(out, name)))
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        why = checkpoint_problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
 
 
 def read_info(directory: str) -> dict:
@@ -390,22 +464,50 @@ def _same_vocabulary(base_tok, value_tok) -> bool:
 
 
 def _resolve_resume(resume: Optional[str], out: str, overwrite: bool) -> Optional[str]:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from (``None``: a fresh run). A fresh run needs an OUT that is new or empty
+    (``--overwrite`` to write over another run's files); ``latest`` is the newest complete checkpoint, incomplete
+    ones (an interrupted save) are reported and skipped; a named checkpoint must be complete."""
+    from .._atomic import check_output_dir
 
-    last = get_last_checkpoint(out) if os.path.isdir(out) else None
     if resume is None:
-        if last is not None and not overwrite:
+        if overwrite:
+            return None
+        last, _ = latest_complete_checkpoint(out)
+        if last is not None:
             raise UsageError(f"{out} already holds checkpoints ({os.path.basename(last)}): pass --resume latest "
                              f"to continue from it, or --overwrite to start over")
+        try:
+            check_output_dir(out, overwrite=False, what="-o", flag="--overwrite (or --resume latest)")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         return None
     if resume == "latest":
+        last, skipped = latest_complete_checkpoint(out)
+        for path, why in skipped:
+            print(f"ivl-kernels train: skipping {path}: incomplete checkpoint ({why})", file=sys.stderr)
         if last is None:
-            raise UsageError(f"--resume latest: no checkpoint-N directory in {out}")
+            raise UsageError(f"--resume latest: no checkpoint-N directory in {out} holds a complete checkpoint")
         return last
     for cand in (resume, os.path.join(out, resume)):
         if os.path.isdir(cand):
+            why = checkpoint_problem(cand)
+            if why is not None:
+                raise UsageError(f"--resume {resume}: {cand} is an incomplete checkpoint ({why}); use --resume "
+                                 f"latest for the newest complete one")
             return cand
     raise UsageError(f"--resume {resume}: no such checkpoint directory")
+
+
+def _check_paths(args) -> None:
+    """Before any work: OUT is none of the inputs (nor inside one); the data file exists."""
+    from .._atomic import check_not_input
+
+    check_not_input(args.output, [("base model (BASE)", args.base), ("value model (VALUE)", args.value),
+                                  ("--base-tokenizer", args.base_tokenizer),
+                                  ("--value-tokenizer", args.value_tokenizer), ("--data file", args.data),
+                                  ("--map file", args.map)], flag="-o")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output!r} exists and is not a directory")
 
 
 def _dtype(name: Optional[str]):
@@ -427,6 +529,14 @@ def _setup(args) -> dict:
         raise UsageError("--lora-r must be >= 0")
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_length < 2:
         raise UsageError("--batch-size and --grad-accum must be >= 1, --max-length >= 2")
+    if args.save_steps < 0 or args.logging_steps < 1 or (args.save_total_limit is not None and args.save_total_limit < 1):
+        raise UsageError("--save-steps must be >= 0, --logging-steps >= 1, --save-total-limit >= 1")
+    for flag, v in (("--alpha", args.alpha), ("--lr", args.lr), ("--l1-coef", args.l1_coef)):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise UsageError(f"{flag} must be finite, got {v}")
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume continues the run in OUT and --overwrite starts over: pass one of them")
+    _check_paths(args)
     resume = _resolve_resume(args.resume, args.output, args.overwrite)
     records = load_records(args.data)
 
@@ -530,6 +640,12 @@ def _setup(args) -> dict:
                 model=model)
 
 
+def _remove_if_new_and_empty(path: str, existed: bool) -> None:
+    """A failed command leaves nothing behind: Trainer creates OUT when it is built."""
+    if not existed and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+
+
 def _report_to(value: str):
     if value.strip() in ("", "none"):
         return []
@@ -553,10 +669,12 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help or a usage error: argparse printed the message
         return int(e.code or 0)
 
+    out_existed = os.path.exists(args.output)
     try:
         s = _setup(args)
     except (UsageError, FileNotFoundError, ValueError, TypeError, ImportError, OSError) as e:
         print(f"ivl-kernels train: error: {e}", file=sys.stderr)
+        _remove_if_new_and_empty(args.output, out_existed)
         return 2
     trainer = s["trainer"]
     main_process = trainer.is_world_process_zero()

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .._validate import check_l1_reduction
+from .._validate import check_alpha_float, check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, position_ids_from_mask,
@@ -168,7 +168,7 @@ class IVLForCausalLM(nn.Module):
         self.l1_reduction = check_l1_reduction(l1_reduction)
         self.base_model = base_model
         self.value_model = value_model
-        self.alpha = float(alpha)
+        self.alpha = check_alpha_float("alpha", alpha)  # a NaN would only surface as a NaN loss
         self.l1_coef = float(l1_coef)
         self.label_smoothing = float(label_smoothing)
         self.fill = float(fill)
@@ -281,10 +281,20 @@ class IVLForCausalLM(nn.Module):
         return IVLOutput(loss=result if result.dim() == 0 else result.reshape(()))
 
     # ---- persistence: the value network only -------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Save the value network (``value_model.save_pretrained``: full weights, or the adapter for PEFT)."""
-        os.makedirs(save_directory, exist_ok=True)
-        self.value_model.save_pretrained(save_directory, **kwargs)
+    def save_pretrained(self, save_directory: str, *, overwrite: bool = False, **kwargs) -> None:
+        """Save the value network (``value_model.save_pretrained``: full weights, or the adapter for PEFT).
+
+        ``save_directory`` must not be where the base or value model was loaded from (nor inside it), and an
+        existing non-empty directory is refused unless ``overwrite=True`` (then same-named files are replaced).
+        Written whole or not at all (a temporary sibling, then a rename)."""
+        from .._atomic import atomic_dir, check_not_input, check_output_dir
+        from .checkpoint import reference_of
+
+        check_not_input(save_directory, [("base model", reference_of(self.base_model)),
+                                         ("value model", reference_of(self.value_model))], flag="save_directory")
+        check_output_dir(save_directory, overwrite=overwrite, what="save_directory", flag="overwrite=True")
+        with atomic_dir(save_directory) as tmp:
+            self.value_model.save_pretrained(tmp, **kwargs)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, value_path: str, *, value_base_model: Optional[nn.Module] = None,

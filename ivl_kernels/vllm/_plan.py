@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from ..hf.checkpoint import (GUIDED_ARCHITECTURE, GuidedSpec, _same_tokenizer_ids, has_tokenizer as _has_tokenizer,
+                              load_checkpoint_tokenizer,
                               read_guided_checkpoint)
 
 # transformers config attributes that transform the logits after the LM head (not applied by the fused head).
@@ -203,14 +204,9 @@ def check_guided_config(vllm_config) -> GuidedPlan:
                                  f"checkpoint has no map for it: such a pair needs text re-tokenisation, which the "
                                  f"vLLM path does not do; {_TRANSFORMERS_PATH}")
         plan.terms.append(m)
-    tokenizer = None
-    if _has_tokenizer(spec.directory):
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(spec.directory)
-        except Exception:  # no usable tokenizer saved with the checkpoint: only suppress_ids_from applies
-            tokenizer = None
+    # A tokenizer whose files are there but do not load is an error (naming the directory), never "no
+    # tokenizer": that would silently turn padded-head suppression off.
+    tokenizer = load_checkpoint_tokenizer(spec)
     plan.suppress_from = resolve_suppress_from(spec.suppress_ids_from, tokenizer, Vb)
     return plan
 

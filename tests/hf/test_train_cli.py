@@ -26,7 +26,8 @@ pytest.importorskip("tokenizers")
 
 from ivl_kernels import cli  # noqa: E402
 from ivl_kernels.hf import demo  # noqa: E402
-from ivl_kernels.hf.train_cli import IVLDataCollator, build_parser, read_info, tokenize_record  # noqa: E402
+from ivl_kernels.hf.train_cli import (COMPLETE_NAME, IVLDataCollator, build_parser, read_info,  # noqa: E402
+                                      tokenize_record)
 
 ROOT = Path(__file__).resolve().parents[2]
 L = 3  # digits per example
@@ -198,6 +199,7 @@ def test_resume_latest_continues_from_the_checkpoint(toy, reference, tmp_path, c
     args = [toy.base, toy.value, "--data", toy.data, "-o", out, "--save-steps", HALF, *COMMON]
     assert _run(args + ["--max-steps", HALF]) == 0
     assert (out / f"checkpoint-{HALF}").is_dir()
+    assert (out / f"checkpoint-{HALF}" / COMPLETE_NAME).is_file()  # written last: the checkpoint is whole
     capsys.readouterr()
     assert _run(args + ["--max-steps", STEPS]) == 2  # checkpoints there and no --resume: refused
     assert "--resume latest" in capsys.readouterr().err
