@@ -9,12 +9,13 @@ in the same loop. No ``[M, Vv]`` intermediate exists on the fused backends.
 Backends: ``triton`` (any M: below ``GEMM_MIN_ROWS`` rows one launch over a grid of vocabulary tiles x row tiles,
 memory-bound like decoding; from ``GEMM_MIN_ROWS`` rows, where the work is compute-bound, the heads as cuBLAS
 GEMMs accumulated into ``out``: the base head written, the value head added with ``beta = 1``), ``cuda`` (the compiled
-decode kernel of ``csrc/``, M <= 16; ``auto`` takes it only where the H100 measured it faster: see
-``CUDA_AUTO_ROWS``), ``torch`` (``reference.guided_logits_torch``).
+decode kernel of ``csrc/``, M <= 16; ``auto`` takes it where it measured faster on this device: see
+``_ROUTE``), ``torch`` (``reference.guided_logits_torch``).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -28,16 +29,16 @@ from ._gemm import addmm_into
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
 CUDA_MAX_ROWS = 16
 
-# backend="auto" routing between the CUDA kernel and Triton, from the H100 measurements at DESIGN's "qwen" heads
-# (benchmarks/results/gpu/2026-11-22-h100/rerun/bench-decode.log, bf16, M = 1..16):
-# * GPU time (a replayed CUDA graph): the CUDA kernel re-reads and unpacks per row, so it is issue-bound from
-#   M = 2 (base hidden: 1.07x the floor at M = 2, 2.54x at M = 8; Triton 0.97-1.00x for every M <= 16). Only M = 1
-#   goes to CUDA, where both sit at the floor.
-# * Eager calls with base logits given (IVLLogitsProcessor): the whole kernel takes ~0.09 ms, less than Triton's
-#   host launch path (0.158 ms per call back to back at M = 1 against 0.092 ms for CUDA), so the host bounds the
-#   loop; CUDA stays faster up to M = 3 (0.132 vs 0.178 ms), ties at M = 4 and loses from M = 6.
-CUDA_AUTO_ROWS = 1
-CUDA_AUTO_ROWS_EAGER_BASE_LOGITS = 3
+# backend="auto" between the CUDA kernel and Triton (M <= CUDA_MAX_ROWS): measured, not tabled. The H100 and the
+# H200 disagree (H100: CUDA faster at M = 1 and, for eager calls with base logits, up to M = 3; H200: Triton 0.315
+# ms against CUDA's 0.342 ms at M = 1), so the first eager call of each shape class on each device times both
+# kernels on its own inputs (back-to-back calls: the host launch path counts where it bounds the loop) and the
+# choice is cached for the process, like Triton's autotuner. A shape first seen inside a CUDA-graph capture or
+# while torch.compile traces is not measured there: it gets Triton, recorded, so eager and captured calls of that
+# shape always run the same kernel (identical numbers).
+_ROUTE: dict = {}
+_ROUTE_LOCK = threading.Lock()
+ROUTE_CALLS = 20
 
 # From this many rows (serving batches, prefill, scoring) the head is compute-bound: the Triton tiles reached a
 # third of the H200's matrix rate there (M = 128: 0.736 ms against 0.38 ms for the two heads in cuBLAS), so the
@@ -314,13 +315,56 @@ def _vector_aligned(t: torch.Tensor) -> bool:
         t.dim() == 1 or t.stride(0) % vec == 0)
 
 
+def _route_key(a: GuidedArgs) -> tuple:
+    bh = a.base_hidden
+    return (a.device.index if a.device.index is not None else torch.cuda.current_device(), a.M, a.base_mode,
+            a.value_hidden.dtype, a.out_dtype, a.Vb, tuple(a.value_weight.shape), bh.shape[1] if bh is not None else 0,
+            a.vocab_map is not None, isinstance(a.alpha, torch.Tensor))
+
+
+def _time_calls(fn, calls: int) -> float:
+    """Milliseconds per call of ``calls`` back-to-back calls after two warm-up calls (compilation excluded)."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def _measure_route(a: GuidedArgs) -> str:
+    """``"cuda"`` or ``"triton"``: the faster on this device for this call's shapes (into a scratch output, so an
+    in-place call's logits are not touched)."""
+    scratch = torch.empty((a.M, a.Vb), dtype=a.out_dtype, device=a.device)
+    alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None
+    alpha_scalar = 0.0 if alpha_tensor is not None else a.alpha
+    try:
+        with torch.no_grad():
+            ms = {which: _time_calls(lambda: _run(which, a, alpha_tensor, alpha_scalar, scratch), ROUTE_CALLS)
+                  for which in ("triton", "cuda")}
+    except RuntimeError:
+        return "triton"  # a kernel that cannot run here is not chosen
+    return "cuda" if ms["cuda"] < ms["triton"] else "triton"
+
+
 def _cuda_preferred(a: GuidedArgs) -> bool:
-    """Whether ``auto`` should take the CUDA kernel over Triton for this call (see ``CUDA_AUTO_ROWS``)."""
-    if a.M <= CUDA_AUTO_ROWS:
-        return True
-    if a.base_mode == 2 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return False  # GPU time decides: a captured graph (or a compiled one) replays without the host path
-    return a.M <= CUDA_AUTO_ROWS_EAGER_BASE_LOGITS
+    """Whether ``auto`` takes the CUDA kernel over Triton for this call: the cached measurement of its shape
+    class on this device (made now if this is the first eager call of the class; see ``_ROUTE``)."""
+    key = _route_key(a)
+    with _ROUTE_LOCK:
+        choice = _ROUTE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+            choice = "triton"
+        else:
+            choice = _measure_route(a)
+        with _ROUTE_LOCK:
+            choice = _ROUTE.setdefault(key, choice)
+    return choice == "cuda"
 
 
 def _cuda_supports(a: GuidedArgs, out: Optional[torch.Tensor]) -> str:
@@ -348,6 +392,21 @@ def _cuda_supports(a: GuidedArgs, out: Optional[torch.Tensor]) -> str:
     if a.vocab_map is not None and a.vocab_map.stride(0) != 1:
         return "vocab_map must be contiguous"
     return ""
+
+
+def _run(which: str, a: GuidedArgs, alpha_tensor, alpha_scalar: float, out2d: torch.Tensor) -> None:
+    if which == "torch":
+        guided_logits_torch(a, out2d)
+    elif which == "triton":
+        torch.ops.ivl_kernels.guided_logits_triton(
+            a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map,
+            alpha_tensor, alpha_scalar, a.fill, out2d)
+    else:
+        if alpha_tensor is not None and (alpha_tensor.dtype != torch.float32 or alpha_tensor.stride(0) != 1):
+            alpha_tensor = alpha_tensor.float().contiguous()
+        torch.ops.ivl_kernels.guided_logits_decode_(
+            a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map,
+            alpha_tensor, alpha_scalar, a.fill, out2d)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -395,16 +454,5 @@ def fused_guided_logits(value_hidden, value_weight, *, base_logits=None, base_hi
     alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None
     alpha_scalar = 0.0 if alpha_tensor is not None else a.alpha
     with torch.no_grad():
-        if which == "torch":
-            guided_logits_torch(a, out2d)
-        elif which == "triton":
-            torch.ops.ivl_kernels.guided_logits_triton(
-                a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map,
-                alpha_tensor, alpha_scalar, a.fill, out2d)
-        else:
-            if alpha_tensor is not None and (alpha_tensor.dtype != torch.float32 or alpha_tensor.stride(0) != 1):
-                alpha_tensor = alpha_tensor.float().contiguous()
-            torch.ops.ivl_kernels.guided_logits_decode_(
-                a.value_hidden, a.value_weight, a.base_logits, a.base_hidden, a.base_weight, a.vocab_map,
-                alpha_tensor, alpha_scalar, a.fill, out2d)
+        _run(which, a, alpha_tensor, alpha_scalar, out2d)
     return out if out is not None else out2d

@@ -164,6 +164,36 @@ def test_triton_fp16_matches_reference(case):
     _check("triton", vh, vw, target, kw, torch.float16)
 
 
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and (interpreter_enabled() or HAS_GPU)),
+                                  reason="needs Triton on a GPU or under the interpreter")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[5], CASES[9]])
+def test_triton_many_chunks_match_reference(case, monkeypatch):
+    """Chunks of a few rows (odd sizes, a short last chunk): every chunk boundary, the float32 d value_weight
+    accumulated across chunks, the one-pass forward (mean/sum) and the recomputing backward ("none")."""
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(**case, dtype=torch.float32)
+    vb = kw["base_logits"].shape[-1] if "base_logits" in kw else case.get("Vb", case.get("Vv", 100))
+    monkeypatch.setitem(gce._chunked.CHUNK_BYTES, device, 5 * 4 * (2 * max(vb, case.get("Vv", 100)) + 200))
+    monkeypatch.setattr(gce._chunked, "ROW_ALIGN", 1)
+    _check("triton", vh, vw, target, kw, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("which", ["value_hidden", "value_weight"])
+def test_triton_gradient_of_one_input_only(which):
+    vh, vw, target, kw = _make(N=9, base="hidden", vmap="map", Vb=120, l1_coef=0.4, dtype=torch.float32)
+    ref_h, ref_w = vh.clone().requires_grad_(), vw.clone().requires_grad_()
+    guided_cross_entropy_naive(ref_h, ref_w, target, **kw).backward()
+    h, w = vh.clone().requires_grad_(which == "value_hidden"), vw.clone().requires_grad_(which == "value_weight")
+    ivl.fused_guided_cross_entropy(h, w, target, backend="triton", **kw).backward()
+    got, ref, other = (h.grad, ref_h.grad, w) if which == "value_hidden" else (w.grad, ref_w.grad, h)
+    assert other.grad is None
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="bf16/fp16 Triton kernels compiled for CUDA need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", [

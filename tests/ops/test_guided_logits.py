@@ -236,29 +236,64 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
     assert _backends.select("auto", torch.device("cpu"), triton_supports=lambda: "") == "torch"
 
 
-@pytest.mark.parametrize("M,base,capturing,want", [
-    (1, "hidden", False, "cuda"), (2, "hidden", False, "triton"), (16, "hidden", False, "triton"),
-    (1, "logits", False, "cuda"), (3, "logits", False, "cuda"), (4, "logits", False, "triton"),
-    (1, "logits", True, "cuda"), (2, "logits", True, "triton")],
-    ids=lambda v: str(v) if not isinstance(v, bool) else ("graph" if v else "eager"))
-def test_auto_routes_cuda_only_where_measured_faster(monkeypatch, M, base, capturing, want):
-    """The router's table (H100 measurements, CUDA_AUTO_ROWS): decided without a GPU by faking availability."""
+@pytest.fixture
+def fake_route(monkeypatch):
+    """The router without a GPU: both backends usable, timings faked per backend, capture state settable."""
     from ivl_kernels.ops import guided_logits as gl
-    from ivl_kernels._validate import validate_guided
 
     monkeypatch.delenv("IVL_KERNELS_BACKEND", raising=False)
     monkeypatch.setattr(_backends, "cuda_usable", lambda d: (True, ""))
     monkeypatch.setattr(_backends, "triton_usable", lambda d: (True, ""))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    vh, vw, kw = _inputs(M, 64, 100, 128, 16, torch.float16, "cpu", base)
-    a = validate_guided(vh, vw, **kw)
-    pick = _backends.select("auto", torch.device("cuda"), cuda_supports=lambda: "",
-                            triton_supports=lambda: "", cuda_preferred=lambda: gl._cuda_preferred(a))
-    assert pick == want
-    # Where Triton cannot run, a call the CUDA kernel handles still goes to it.
+    monkeypatch.setattr(gl, "_ROUTE", {})
+    state = dict(capturing=False, ms={"cuda": 0.3, "triton": 0.2}, measured=[])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def measure(a):
+        state["measured"].append(a.M)
+        return min(state["ms"], key=state["ms"].get)
+
+    monkeypatch.setattr(gl, "_measure_route", measure)
+
+    def pick(M, base="logits"):
+        from ivl_kernels._validate import validate_guided
+
+        vh, vw, kw = _inputs(M, 64, 100, 128, 16, torch.float16, "cpu", base)
+        a = validate_guided(vh, vw, **kw)
+        a.device = torch.device("cuda", 0)
+        return _backends.select("auto", torch.device("cuda"), cuda_supports=lambda: "", triton_supports=lambda: "",
+                                cuda_preferred=lambda: gl._cuda_preferred(a))
+
+    state["pick"] = pick
+    return state
+
+
+def test_auto_measures_once_per_shape_class_and_caches(fake_route):
+    pick = fake_route["pick"]
+    fake_route["ms"] = {"cuda": 0.1, "triton": 0.2}
+    assert pick(1) == "cuda" and fake_route["measured"] == [1]
+    fake_route["ms"] = {"cuda": 0.9, "triton": 0.2}   # a later measurement would differ: none is made
+    assert pick(1) == "cuda" and fake_route["measured"] == [1]
+    assert pick(2) == "triton" and fake_route["measured"] == [1, 2]
+    assert pick(1, base="hidden") == "triton" and fake_route["measured"] == [1, 2, 1]
+
+
+def test_auto_never_measures_in_a_capture_and_keeps_eager_and_graph_identical(fake_route):
+    pick = fake_route["pick"]
+    fake_route["ms"] = {"cuda": 0.1, "triton": 0.2}
+    fake_route["capturing"] = True
+    assert pick(3) == "triton" and fake_route["measured"] == []   # first seen in a capture: Triton, recorded
+    fake_route["capturing"] = False
+    assert pick(3) == "triton" and fake_route["measured"] == []   # eager calls of that shape follow the capture
+    assert pick(1) == "cuda" and fake_route["measured"] == [1]    # measured in eager first ...
+    fake_route["capturing"] = True
+    assert pick(1) == "cuda" and fake_route["measured"] == [1]    # ... and the capture follows eager
+
+
+def test_auto_falls_back_to_cuda_when_triton_cannot_run(fake_route, monkeypatch):
     monkeypatch.setattr(_backends, "triton_usable", lambda d: (False, "no triton"))
-    assert _backends.select("auto", torch.device("cuda"), cuda_supports=lambda: "", triton_supports=lambda: "",
-                            cuda_preferred=lambda: gl._cuda_preferred(a)) == "cuda"
+    fake_route["ms"] = {"cuda": 0.9, "triton": 0.2}
+    assert fake_route["pick"](1) == "cuda"
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -268,10 +303,18 @@ def test_auto_backend_on_gpu_picks_fused():
     from ivl_kernels.ops.guided_logits import _cuda_supports, _triton_supports
     from ivl_kernels._validate import validate_guided
 
+    from ivl_kernels.ops import guided_logits as gl
+
     a = validate_guided(vh, vw, **kw)
-    expected = "cuda" if _backends.cuda_extension() is not None else "triton"
-    assert _backends.select("auto", dev, cuda_supports=lambda: _cuda_supports(a, None),
-                            triton_supports=lambda: _triton_supports(a)) == expected
+    picks = [_backends.select("auto", dev, cuda_supports=lambda: _cuda_supports(a, None),
+                              triton_supports=lambda: _triton_supports(a),
+                              cuda_preferred=lambda: gl._cuda_preferred(a)) for _ in range(3)]
+    # A fused kernel, the measured one, the same on every call (cached for this shape on this device).
+    assert picks[0] in ("cuda", "triton") and picks == picks[:1] * 3
+    if _backends.cuda_extension() is None:
+        assert picks[0] == "triton"
+    else:
+        assert gl._ROUTE[gl._route_key(a)] == picks[0]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
