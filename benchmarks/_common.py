@@ -96,17 +96,9 @@ def time_gpu_graph(fn: Callable[[], object], *, rep_ms: int = 50) -> tuple[float
 
 def time_launch_loop(fn: Callable[[], object], gpu_ms: float, *, target_ms: float = 50.0) -> float:
     """Per-call ms of back-to-back eager calls (enough of them to take about ``target_ms`` of GPU time)."""
-    n = max(10, min(2000, int(target_ms / max(gpu_ms, 1e-3))))
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    from ivl_kernels._timing import back_to_back_ms
+
+    return back_to_back_ms(fn, max(10, min(2000, int(target_ms / max(gpu_ms, 1e-3)))), warmup=3)
 
 
 class Stopped(BaseException):

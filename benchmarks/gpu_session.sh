@@ -7,6 +7,8 @@
 #   build           compile the CUDA extension in place for this GPU's architecture only; print its registers
 #   test-ops        pytest tests/ops tests/test_validate.py (kernels on the GPU; not the ahead-of-time compile test)
 #   test-rest       pytest on the rest of tests/ (hf integration, vocabulary maps, build, CLI)
+#   test-gpu        pytest -m gpu tests/: every test that needs CUDA (the marker tests/conftest.py sets), ~2-4 min;
+#                   with build + bench-loss + bench-logits, one 10-minute call (the 15-minute lease's plan)
 #   sanitize        benchmarks/sanitize_cuda.py (CUDA kernel vs torch), then again under compute-sanitizer memcheck
 #   bench-logits    benchmarks/bench_guided_logits.py (qwen workload, M = 1, 8, 64, 512)
 #   bench-decode    the same at the decode sizes M = 1, 2, 3, 4, 6, 8, 12, 16 (identity map, no torch.compile rows):
@@ -33,14 +35,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STEPS=(build test-ops bench-logits bench-loss test-rest sanitize bench-generate bench-decode)
+ALL_STEPS=(build test-gpu bench-logits bench-loss test-ops test-rest sanitize bench-generate bench-decode)
 usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 2; }
 [ $# -gt 0 ] || usage
 STEPS=()
 for s in "$@"; do
   case "$s" in
     all) STEPS+=("${ALL_STEPS[@]}") ;;
-    build|test-ops|test-rest|sanitize|bench-logits|bench-loss|bench-generate|bench-decode) STEPS+=("$s") ;;
+    build|test-ops|test-rest|test-gpu|sanitize|bench-logits|bench-loss|bench-generate|bench-decode) STEPS+=("$s") ;;
     *) echo "unknown step: $s" >&2; usage ;;
   esac
 done
@@ -178,6 +180,13 @@ step_test_rest() {
     "${PYTEST_TIMEOUT[@]}"
 }
 
+step_test_gpu() {
+  ensure_built || return 1
+  IVL_KERNELS_REQUIRE_CUDA_BUILD=${IVL_GPU_NO_BUILD:+0}${IVL_GPU_NO_BUILD:-1} timed "$(limit 300)" "$PY" -m pytest \
+    tests -m gpu --ignore=tests/ops/test_triton_gpu_compile.py -q -ra -p no:cacheprovider --durations=15 \
+    --junitxml="$WORK/test-gpu.xml" "${PYTEST_TIMEOUT[@]}"
+}
+
 find_sanitizer() {
   local c wheels
   wheels=$("$PY" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2> /dev/null)
@@ -231,6 +240,7 @@ for step in "${STEPS[@]}"; do
     build) step_build ;;
     test-ops) step_test_ops ;;
     test-rest) step_test_rest ;;
+    test-gpu) step_test_gpu ;;
     sanitize) step_sanitize ;;
     bench-logits) step_bench bench_guided_logits 480 ${IVL_LOGITS_ARGS:-} ;;
     bench-loss) step_bench bench_guided_loss 420 ${IVL_LOSS_ARGS:-} ;;

@@ -5,6 +5,7 @@ imports ``ivl_kernels``.
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -32,3 +33,30 @@ def _fresh_seed():
     test_id = os.environ.get("PYTEST_CURRENT_TEST", "")
     torch.manual_seed(int(hashlib.sha1(test_id.encode()).hexdigest()[:8], 16))
     yield
+
+
+# ``-m gpu`` selects every test that needs a CUDA GPU (the GPU machine's run), ``-m "not gpu"`` the rest. A test
+# needs one when a skip condition names a GPU or CUDA as what is missing (not "a GPU or the interpreter", not
+# "a machine without a GPU") or when it is parametrized onto a CUDA device.
+_GPU_REASON = re.compile(r"GPU|CUDA")
+_NOT_A_GPU_NEED = re.compile(r"interpreter|without a GPU|nvcc")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (set by tests/conftest.py from the test's skip "
+                                       "conditions and device parameters)")
+
+
+def needs_gpu(item) -> bool:
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", ""))
+        if _GPU_REASON.search(reason) and not _NOT_A_GPU_NEED.search(reason):
+            return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(str(v).startswith("cuda") for k, v in params.items() if k in ("device", "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_gpu(item):
+            item.add_marker(pytest.mark.gpu)

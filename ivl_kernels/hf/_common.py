@@ -4,6 +4,7 @@ vocabulary checks, base-id -> value-id translation, position ids from a padding 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Optional, Tuple
 
@@ -37,6 +38,32 @@ UNSUPPORTED_GENERATE_KWARGS = {
     "force_words_ids": "constrained beam search is not supported",
     "dola_layers": "DoLa decoding is not supported",
 }
+
+
+_CACHE_KWARG: dict = {}
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache, by capability (its signature), not by version:
+    ``cache`` where transformers has it (``past_key_values`` is deprecated there, to be removed in 5.40), else
+    ``past_key_values`` (transformers <= 5.2x; the GPU machines' 5.17)."""
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
+
+
+def output_cache(out, default=None):
+    """The KV cache a forward returned (``out.cache`` or, before the rename, ``out.past_key_values``)."""
+    for name in ("cache", "past_key_values"):
+        found = getattr(out, name, None)
+        if found is not None:
+            return found
+    return default
 
 
 def check_generate_kwargs(kwargs: dict, generation_config=None) -> None:

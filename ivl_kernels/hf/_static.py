@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ._common import position_ids_from_mask
+from ._common import cache_kwarg, position_ids_from_mask
 
 
 def _static_cache(model: nn.Module, max_len: int):
@@ -62,7 +62,7 @@ class StaticRunner:
         full = torch.zeros((B, self.max_len), dtype=torch.long, device=ids.device)
         full[:, :T] = mask
         out = self.backbone(input_ids=ids, attention_mask=full, position_ids=position_ids_from_mask(mask),
-                            past_key_values=self.cache, use_cache=True)
+                            use_cache=True, **{cache_kwarg(self.backbone): self.cache})
         dtype = _model_dtype(self.backbone)
         self.bias = torch.where(full.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :].contiguous()
         self.ids = torch.zeros((B, 1), dtype=torch.long, device=ids.device)
@@ -80,7 +80,7 @@ class StaticRunner:
     def decode(self) -> torch.Tensor:
         """The captured part: one token per row from the buffers; ``[B, H]`` hidden states."""
         out = self.backbone(input_ids=self.ids, attention_mask=self.bias, position_ids=self.pos,
-                            past_key_values=self.cache, use_cache=True)
+                            use_cache=True, **{cache_kwarg(self.backbone): self.cache})
         return out.last_hidden_state[:, -1]
 
     def finish(self) -> None:

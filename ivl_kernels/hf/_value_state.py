@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ._common import position_ids_from_mask
+from ._common import cache_kwarg, output_cache, position_ids_from_mask
 
 
 def _dynamic_cache(model: nn.Module):
@@ -82,9 +82,9 @@ class ValueRunner:
         full_mask = self._buf[:, : self._len + k]
         # A row's next position is its count of valid columns (columns masked out by a rollback do not count).
         pos = position_ids_from_mask(mask, offset=self._count)
-        out = self.backbone(input_ids=ids, attention_mask=full_mask, position_ids=pos,
-                            past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else self.cache
+        out = self.backbone(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                            **{cache_kwarg(self.backbone): self.cache})
+        self.cache = output_cache(out, self.cache)
         hidden = out.last_hidden_state[:, -1]
         if self.last_hidden is not None and not every_row_fed:
             hidden = torch.where(mask[:, -1:].bool(), hidden, self.last_hidden)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
+from .._timing import back_to_back_ms
 from .._triton import interpreter_enabled, tl, triton
 from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
 from ..reference import guided_logits_torch
@@ -322,20 +323,6 @@ def _route_key(a: GuidedArgs) -> tuple:
             a.vocab_map is not None, isinstance(a.alpha, torch.Tensor))
 
 
-def _time_calls(fn, calls: int) -> float:
-    """Milliseconds per call of ``calls`` back-to-back calls after two warm-up calls (compilation excluded)."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def _measure_route(a: GuidedArgs) -> str:
     """``"cuda"`` or ``"triton"``: the faster on this device for this call's shapes (into a scratch output, so an
     in-place call's logits are not touched)."""
@@ -344,7 +331,7 @@ def _measure_route(a: GuidedArgs) -> str:
     alpha_scalar = 0.0 if alpha_tensor is not None else a.alpha
     try:
         with torch.no_grad():
-            ms = {which: _time_calls(lambda: _run(which, a, alpha_tensor, alpha_scalar, scratch), ROUTE_CALLS)
+            ms = {which: back_to_back_ms(lambda: _run(which, a, alpha_tensor, alpha_scalar, scratch), ROUTE_CALLS)
                   for which in ("triton", "cuda")}
     except RuntimeError:
         return "triton"  # a kernel that cannot run here is not chosen

@@ -97,3 +97,20 @@ def test_cuda_graph_decode_matches_eager(backend):
         torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same kernels, replayed
     # bf16 models: the dynamic cache's attention may differ in rounding; the first step (the prompt) must agree.
     torch.testing.assert_close(dyn.logits[0], eager.logits[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_no_transformers_deprecation_warnings(cache):
+    """transformers announced ``past_key_values=`` for removal (5.40) where ``cache=`` exists: the package passes
+    the keyword each model's forward names (``_common.cache_kwarg``), so neither decode path warns."""
+    import warnings
+
+    lm = _lm(2, True)
+    ids, mask = left_pad(random_prompts([5, 3], seed=2))
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _generate(lm, ids, mask, **kw)
+    ours = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))
+            and ("past_key_values" in str(w.message) or "ivl_kernels" in (w.filename or ""))]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]

@@ -279,7 +279,10 @@ def test_lora_bf16_gradient_checkpointing_on_chat_data(toy, tmp_path):
             "--no-progress"]
     setup = _setup(build_parser().parse_args([str(a) for a in args + ["--max-steps", "1"]]))
     value = setup["model"].value_model
-    assert value.get_base_model().is_activation_checkpointing
+    lm = value.get_base_model()
+    # By capability: transformers 5.2x has is_activation_checkpointing, 5.17 (the GPU image's) only
+    # is_gradient_checkpointing.
+    assert getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing
     assert setup["model"].base_model.dtype == torch.bfloat16 and setup["trainer"].args.bf16
     assert setup["examples"][0]["labels"][:6] == [-100] * 6  # "user: d d d | assistant:" masked
     del setup
