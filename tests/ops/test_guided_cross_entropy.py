@@ -488,3 +488,13 @@ def test_traced_whole_by_torch_compile(backend, l1_reduction):
     eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend), vh, vw, target, kw)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e)
+
+
+@needs_triton
+def test_triton_strided_alpha_tensor():
+    """A per-row alpha that is a strided view (every other element) reads the right element per row."""
+    vh, vw, target, kw = _make(N=11, base="logits", vmap="map", Vb=90, alpha="tensor", dtype=torch.float32,
+                               reduction="none")
+    kw["alpha"] = torch.stack([kw["alpha"], torch.full_like(kw["alpha"], 100.0)], 1).reshape(-1)[::2]
+    assert kw["alpha"].stride(0) == 2
+    _check("triton", vh, vw, target, kw, torch.float32)

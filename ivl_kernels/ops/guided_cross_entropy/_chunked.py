@@ -78,6 +78,8 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     grads = need_dvh or need_dvw
     if h is None:
         h = g
+    if alpha_tensor is not None and alpha_tensor.stride(0) != 1:
+        alpha_tensor = alpha_tensor.contiguous()  # [N]: the row kernel reads alpha[n] at unit stride
     identity = vocab_map is None
     v_min = min(Vb, Vv)
     combined = identity and base_hidden is not None and not with_l1 and v_min > 0
