@@ -1,8 +1,14 @@
 """Guided generation throughput, side by side in one run (tokens per second, generated tokens only).
 
-    guided-lm        GuidedCausalLM.generate: both backbones with KV caches, one fused head call per step
-    guided-static    the same with cache_implementation="static": StaticCache per model, the decode step (both
-                     backbones + the fused head) captured in a CUDA graph and replayed (eager on CPU)
+    guided-lm        GuidedCausalLM.generate, the default call (on CUDA: static caches and a captured decode step;
+                     on CPU: dynamic caches)
+    guided-dynamic   the same with cache_implementation="dynamic": both backbones with DynamicCaches, one fused
+                     head call per step, launched from Python
+    guided-static    cache_implementation="static": StaticCache per model, the decode step (both backbones + the
+                     fused head) captured in a CUDA graph and replayed (eager on CPU)
+    base-generate    base.generate alone (no guidance), transformers' default
+    base-static      base.generate(cache_implementation="static") alone: transformers' fastest path (on CUDA it
+                     compiles the decode step)
     processor        base.generate(logits_processor=[IVLLogitsProcessor]): value backbone cached, fused in place
     floor            DESIGN's floor: the two models' own forward passes alone (each with its KV cache and its LM
                      head on the last position), fed the same number of tokens; no guidance, no sampling, no
@@ -138,9 +144,14 @@ def main(argv=None) -> int:
     ref_new = max(4, new // 4) if device.type == "cpu" else new  # the reference is slow: time fewer steps
     methods = [
         ("guided-lm", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new), args.batch * new),
+        ("guided-dynamic", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                                   cache_implementation="dynamic"), args.batch * new),
         ("guided-static", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new,
                                                   cache_implementation="static"), args.batch * new),
         ("processor", run_processor, args.batch * new),
+        ("base-generate", lambda: base.generate(ids, attention_mask=mask, **gen), args.batch * new),
+        ("base-static", lambda: base.generate(ids, attention_mask=mask, cache_implementation="static", **gen),
+         args.batch * new),
         ("floor (the two models' forward passes alone)", lambda: _forward_floor((base, value), ids, mask, fed),
          args.batch * new),
         ("ivl-reference (no cache, batch 1)", lambda: _reference(base, value, list(ids), ref_new), args.batch * ref_new),

@@ -17,12 +17,23 @@ Python. On CPU the same static step runs eagerly (the parity tests).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ._common import cache_kwarg, position_ids_from_mask
+
+
+logger = logging.getLogger("ivl_kernels.hf")
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info(message)
 
 
 def _static_cache(model: nn.Module, max_len: int):
@@ -36,6 +47,23 @@ def _model_dtype(backbone: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+# Static caches are sized in steps of this many columns, so calls of similar lengths share one set of runners
+# and one captured graph (GuidedCausalLM keeps the last set): memory stays within a step of the request.
+BUCKET = 64
+
+
+def bucketed(columns: int) -> int:
+    return -(-int(columns) // BUCKET) * BUCKET
+
+
+def static_supported(model: nn.Module) -> str:
+    """``""`` when ``model`` can run on a ``StaticCache`` (transformers marks such models ``_can_compile_fullgraph``),
+    else why not."""
+    if not getattr(type(model), "_can_compile_fullgraph", False):
+        return f"{type(model).__name__} does not declare static-cache support (_can_compile_fullgraph)"
+    return ""
 
 
 class StaticRunner:
@@ -58,15 +86,26 @@ class StaticRunner:
         B, T = ids.shape
         if T >= self.max_len:
             raise ValueError(f"the prompt ({T} tokens) leaves no room in a static cache of {self.max_len} columns")
+        if self.columns:
+            # A runner reused by a later call (a captured graph holds its buffers' addresses): the cache is zeroed
+            # in place and every buffer below is written in place, never reallocated.
+            self.cache.reset()
         mask = mask.to(device=ids.device, dtype=torch.long)
         full = torch.zeros((B, self.max_len), dtype=torch.long, device=ids.device)
         full[:, :T] = mask
         out = self.backbone(input_ids=ids, attention_mask=full, position_ids=position_ids_from_mask(mask),
                             use_cache=True, **{cache_kwarg(self.backbone): self.cache})
         dtype = _model_dtype(self.backbone)
-        self.bias = torch.where(full.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :].contiguous()
-        self.ids = torch.zeros((B, 1), dtype=torch.long, device=ids.device)
-        self.pos = mask.sum(1, keepdim=True)
+        bias = torch.where(full.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        pos = mask.sum(1, keepdim=True)
+        if self.bias is not None and self.bias.shape == bias.shape and self.bias.dtype == bias.dtype:
+            self.bias.copy_(bias)
+            self.ids.zero_()
+            self.pos.copy_(pos)
+        else:
+            self.bias = bias.contiguous()
+            self.ids = torch.zeros((B, 1), dtype=torch.long, device=ids.device)
+            self.pos = pos
         self.columns = T
         return out.last_hidden_state[:, -1]
 
@@ -93,10 +132,12 @@ class StaticDecoder:
     """Runs ``step_fn`` (reads only the runners' buffers; returns tensors) eagerly, or captured in a CUDA graph
     after one eager warm-up step and replayed from then on."""
 
-    def __init__(self, runners: Sequence[StaticRunner], step_fn: Callable[[], tuple], use_graph: bool):
+    def __init__(self, runners: Sequence[StaticRunner], step_fn: Callable[[], tuple], use_graph: bool,
+                 graph_required: bool = False):
         self.runners = list(runners)
         self.step_fn = step_fn
         self.use_graph = use_graph
+        self.graph_required = graph_required
         self.graph = None
         self.outputs = None
         self.steps = 0
@@ -122,10 +163,20 @@ class StaticDecoder:
                     with torch.cuda.graph(self.graph):
                         self.outputs = self.step_fn()
                 except Exception as exc:
-                    raise RuntimeError(f"capturing the static decode step in a CUDA graph failed ({type(exc).__name__}: "
-                                       f"{exc}); pass cuda_graph=False to run the static cache without a graph") from exc
-            self.graph.replay()
-            out = self.outputs
+                    self.graph = None
+                    if self.graph_required:
+                        raise RuntimeError(f"capturing the static decode step in a CUDA graph failed "
+                                           f"({type(exc).__name__}: {exc}); pass cuda_graph=False to run the static "
+                                           f"cache without a graph") from exc
+                    # The default fast path: say why once, then run this step and the rest without a graph.
+                    _log_once(f"capturing the decode step in a CUDA graph failed ({type(exc).__name__}: {exc}); "
+                              f"running the static cache without a graph")
+                    self.use_graph = False
+            if self.graph is not None:
+                self.graph.replay()
+                out = self.outputs
+            else:
+                out = self.step_fn()
         for runner in self.runners:
             runner.finish()
         self.steps += 1

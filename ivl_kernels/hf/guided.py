@@ -193,6 +193,55 @@ class GuidedCausalLM(nn.Module):
         return out
 
     @torch.no_grad()
+    def _decode_mode(self, cache_implementation, cuda_graph, device, owners) -> Tuple[bool, bool]:
+        """``(static cache, CUDA graph)`` for one call. Default (``None``): on CUDA, static caches and a captured
+        step when every model supports a ``StaticCache`` (else the dynamic cache, said once at INFO level); on
+        CPU the dynamic cache. ``cache_implementation`` / ``cuda_graph`` force either."""
+        from ._static import _log_once, static_supported
+
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+        if cuda_graph and (cache_implementation == "dynamic" or device.type != "cuda"):
+            raise ValueError("cuda_graph=True needs cache_implementation='static' and CUDA models")
+        if cache_implementation is None:
+            if device.type != "cuda" or cuda_graph is False:
+                return False, False
+            why = next((w for w in map(static_supported, owners) if w), "")
+            if why:
+                _log_once(f"GuidedCausalLM.generate: dynamic cache ({why}); pass cache_implementation='static' to "
+                          f"force the static one")
+                return False, False
+            return True, True
+        static = cache_implementation == "static"
+        return static, static and device.type == "cuda" and cuda_graph is not False
+
+    def _static_decoder(self, batch: int, lengths: List[int], max_new_tokens: int, owners, graph: bool,
+                        graph_required: bool):
+        """Static runners (one per model) and their decoder, reused from the previous call when the batch size,
+        the bucketed cache lengths and the graph choice match: a captured graph is replayed across calls, not
+        captured again. One set is kept (its static caches hold the previous request's memory; the next request
+        of another shape replaces it)."""
+        from ._static import StaticDecoder, StaticRunner, bucketed
+
+        sizes = tuple(bucketed(n + max_new_tokens) for n in lengths)
+        key = (batch, sizes, graph, graph_required)
+        cached = getattr(self, "_decode_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        self._decode_cache = None  # free the previous set before allocating the next
+        backbones = [self._base_backbone] + [part[0] for part in self._parts]
+        runners = [StaticRunner(bb, owner, n) for bb, owner, n in zip(backbones, owners, sizes)]
+
+        def static_step():
+            hs = [r.decode() for r in runners]
+            return hs[0], hs[1:], self._guided_logits(hs[0], hs[1:])
+
+        decoder = StaticDecoder(runners, static_step, use_graph=graph, graph_required=graph_required)
+        self._decode_cache = (key, runners, decoder)
+        return runners, decoder
+
     def generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, max_length: Optional[int] = None,
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
@@ -234,12 +283,18 @@ class GuidedCausalLM(nn.Module):
             prompt_texts: each row's prompt text, for terms with a ``prompt_template`` (default: decoded from
                 ``input_ids`` with the tokenizer).
             generator: ``torch.Generator`` for sampling.
-            cache_implementation: ``"dynamic"`` (default: transformers' ``DynamicCache`` per model) or
-                ``"static"``: a ``StaticCache`` per model sized for its prompt plus ``max_new_tokens``, and a decode
-                step that reads no tensor value on the host (``ivl_kernels.hf._static``). On CUDA that step (every
-                backbone and the fused head) is captured in a CUDA graph after one warm-up step and replayed per
-                token (``cuda_graph``: default ``True`` on CUDA; ``False`` runs the static step eagerly). Same
-                tokens as the dynamic cache. Models must support ``StaticCache`` (Llama, Qwen2, Mistral, ...).
+            cache_implementation: ``None`` (default: on CUDA ``"static"`` with a CUDA graph when every model
+                supports a ``StaticCache``, else ``"dynamic"``, said once at INFO level on the ``ivl_kernels.hf``
+                logger; on CPU ``"dynamic"``), ``"dynamic"`` (transformers' ``DynamicCache`` per model) or
+                ``"static"``: a ``StaticCache`` per model sized for its prompt plus ``max_new_tokens`` (rounded up
+                to 64 columns), and a decode step that reads no tensor value on the host
+                (``ivl_kernels.hf._static``). On CUDA that step (every backbone and the fused head) is captured in
+                a CUDA graph after one warm-up step and replayed per token; the caches and the graph are kept for
+                the next call of the same batch size and bucketed lengths (one set: ``clear_decode_cache()`` frees
+                it). ``cuda_graph``: ``None`` (default: a graph on CUDA; if capturing fails, the step runs without
+                one, said once), ``True`` (a failed capture raises), ``False`` (no graph; with the default cache,
+                the dynamic one). Same tokens on every path. Models must support ``StaticCache`` (Llama, Qwen2,
+                Mistral, ...).
         Beam search, assisted decoding and other modes raise ``ValueError`` before anything runs.
         """
         from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, StoppingCriteriaList,
@@ -351,27 +406,13 @@ class GuidedCausalLM(nn.Module):
                 procs.append(TopPLogitsWarper(p))
 
         own_prompts = self._term_prompts(term_inputs, prompt_texts, tokenizer, input_ids, mask)
-        static = cfg("cache_implementation", cache_implementation, "dynamic")
-        if static not in ("dynamic", "static"):
-            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {static!r}")
-        static = static == "static"
-        if cuda_graph and not (static and device.type == "cuda"):
-            raise ValueError("cuda_graph=True needs cache_implementation='static' and CUDA models")
+        owners = [self.base_model] + list(self.value_models)
+        static, graph = self._decode_mode(cfg("cache_implementation", cache_implementation, None), cuda_graph,
+                                          device, owners)
         if static:
-            from ._static import StaticDecoder, StaticRunner
-
             lengths = [T] + [T if own is None else own[0].shape[1] for own in own_prompts]
-            owners = [self.base_model] + list(self.value_models)
-            backbones = [self._base_backbone] + [part[0] for part in self._parts]
-            static_runners = [StaticRunner(bb, owner, n + max_new_tokens)
-                              for bb, owner, n in zip(backbones, owners, lengths)]
-
-            def static_step():
-                hs = [r.decode() for r in static_runners]
-                return hs[0], hs[1:], self._guided_logits(hs[0], hs[1:])
-
-            decoder = StaticDecoder(static_runners, static_step,
-                                    use_graph=device.type == "cuda" and cuda_graph is not False)
+            static_runners, decoder = self._static_decoder(input_ids.shape[0], lengths, max_new_tokens, owners,
+                                                           graph, graph_required=bool(cuda_graph))
         else:
             base_runner = ValueRunner(self._base_backbone)
             runners = [ValueRunner(part[0]) for part in self._parts]
@@ -443,6 +484,10 @@ class GuidedCausalLM(nn.Module):
             seqs = seqs if seqs.shape[1] == seq_buf.shape[1] else seqs.clone()
             return GuidedGenerateOutput(sequences=seqs, scores=scores_out, logits=logits_out, term_logits=terms_out)
         return seqs if seqs.shape[1] == seq_buf.shape[1] else seqs.clone()
+
+    def clear_decode_cache(self) -> None:
+        """Free the static caches and the captured decode graph kept from the last static ``generate`` call."""
+        self._decode_cache = None
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError("GuidedCausalLM is for decoding: use .generate(); train with IVLForCausalLM")

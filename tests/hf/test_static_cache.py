@@ -64,6 +64,7 @@ def test_static_decode_step_reads_no_value_on_the_host():
     ids, mask = left_pad(random_prompts([6, 2, 9], seed=11))
     counts = {}
     for steps in (3, 8):
+        lm.clear_decode_cache()  # both calls fresh: a reused set resets its caches in the (eager) prompt phase
         with torch.no_grad(), _ScalarReads() as reads:
             out = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, eos_token_id=10_000,
                               cache_implementation="static")
@@ -91,10 +92,12 @@ def test_cuda_graph_decode_matches_eager(backend):
     ids, mask = ids.cuda(), mask.cuda()
     eager = _generate(lm, ids, mask, cache_implementation="static", cuda_graph=False)
     graph = _generate(lm, ids, mask, cache_implementation="static")
-    dyn = _generate(lm, ids, mask)
-    assert torch.equal(eager.sequences, graph.sequences)
-    for a, b in zip(eager.logits, graph.logits):
+    default = _generate(lm, ids, mask)       # CUDA default: static + graph, the graph captured above replayed
+    dyn = _generate(lm, ids, mask, cache_implementation="dynamic")
+    assert torch.equal(eager.sequences, graph.sequences) and torch.equal(graph.sequences, default.sequences)
+    for a, b, c in zip(eager.logits, graph.logits, default.logits):
         torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same kernels, replayed
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
     # bf16 models: the dynamic cache's attention may differ in rounding; the first step (the prompt) must agree.
     torch.testing.assert_close(dyn.logits[0], eager.logits[0], rtol=2e-2, atol=2e-2)
 
@@ -114,3 +117,52 @@ def test_no_transformers_deprecation_warnings(cache):
     ours = [w for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))
             and ("past_key_values" in str(w.message) or "ivl_kernels" in (w.filename or ""))]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+
+
+def test_static_runners_are_reused_across_calls_with_fresh_results():
+    """A second static call of the same batch size and bucketed lengths reuses the runners (and, on CUDA, the
+    captured graph): caches reset and buffers rewritten in place, so its tokens and logits equal a fresh model's,
+    for another prompt of the same batch size too."""
+    lm = _lm(2, True)
+    a_ids, a_mask = left_pad(random_prompts([6, 2, 9], seed=11))
+    b_ids, b_mask = left_pad(random_prompts([3, 8, 5], seed=12))
+    first = _generate(lm, a_ids, a_mask, cache_implementation="static")
+    runners = lm._decode_cache[1]
+    again = _generate(lm, b_ids, b_mask, cache_implementation="static")
+    assert lm._decode_cache[1] is runners
+    lm.clear_decode_cache()
+    fresh = _generate(lm, b_ids, b_mask, cache_implementation="static")
+    dyn = _generate(lm, b_ids, b_mask)
+    assert torch.equal(again.sequences, fresh.sequences) and torch.equal(again.sequences, dyn.sequences)
+    for x, y in zip(again.logits, fresh.logits):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert first.sequences.shape[0] == 3
+
+
+def test_default_cache_is_dynamic_on_cpu_and_static_on_cuda(monkeypatch, caplog):
+    """The default decode mode: dynamic on CPU; on CUDA static with a graph when every model supports a
+    StaticCache, else dynamic, said once at INFO level. Explicit arguments force either."""
+    import logging
+
+    from ivl_kernels.hf import _static
+
+    lm = _lm(1, False)
+    owners = [lm.base_model] + list(lm.value_models)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lm._decode_mode(None, None, cpu, owners) == (False, False)
+    assert lm._decode_mode(None, None, cuda, owners) == (True, True)
+    assert lm._decode_mode(None, False, cuda, owners) == (False, False)
+    assert lm._decode_mode("dynamic", None, cuda, owners) == (False, False)
+    assert lm._decode_mode("static", False, cuda, owners) == (True, False)
+    assert lm._decode_mode("static", None, cpu, owners) == (True, False)
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        lm._decode_mode("dynamic", True, cuda, owners)
+    with pytest.raises(TypeError, match="cuda_graph must be"):
+        lm._decode_mode(None, "yes", cuda, owners)
+    monkeypatch.setattr(type(lm.base_model), "_can_compile_fullgraph", False)
+    monkeypatch.setattr(_static, "_LOGGED", set())
+    with caplog.at_level(logging.INFO, logger="ivl_kernels.hf"):
+        assert lm._decode_mode(None, None, cuda, owners) == (False, False)
+        assert lm._decode_mode(None, None, cuda, owners) == (False, False)
+    said = [r.getMessage() for r in caplog.records if "dynamic cache" in r.getMessage()]
+    assert len(said) == 1 and "_can_compile_fullgraph" in said[0]
