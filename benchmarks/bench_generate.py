@@ -9,7 +9,9 @@
     base-generate    base.generate alone (no guidance), transformers' default
     base-static      base.generate(cache_implementation="static") alone: transformers' fastest path (on CUDA it
                      compiles the decode step)
-    processor        base.generate(logits_processor=[IVLLogitsProcessor]): value backbone cached, fused in place
+    processor        base.generate(logits_processor=[IVLLogitsProcessor]): value backbone cached (on CUDA by default a
+                     static cache and a captured decode step), fused in place
+    processor-dynamic  the same with the processor's cache_implementation="dynamic"
     floor            DESIGN's floor: the two models' own forward passes alone (each with its KV cache and its LM
                      head on the last position), fed the same number of tokens; no guidance, no sampling, no
                      generate() loop
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
     gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     guided = GuidedCausalLM(base, value, alpha=1.0)
 
-    def run_processor():
-        proc = IVLLogitsProcessor(value, alpha=1.0, attention_mask=mask)
+    def run_processor(**kw):
+        proc = IVLLogitsProcessor(value, alpha=1.0, attention_mask=mask, max_new_tokens=new, **kw)
         base.generate(ids, attention_mask=mask, logits_processor=[proc], **gen)
 
     ref_new = max(4, new // 4) if device.type == "cpu" else new  # the reference is slow: time fewer steps
@@ -149,6 +151,7 @@ def main(argv=None) -> int:
         ("guided-static", lambda: guided.generate(ids, attention_mask=mask, max_new_tokens=new,
                                                   cache_implementation="static"), args.batch * new),
         ("processor", run_processor, args.batch * new),
+        ("processor-dynamic", lambda: run_processor(cache_implementation="dynamic"), args.batch * new),
         ("base-generate", lambda: base.generate(ids, attention_mask=mask, **gen), args.batch * new),
         ("base-static", lambda: base.generate(ids, attention_mask=mask, cache_implementation="static", **gen),
          args.batch * new),

@@ -3,7 +3,10 @@
     scores[b, :] += alpha * remap(value_logits[b, :])        (in place, one fused kernel call per step)
 
 The value model runs incrementally with its own KV cache (one new token per step, never a recompute), batched,
-left padding respected. The kernel gets the value model's last hidden state and its LM head weight and does the
+left padding respected. On CUDA (by default, when the value model supports a ``StaticCache`` and both models share
+a tokenizer) that cache is static and the value model's decode step is captured in a CUDA graph and replayed
+(``ivl_kernels.hf._static``), as ``GuidedCausalLM.generate`` does; the fused head then runs on the replayed
+hidden state, in place on transformers' ``scores``. The kernel gets the value model's last hidden state and its LM head weight and does the
 head, the remap and the add in one pass: the value model's ``[B, Vv]`` logits are never materialised.
 """
 
@@ -14,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._validate import check_alpha_float
+from .._validate import check_alpha_float, check_int
 from ..ops.guided_logits import fused_guided_logits
 from ._common import (BaseToValueIds, check_caller_generation_mode, check_prompt_batch, fallback_input_id,
                       input_vocab_size, resolve_suppress_from, resolve_vocab_map, split_causal_lm, suppress_ids_)
@@ -61,6 +64,13 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         suppress_ids_from: base ids ``>=`` this get ``-inf`` (never generated); default ``len(base_tokenizer)``
             when ``base_tokenizer`` is given: LM heads padded past their tokenizer (Qwen2.5: 152064 rows,
             151665 tokens) then never emit an id the tokenizer cannot decode.
+        cache_implementation: the value model's cache. ``None`` (default): on CUDA ``"static"`` when the value
+            model supports a ``StaticCache`` and no re-tokenising is needed (else ``"dynamic"``, said once at INFO
+            level); on CPU ``"dynamic"``. ``"static"``: a ``StaticCache`` of the prompt plus ``max_new_tokens``
+            columns (rounded up to 64; without ``max_new_tokens``, 256 more, doubled by re-reading the sequence
+            when it fills), its decode step captured in a CUDA graph on CUDA (``cuda_graph``: ``None``/``True``
+            capture, ``False`` runs it eagerly). Same tokens as the dynamic cache.
+        max_new_tokens: the ``max_new_tokens`` given to ``generate`` (sizes the static cache; optional).
 
     Call shapes (transformers' contract): ``input_ids [B, t]`` (prompt + tokens so far), ``scores [B, Vb]``;
     returns ``scores``, modified in place. Supported: greedy search and sampling. Beam search, assisted
@@ -71,7 +81,18 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
     def __init__(self, value_model: nn.Module, *, alpha: float = 1.0, vocab_map=None,
                  attention_mask: Optional[torch.Tensor] = None, value_tokenizer=None, base_tokenizer=None,
                  fill: float = 0.0, backend: str = "auto", value_input_ids: Optional[torch.Tensor] = None,
-                 value_attention_mask: Optional[torch.Tensor] = None, suppress_ids_from: Optional[int] = None):
+                 value_attention_mask: Optional[torch.Tensor] = None, suppress_ids_from: Optional[int] = None,
+                 cache_implementation: Optional[str] = None, cuda_graph: Optional[bool] = None,
+                 max_new_tokens: Optional[int] = None):
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+        if cuda_graph and cache_implementation == "dynamic":
+            raise ValueError("cuda_graph=True needs the static cache (cache_implementation='static' or None)")
+        self.cache_implementation = cache_implementation
+        self.cuda_graph = cuda_graph
+        self.max_new_tokens = None if max_new_tokens is None else check_int("max_new_tokens", max_new_tokens)
         self.value_model = value_model
         self.backbone, self.value_weight = split_causal_lm(value_model, "value")
         # A number is checked here, a per-row tensor by the op (once per tensor version on a GPU).
@@ -115,6 +136,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
 
     def _restart(self) -> None:
         self._runner = ValueRunner(self.backbone, pad_id=fallback_input_id(self.value_model))
+        self._static = None   # (runner, decoder) while the static path runs this batch
         self._vocab_map = None
         self._translate = None
         self._prompt = None
@@ -150,6 +172,56 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                                          fallback_input_id(self.value_model))
         self._prompt = input_ids.clone()
         self._seen = T
+
+    # ---- the static path ---------------------------------------------------------------------------------
+    def _value_prompt(self, input_ids: torch.Tensor) -> tuple:
+        """``(ids, mask)``: what the value model reads first (its own prompt, or the base prompt translated)."""
+        if self._own is not None:
+            return self._own
+        mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(input_ids)
+        return self._translate(input_ids), mask.to(input_ids.device).long()
+
+    def _use_static(self, device: torch.device) -> bool:
+        from ._static import _log_once, static_supported
+
+        mode = self.cache_implementation
+        if mode == "dynamic" or (mode is None and (device.type != "cuda" or self.cuda_graph is False)):
+            return False
+        why = static_supported(self.value_model)
+        if why and mode is None:
+            _log_once(f"IVLLogitsProcessor: dynamic cache for the value model ({why})")
+            return False
+        return True
+
+    def _static_prefill(self, ids: torch.Tensor, mask: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
+        """Build (or reuse) the static runner for ``columns`` cache columns and read the value prompt."""
+        from ._static import StaticDecoder, StaticRunner, bucketed
+
+        B, T = ids.shape
+        graph = ids.device.type == "cuda" and self.cuda_graph is not False
+        size = bucketed(columns if columns is not None else T + (self.max_new_tokens or 256))
+        key = (B, size, graph, ids.device)
+        if getattr(self, "_static_kept", None) is None or self._static_kept[0] != key:
+            self._static_kept = None  # free the previous set first
+            runner = StaticRunner(self.backbone, self.value_model, size)
+            decoder = StaticDecoder([runner], lambda: (runner.decode(),), use_graph=graph,
+                                    graph_required=bool(self.cuda_graph))
+            self._static_kept = (key, runner, decoder)
+        _, runner, decoder = self._static_kept
+        self._static = (runner, decoder)
+        self._value_mask = mask  # the prompt's mask, for a re-read when the cache fills
+        return runner.prefill(ids, mask)
+
+    def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        runner, decoder = self._static
+        if runner.columns >= runner.max_len:
+            # Full: a cache twice the size, filled by reading the whole value sequence again (prompt + tokens).
+            ids, mask = self._value_prompt(self._prompt)
+            new = self._translate(input_ids[:, self._prompt.shape[1]:])
+            ids = torch.cat([ids, new], 1)
+            mask = torch.cat([mask, torch.ones_like(new)], 1)
+            return self._static_prefill(ids, mask, columns=2 * runner.max_len)
+        return decoder.step([self._translate(input_ids[:, -1:])])[0]
 
     def _value_sequences(self, input_ids: torch.Tensor) -> list:
         """Re-tokenise each row's text (prompt without padding + generated tokens) with the value tokenizer."""
@@ -189,15 +261,18 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             self._start(input_ids, scores)
             if self.retokenize:
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
+            elif self._use_static(input_ids.device):
+                hidden = self._static_prefill(*self._value_prompt(input_ids))
             elif self._own is not None:
                 hidden = self._runner.feed(*self._own)
             else:
-                mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(input_ids)
-                hidden = self._runner.feed(self._translate(input_ids), mask.to(input_ids.device).long())
+                hidden = self._runner.feed(*self._value_prompt(input_ids))
         else:
             self._seen = T
             if self.retokenize:
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
+            elif self._static is not None:
+                hidden = self._static_step(input_ids)
             else:
                 hidden = self._runner.feed(self._translate(input_ids[:, -1:]),
                                            torch.ones((B, 1), dtype=torch.long, device=input_ids.device),

@@ -194,3 +194,60 @@ def test_processor_reused_for_the_same_prompt_and_reset_for_a_new_one():
     proc.reset(attention_mask=mask2)
     fresh = IVLLogitsProcessor(value, alpha=ALPHA, attention_mask=mask2)
     assert torch.equal(_hf_generate(base, ids2, mask2, proc), _hf_generate(base, ids2, mask2, fresh))
+
+
+@pytest.mark.parametrize("own_prompt", [False, True], ids=["base-prompt", "own-value-prompt"])
+def test_processor_static_cache_matches_dynamic_and_grows(own_prompt):
+    """The processor's static path (the CUDA default; eager on CPU) gives the dynamic path's scores and tokens,
+    including across a cache that fills and is re-read at twice the size (max_new_tokens=1 sizes it to 64
+    columns; 70 tokens are generated)."""
+    base, value, vmap = _setup(False, True, "random-map")
+    ids, mask = left_pad(random_prompts(LENGTHS))
+    kw = {}
+    if own_prompt:
+        own_ids, own_mask = left_pad(random_prompts([7, 3, 9], vocab=VALUE_VOCAB, seed=5))
+        kw = dict(value_input_ids=own_ids, value_attention_mask=own_mask)
+    outs = {}
+    for mode in ("dynamic", "static"):
+        proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap, attention_mask=mask, cache_implementation=mode,
+                                  max_new_tokens=1, **kw)
+        outs[mode] = base.generate(ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=70,
+                                   min_new_tokens=70, do_sample=False, pad_token_id=0, output_scores=True,
+                                   return_dict_in_generate=True)
+        if mode == "static":
+            assert proc._static[0].max_len == 128  # grown from 64
+    assert torch.equal(outs["dynamic"].sequences, outs["static"].sequences)
+    for a, b in zip(outs["dynamic"].scores, outs["static"].scores):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_cache_arguments_are_checked():
+    value = make_value()
+    with pytest.raises(ValueError, match="cache_implementation must be"):
+        IVLLogitsProcessor(value, cache_implementation="paged")
+    with pytest.raises(TypeError, match="cuda_graph must be"):
+        IVLLogitsProcessor(value, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the static cache"):
+        IVLLogitsProcessor(value, cache_implementation="dynamic", cuda_graph=True)
+    with pytest.raises((ValueError, TypeError), match="max_new_tokens"):
+        IVLLogitsProcessor(value, max_new_tokens=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_processor_cuda_graph_default_matches_eager_static():
+    """On CUDA the default processor captures the value model's decode step: replayed, it gives the eager
+    static step's scores bit for bit (the same kernels)."""
+    base, value, vmap = _setup(False, True, "random-map")
+    base, value = base.cuda().to(torch.bfloat16), value.cuda().to(torch.bfloat16)
+    ids, mask = left_pad(random_prompts(LENGTHS))
+    ids, mask = ids.cuda(), mask.cuda()
+    outs = {}
+    for name, kw in (("eager", dict(cache_implementation="static", cuda_graph=False)), ("default", {})):
+        proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap.cuda(), attention_mask=mask, **kw)
+        outs[name] = base.generate(ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=12,
+                                   do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        if name == "default":
+            assert proc._static is not None and proc._static[1].graph is not None
+    assert torch.equal(outs["eager"].sequences, outs["default"].sequences)
+    for a, b in zip(outs["eager"].scores, outs["default"].scores):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
