@@ -74,7 +74,6 @@ def _ce_rows_kernel(
     if STATS:
         m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
         s_vec = tl.zeros((BLOCK,), tl.float32)
-        zt_vec = tl.zeros((BLOCK,), tl.float32)
         zs_vec = tl.zeros((BLOCK,), tl.float32)
         l1_vec = tl.zeros((BLOCK,), tl.float32)
         for c0 in range(0, Vcols, BLOCK):
@@ -86,7 +85,6 @@ def _ce_rows_kernel(
             m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
             s_vec = s_vec * tl.exp(m_vec - m_ref) + tl.exp(z - m_ref)
             m_vec = m_new
-            zt_vec += tl.where(cols == t, z, 0.0)
             if SMOOTH:
                 zs_vec += tl.where(in_b, z, 0.0)
             if WITH_L1:
@@ -96,7 +94,12 @@ def _ce_rows_kernel(
         m_ref = tl.where(m > float("-inf"), m, 0.0)
         lse = m_ref + tl.log(tl.sum(s_vec * tl.exp(m_vec - m_ref), axis=0))
         tl.store(stats_ptr + row, lse)
-        tl.store(stats_ptr + stride_stats + row, tl.sum(zt_vec, axis=0))
+        # The target logit: one scalar column, not a [BLOCK] accumulator in the loop (registers: ptxas caps this
+        # kernel at 64 per thread with Triton 3.6, and a fourth vector there spilled).
+        t_col = tl.maximum(t, 0)
+        zt, _v, _b, _ok = _z_block(buf_row, base_row, map_ptr, t_col, Vb, Vval, Vv, stride_base_v, stride_map,
+                                   alpha, fill, HAS_BASE, COMBINED, HAS_MAP)
+        tl.store(stats_ptr + stride_stats + row, tl.where(t >= 0, zt, 0.0))
         tl.store(stats_ptr + 2 * stride_stats + row, tl.sum(zs_vec, axis=0))
         tl.store(stats_ptr + 3 * stride_stats + row, tl.sum(l1_vec, axis=0))
     else:
