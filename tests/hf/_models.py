@@ -60,16 +60,30 @@ def value_input_ids(ids, vocab_map, value_vocab, fallback=0):
 
 
 @torch.no_grad()
-def reference_next_logits(base, terms, ids):
-    """Guided next-token logits ``[Vb]`` for one unpadded sequence ``ids [T]``, recomputing every model on the
-    whole sequence (no cache): ``base + sum alpha * remap(value)``. ``terms``: list of (model, alpha, map)."""
-    z = base(ids[None]).logits[0, -1].double()
-    Vb = z.shape[0]
+def reference_sequence_logits(base, terms, ids, suppress_from=None):
+    """Guided logits ``[T, Vb]`` (float64) at every position of one unpadded sequence ``ids [T]``, each model run
+    on the whole sequence by its own forward: ``base + sum alpha * remap(value)``, ids ``>= suppress_from`` -inf.
+    ``terms``: list of (model, alpha, map)."""
+    z = base(ids[None]).logits[0].double()
+    Vb = z.shape[-1]
     for model, alpha, vmap in terms:
         Vv = model.config.vocab_size
-        v = model(value_input_ids(ids, vmap, Vv)[None]).logits[0, -1].double()
+        v = model(value_input_ids(ids, vmap, Vv)[None]).logits[0].double()
         z = z + alpha * remap(v, vmap, Vb)
+    if suppress_from is not None:
+        z[:, suppress_from:] = float("-inf")
     return z
+
+
+def reference_next_logits(base, terms, ids):
+    """Guided next-token logits ``[Vb]`` for one unpadded sequence ``ids [T]`` (no cache)."""
+    return reference_sequence_logits(base, terms, ids)[-1]
+
+
+def reference_token_log_probs(base, terms, ids, suppress_from=None):
+    """``[T - 1]`` float64: ``log p_guided(ids[t] | ids[:t])`` for ``t >= 1``."""
+    logp = torch.log_softmax(reference_sequence_logits(base, terms, ids, suppress_from), dim=-1)
+    return logp[:-1].gather(-1, ids[1:, None]).squeeze(-1)
 
 
 def reference_greedy(base, terms, prompt, new_tokens):
