@@ -131,3 +131,31 @@ CORPUS = [
     "small models can guide large models when vocabularies differ",
     "the dog and the fox are friends in the story of the lazy afternoon",
 ] * 20
+
+
+def guided_setup(kind, seed=0, tokenizer=None):
+    """``(GuidedCausalLM, reference terms [(model, alpha, map)], base)``. ``"single"``: one value network,
+    identity map. ``"proxy"``: an expert through a many-to-one map with unmapped ids, and an anti-expert with a
+    negative alpha, a smaller vocabulary and no map (base ids past it unmapped)."""
+    from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM
+
+    base = make_base(seed=seed)
+    if kind == "single":
+        value = make_value(seed=seed + 1)
+        return GuidedCausalLM(base, value, alpha=0.7, tokenizer=tokenizer), [(value, 0.7, None)], base
+    expert, anti = make_value(seed=seed + 1), make_value(seed=seed + 2, hidden=24)
+    vmap = random_map(seed=seed + 3)
+    lm = GuidedCausalLM(base, [GuidanceTerm(expert, 1.3, vmap), GuidanceTerm(anti, -0.6)], tokenizer=tokenizer)
+    return lm, [(expert, 1.3, vmap), (anti, -0.6, None)], base
+
+
+def save_guided(tmp_path, lm, terms, base):
+    """Save the models under ``tmp_path`` and a guided checkpoint naming them (``tmp_path/guided``, with the
+    model's tokenizer); returns ``(directory, lm)``."""
+    base.save_pretrained(tmp_path / "base")
+    refs = []
+    for i, (model, _, _) in enumerate(terms):
+        model.save_pretrained(tmp_path / f"term{i}")
+        refs.append(str(tmp_path / f"term{i}"))
+    lm.save_pretrained(str(tmp_path / "guided"), base=str(tmp_path / "base"), terms=refs)
+    return str(tmp_path / "guided"), lm

@@ -14,23 +14,10 @@ pytest.importorskip("transformers")
 from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM  # noqa: E402
 from ivl_kernels.hf import _model_api  # noqa: E402
 
-from ._models import (make_base, make_value, random_map, random_prompts, reference_sequence_logits,  # noqa: E402
-                      reference_token_log_probs)
+from ._models import (guided_setup, make_base, make_value, random_prompts, reference_sequence_logits,  # noqa: E402
+                      reference_token_log_probs, save_guided)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _setup(kind, seed=0):
-    """(guided model, reference terms). ``proxy``: an expert through a many-to-one map with unmapped ids, and an
-    anti-expert with a negative alpha, a smaller vocabulary and no map (base ids past it unmapped)."""
-    base = make_base(seed=seed)
-    if kind == "single":
-        value = make_value(seed=seed + 1)
-        return GuidedCausalLM(base, value, alpha=0.7), [(value, 0.7, None)], base
-    expert, anti = make_value(seed=seed + 1), make_value(seed=seed + 2, hidden=24)
-    vmap = random_map(seed=seed + 3)
-    lm = GuidedCausalLM(base, [GuidanceTerm(expert, 1.3, vmap), GuidanceTerm(anti, -0.6)])
-    return lm, [(expert, 1.3, vmap), (anti, -0.6, None)], base
 
 
 def _pad(prompts, side):
@@ -50,7 +37,7 @@ def _real(row_mask):
 @pytest.mark.parametrize("kind", ["single", "proxy"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_forward_logits_equal_the_reference_row_by_row(kind, side):
-    lm, terms, base = _setup(kind)
+    lm, terms, base = guided_setup(kind)
     prompts = random_prompts([7, 2, 11], seed=11)
     ids, mask = _pad(prompts, side)
     out = lm(input_ids=ids, attention_mask=mask)
@@ -67,7 +54,7 @@ def test_forward_logits_equal_the_reference_row_by_row(kind, side):
 def test_loss_and_log_probs_equal_the_reference(kind, monkeypatch):
     # A small chunk: the multi-term loss runs over several chunks of rows.
     monkeypatch.setattr(_model_api, "_SCORE_CHUNK_ELEMS", 4 * 300)
-    lm, terms, base = _setup(kind, seed=4)
+    lm, terms, base = guided_setup(kind, seed=4)
     prompts = random_prompts([9, 5, 12, 3], seed=12)
     ids, mask = _pad(prompts, "left")
     labels = ids.clone()
@@ -97,7 +84,7 @@ def test_loss_and_log_probs_equal_the_reference(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["single", "proxy"])
 def test_suppressed_ids_are_minus_inf_in_logits_loss_and_log_probs(kind):
-    lm, terms, base = _setup(kind, seed=7)
+    lm, terms, base = guided_setup(kind, seed=7)
     lm.suppress_ids_from = 280  # a head padded past its tokenizer
     ids = random_prompts([10], vocab=280, seed=3)[0][None]
     ids[0, 6] = 290  # a suppressed id as a target
@@ -114,7 +101,7 @@ def test_suppressed_ids_are_minus_inf_in_logits_loss_and_log_probs(kind):
 
 
 def test_logits_to_keep_and_return_dict():
-    lm, terms, base = _setup("single", seed=2)
+    lm, terms, base = guided_setup("single", seed=2)
     ids = random_prompts([8], seed=4)[0][None]
     full = lm(ids).logits
     torch.testing.assert_close(lm(ids, logits_to_keep=1).logits, full[:, -1:])
@@ -124,7 +111,7 @@ def test_logits_to_keep_and_return_dict():
 
 
 def test_transformers_model_interface():
-    lm, _, base = _setup("proxy")
+    lm, _, base = guided_setup("proxy")
     assert lm.config.model_type == "ivl_guided" and lm.config.vocab_size == 300
     assert lm.config.max_position_embeddings == 256 and lm.config.get_text_config().model_type == "llama"
     assert lm.config.ivl_guided["terms"][1]["alpha"] == -0.6
@@ -148,13 +135,13 @@ def test_transformers_model_interface():
     (dict(token_type_ids=torch.zeros(1, 3)), TypeError, "token_type_ids"),
 ])
 def test_forward_errors_name_the_argument(kwargs, exc, match):
-    lm, _, _ = _setup("single")
+    lm, _, _ = guided_setup("single")
     with pytest.raises(exc, match=match):
         lm(input_ids=torch.tensor([[3, 4, 5]]), **kwargs)
 
 
 def test_forward_input_errors():
-    lm, _, _ = _setup("single")
+    lm, _, _ = guided_setup("single")
     with pytest.raises(ValueError, match="input_ids"):
         lm(torch.tensor([[3, 4, 300]]))
     with pytest.raises(TypeError, match="input_ids"):
@@ -167,20 +154,8 @@ def test_forward_input_errors():
 
 
 # ---- loading by name -------------------------------------------------------------------------------------------
-def _checkpoint(tmp_path, kind="proxy"):
-    """A guided checkpoint on disk (models saved beside it) and the in-memory model it describes."""
-    lm, terms, base = _setup(kind, seed=9)
-    base.save_pretrained(tmp_path / "base")
-    refs = []
-    for i, (model, _, _) in enumerate(terms):
-        model.save_pretrained(tmp_path / f"term{i}")
-        refs.append(str(tmp_path / f"term{i}"))
-    lm.save_pretrained(str(tmp_path / "guided"), base=str(tmp_path / "base"), terms=refs)
-    return str(tmp_path / "guided"), lm
-
-
 def test_checkpoint_has_auto_map_and_shims_only(tmp_path):
-    directory, _ = _checkpoint(tmp_path)
+    directory, _ = save_guided(tmp_path, *guided_setup("proxy", seed=9))
     with open(os.path.join(directory, "config.json")) as f:
         doc = json.load(f)
     assert doc["auto_map"] == {"AutoConfig": "configuration_ivl_guided.IVLGuidedConfig",
@@ -196,7 +171,7 @@ def test_auto_model_for_causal_lm_loads_the_guided_model(tmp_path):
 
     from ivl_kernels.hf import IVLGuidedConfig
 
-    directory, lm = _checkpoint(tmp_path)
+    directory, lm = save_guided(tmp_path, *guided_setup("proxy", seed=9))
     assert isinstance(AutoConfig.from_pretrained(directory), IVLGuidedConfig)
     loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     assert isinstance(loaded, GuidedCausalLM) and loaded.config.name_or_path == directory
@@ -209,7 +184,7 @@ def test_auto_model_for_causal_lm_loads_the_guided_model(tmp_path):
 
 
 def test_trust_remote_code_loads_in_a_fresh_process(tmp_path):
-    directory, lm = _checkpoint(tmp_path)
+    directory, lm = save_guided(tmp_path, *guided_setup("proxy", seed=9))
     ids = torch.tensor([[5, 17, 3, 250, 299, 42]])
     want = lm(ids).logits[0, -1]
     code = ("import sys, torch\n"
