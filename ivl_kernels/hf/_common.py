@@ -211,6 +211,19 @@ def position_ids_from_mask(mask: torch.Tensor, offset: Optional[torch.Tensor] = 
     return pos.masked_fill(mask == 0, 0).clamp_(min=0)
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` position ids: ``position_ids_from_mask`` for real tokens and leading padding; a padding
+    position after a real token continues counting from the last real token before it (``0..T-1`` on a
+    right-padded batch, transformers' default positions). Every sequence-level forward (training, scoring)
+    uses these, so a row scores the same padded left, padded right or alone."""
+    pos = position_ids_from_mask(mask)
+    real = mask != 0
+    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(pos)
+    last = torch.where(real, idx, torch.full_like(idx, -1)).cummax(-1).values
+    after = pos.gather(-1, last.clamp(min=0)) + (idx - last)
+    return torch.where(real | (last < 0), pos, after)
+
+
 # ---- padded LM heads: ids the tokenizer cannot produce ------------------------------------------------------------
 def tokenizer_size(tokenizer) -> int:
     """Token ids a tokenizer can produce: ``len(tokenizer)`` (Hugging Face: added tokens included), else its

@@ -6,6 +6,9 @@
                           "text_config": {the base model's config}, plus its vocab_size / max_position_embeddings}
     DIR/map_I.pt         term I's vocabulary map (``VocabMap.save``), when it has one
     DIR/tokenizer*       the base model's tokenizer (what a server detokenises with)
+    DIR/configuration_ivl_guided.py, DIR/modeling_ivl_guided.py
+                         one-line shims importing the installed package, named by ``config.json``'s ``auto_map``
+                         (``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``)
 
 A model reference ``REF`` is resolved, in order: an absolute path; a path relative to ``DIR`` (``compose`` writes
 local models this way, so a directory tree that holds the checkpoint and its models can move as a whole); else a
@@ -27,6 +30,14 @@ from typing import List, Optional, Sequence
 GUIDED_MODEL_TYPE = "ivl_guided"
 GUIDED_ARCHITECTURE = "IVLGuidedForCausalLM"
 FORMAT_VERSION = 1
+# ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` in a process that has not imported
+# ivl_kernels (``lm_eval --model hf``): the checkpoint names two shim modules, each one import of the installed
+# package, so the checkpoint carries no copy of the code (which would go stale when the package is upgraded).
+AUTO_MAP = {"AutoConfig": "configuration_ivl_guided.IVLGuidedConfig",
+            "AutoModelForCausalLM": "modeling_ivl_guided.GuidedCausalLM"}
+_SHIM_HEADER = "# Written by ivl-kernels: the guided checkpoint's classes come from the installed package.\n"
+SHIMS = {"configuration_ivl_guided.py": _SHIM_HEADER + "from ivl_kernels.hf.config import IVLGuidedConfig  # noqa: F401\n",
+         "modeling_ivl_guided.py": _SHIM_HEADER + "from ivl_kernels.hf.guided import GuidedCausalLM  # noqa: F401\n"}
 TRAINED_MAP = "vocab_map.pt"  # the map file `ivl-kernels train` writes into its output directory
 
 
@@ -245,31 +256,45 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
             tokenizer = AutoTokenizer.from_pretrained(base)
         except Exception:
             tokenizer = None
-    text = base_cfg.get_text_config().to_dict() if hasattr(base_cfg, "get_text_config") else base_cfg.to_dict()
-    doc = {
-        "model_type": GUIDED_MODEL_TYPE,
-        "architectures": [GUIDED_ARCHITECTURE],
-        "ivl_guided": {
-            "format_version": FORMAT_VERSION,
-            "base": ref(base),
-            "terms": [{"model": s.model, "alpha": s.alpha, "map": s.map} for s in specs],
-            "fill": float(fill),
-            "suppress_ids_from": None if suppress_ids_from is None else int(suppress_ids_from),
-        },
-        "text_config": text,
-        "vocab_size": Vb,
-        "max_position_embeddings": text.get("max_position_embeddings"),
-        "torch_dtype": str(text.get("torch_dtype") or text.get("dtype") or "float32").replace("torch.", ""),
-    }
+    doc = guided_config_dict(ref(base), [{"model": s.model, "alpha": s.alpha, "map": s.map} for s in specs],
+                             fill=fill, suppress_ids_from=suppress_ids_from, base_config=base_cfg)
+    doc["auto_map"] = dict(AUTO_MAP)
     with atomic_dir(directory) as tmp:
         for i, vmap in enumerate(maps):
             if vmap is not None:
                 vmap.save(os.path.join(tmp, f"map_{i}.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(doc, f, indent=2, default=str)
+        for name, source in SHIMS.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(source)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return read_guided_checkpoint(directory)
+
+
+def guided_config_dict(base: str, terms: Sequence[dict], *, fill: float, suppress_ids_from: Optional[int],
+                       base_config) -> dict:
+    """The ``config.json`` document of a guided checkpoint (without ``auto_map``): what the writers store and
+    what ``GuidedCausalLM.config`` holds for a model built in memory. ``terms``: ``{"model", "alpha", "map"}``
+    with the references and map file names as stored."""
+    text = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+    text = text.to_dict()
+    return {
+        "model_type": GUIDED_MODEL_TYPE,
+        "architectures": [GUIDED_ARCHITECTURE],
+        "ivl_guided": {
+            "format_version": FORMAT_VERSION,
+            "base": base,
+            "terms": [{"model": t["model"], "alpha": t["alpha"], "map": t["map"]} for t in terms],
+            "fill": float(fill),
+            "suppress_ids_from": None if suppress_ids_from is None else int(suppress_ids_from),
+        },
+        "text_config": text,
+        "vocab_size": text.get("vocab_size"),
+        "max_position_embeddings": text.get("max_position_embeddings"),
+        "torch_dtype": str(text.get("torch_dtype") or text.get("dtype") or "float32").replace("torch.", ""),
+    }
 
 
 def load_tokenizer_files(directory: str, what: str):

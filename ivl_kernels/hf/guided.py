@@ -20,6 +20,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 
 from .._validate import check_alpha_float, check_int
 from ..ops.guided_logits import fused_guided_logits
+from ._model_api import GuidedModelAPI, config_for, guided_config_of, loading_kwargs
 from ._common import (BaseToValueIds, check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
                       infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from,
                       resolve_vocab_map, split_causal_lm, suppress_ids_)
@@ -58,8 +59,13 @@ class GuidedGenerateOutput(GenerateDecoderOnlyOutput):
     term_logits: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
 
 
-class GuidedCausalLM(nn.Module):
+class GuidedCausalLM(GuidedModelAPI, nn.Module):
     """``base_model`` guided by one or several value networks; ``generate()`` decodes with the fused head.
+
+    It is also a transformers causal LM (``ivl_kernels.hf._model_api``): ``config`` (the guided checkpoint's
+    ``IVLGuidedConfig``), ``forward(input_ids, attention_mask, labels, logits_to_keep)`` returning guided logits
+    and the fused guided loss, ``log_probs(...)`` (per-token guided log-probabilities without ``[B, T, V]``), and
+    ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it.
 
     Args:
         base_model: a transformers causal LM (bias-free LM head, no logit softcapping).
@@ -112,6 +118,7 @@ class GuidedCausalLM(nn.Module):
             vmap = resolve_vocab_map(t.vocab_map, Vb, weight.shape[0], self._base_weight.device, role=self._role(i))
             self._parts.append((backbone, weight, vmap, float(t.alpha),
                                 BaseToValueIds(vmap, input_vocab_size(t.model), fallback_input_id(t.model))))
+        self.config = config_for(self)  # from_pretrained replaces it with the checkpoint's own
 
     def _role(self, i: int) -> str:
         return f"guidance term {i}" if len(self.terms) > 1 else "value"
@@ -124,12 +131,17 @@ class GuidedCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self._base_weight.device
 
-    def _guided_logits(self, base_hidden: torch.Tensor, value_hiddens: List[torch.Tensor]) -> torch.Tensor:
-        """``[B, Vb]`` float32 guided logits from ``base_hidden [B, Hb]`` and each term's ``[B, Hv_i]``."""
-        _, w0, map0, a0, _ = self._parts[0]
-        out = fused_guided_logits(value_hiddens[0], w0, base_hidden=base_hidden, base_weight=self._base_weight,
+    def _guided_logits(self, base_hidden: torch.Tensor, value_hiddens: List[torch.Tensor], parts=None,
+                       base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, Vb]`` float32 guided logits from ``base_hidden [B, Hb]`` and each term's ``[B, Hv_i]``.
+        ``parts`` / ``base_weight`` (default: every term, the whole base head): a subset of the terms or a
+        vocabulary prefix, for the sequence loss (``_model_api``)."""
+        parts = self._parts if parts is None else parts
+        base_weight = self._base_weight if base_weight is None else base_weight
+        _, w0, map0, a0, _ = parts[0]
+        out = fused_guided_logits(value_hiddens[0], w0, base_hidden=base_hidden, base_weight=base_weight,
                                   vocab_map=map0, alpha=a0, fill=self.fill, backend=self.backend)
-        for (_, w, vmap, a, _), h in zip(self._parts[1:], value_hiddens[1:]):
+        for (_, w, vmap, a, _), h in zip(parts[1:], value_hiddens[1:]):
             fused_guided_logits(h, w, base_logits=out, out=out, vocab_map=vmap, alpha=a, fill=self.fill,
                                 backend=self.backend)
         return out
@@ -489,9 +501,6 @@ class GuidedCausalLM(nn.Module):
         """Free the static caches and the captured decode graph kept from the last static ``generate`` call."""
         self._decode_cache = None
 
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError("GuidedCausalLM is for decoding: use .generate(); train with IVLForCausalLM")
-
     # ---- the guided checkpoint (``ivl_kernels.hf.checkpoint``): references, alphas and maps, no weights --------
     def save_pretrained(self, save_directory: str, *, base: Optional[str] = None,
                         terms: Optional[Sequence[str]] = None, references_as_given: bool = False,
@@ -527,13 +536,20 @@ class GuidedCausalLM(nn.Module):
                                 references_as_given=references_as_given, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, directory: str, *, backend: str = "auto", **model_kwargs) -> "GuidedCausalLM":
+    def from_pretrained(cls, directory: str, *model_args, backend: str = "auto", config=None,
+                        **model_kwargs) -> "GuidedCausalLM":
         """Load a guided checkpoint (``ivl-kernels compose`` / ``save_pretrained``): every model with
         ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
-        PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it."""
+        PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it.
+        ``AutoModelForCausalLM.from_pretrained(directory, ...)`` lands here (``config``: the checkpoint's config it
+        read; its bookkeeping arguments are dropped, ``gguf_file`` / ``quantization_config`` refused)."""
         from ..vocab import VocabMap
         from .checkpoint import load_causal_lm, load_checkpoint_tokenizer, read_guided_checkpoint, resolve_for_loading
 
+        if model_args:
+            raise TypeError(f"GuidedCausalLM.from_pretrained takes the checkpoint directory and keyword arguments "
+                            f"only, got {len(model_args)} extra positional arguments")
+        model_kwargs = loading_kwargs(model_kwargs)
         spec = read_guided_checkpoint(directory)
         # Every reference and the tokenizer are checked before any model is loaded (minutes for a large base).
         refs = [resolve_for_loading(spec, spec.base, "base")] + \
@@ -545,8 +561,10 @@ class GuidedCausalLM(nn.Module):
             model = load_causal_lm(ref, f"guidance term {i}", **model_kwargs)
             path = spec.map_path(t)
             terms.append(GuidanceTerm(model, t.alpha, None if path is None else VocabMap.load(path)))
-        return cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
-                   suppress_ids_from=spec.suppress_ids_from)
+        model = cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
+                    suppress_ids_from=spec.suppress_ids_from)
+        model.config = guided_config_of(directory, config)
+        return model
 
 
 def _unsupported_names():

@@ -35,25 +35,13 @@ from torch import nn
 from .._validate import check_alpha_float, check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
-from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, position_ids_from_mask,
-                      resolve_vocab_map, split_causal_lm, unwrap_causal_lm)
+from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, padded_positions, resolve_vocab_map,
+                      split_causal_lm, unwrap_causal_lm)
 
 try:
     from transformers.utils import ModelOutput
 except Exception:  # pragma: no cover
     ModelOutput = object
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` position ids: ``position_ids_from_mask`` for real tokens and leading padding; a padding
-    position after a real token continues counting from the last real token before it (``0..T-1`` on a
-    right-padded batch, transformers' default positions)."""
-    pos = position_ids_from_mask(mask)
-    real = mask != 0
-    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(pos)
-    last = torch.where(real, idx, torch.full_like(idx, -1)).cummax(-1).values
-    after = pos.gather(-1, last.clamp(min=0)) + (idx - last)
-    return torch.where(real | (last < 0), pos, after)
 
 
 def _output_head(model: nn.Module, role: str) -> nn.Module:
@@ -217,7 +205,7 @@ class IVLForCausalLM(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.base_model.parameters()):
             raise ValueError("IVLForCausalLM: base_model has parameters that require grad, but the base is frozen in "
                              "IVL training (it gets no gradient): call base_model.requires_grad_(False)")
-        pos = _positions(attention_mask)
+        pos = padded_positions(attention_mask)
         B, T = input_ids.shape
         base_head = _output_head(self.base_model, "base")
         value_head = _output_head(self.value_model, "value")

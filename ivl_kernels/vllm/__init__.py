@@ -49,7 +49,7 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point (idempotent)."""
     from transformers import AutoConfig
 
-    from .config import IVLGuidedConfig
+    from ..hf.config import IVLGuidedConfig
 
     try:
         AutoConfig.register(MODEL_TYPE, IVLGuidedConfig)

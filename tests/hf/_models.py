@@ -60,16 +60,30 @@ def value_input_ids(ids, vocab_map, value_vocab, fallback=0):
 
 
 @torch.no_grad()
-def reference_next_logits(base, terms, ids):
-    """Guided next-token logits ``[Vb]`` for one unpadded sequence ``ids [T]``, recomputing every model on the
-    whole sequence (no cache): ``base + sum alpha * remap(value)``. ``terms``: list of (model, alpha, map)."""
-    z = base(ids[None]).logits[0, -1].double()
-    Vb = z.shape[0]
+def reference_sequence_logits(base, terms, ids, suppress_from=None):
+    """Guided logits ``[T, Vb]`` (float64) at every position of one unpadded sequence ``ids [T]``, each model run
+    on the whole sequence by its own forward: ``base + sum alpha * remap(value)``, ids ``>= suppress_from`` -inf.
+    ``terms``: list of (model, alpha, map)."""
+    z = base(ids[None]).logits[0].double()
+    Vb = z.shape[-1]
     for model, alpha, vmap in terms:
         Vv = model.config.vocab_size
-        v = model(value_input_ids(ids, vmap, Vv)[None]).logits[0, -1].double()
+        v = model(value_input_ids(ids, vmap, Vv)[None]).logits[0].double()
         z = z + alpha * remap(v, vmap, Vb)
+    if suppress_from is not None:
+        z[:, suppress_from:] = float("-inf")
     return z
+
+
+def reference_next_logits(base, terms, ids):
+    """Guided next-token logits ``[Vb]`` for one unpadded sequence ``ids [T]`` (no cache)."""
+    return reference_sequence_logits(base, terms, ids)[-1]
+
+
+def reference_token_log_probs(base, terms, ids, suppress_from=None):
+    """``[T - 1]`` float64: ``log p_guided(ids[t] | ids[:t])`` for ``t >= 1``."""
+    logp = torch.log_softmax(reference_sequence_logits(base, terms, ids, suppress_from), dim=-1)
+    return logp[:-1].gather(-1, ids[1:, None]).squeeze(-1)
 
 
 def reference_greedy(base, terms, prompt, new_tokens):
@@ -117,3 +131,31 @@ CORPUS = [
     "small models can guide large models when vocabularies differ",
     "the dog and the fox are friends in the story of the lazy afternoon",
 ] * 20
+
+
+def guided_setup(kind, seed=0, tokenizer=None):
+    """``(GuidedCausalLM, reference terms [(model, alpha, map)], base)``. ``"single"``: one value network,
+    identity map. ``"proxy"``: an expert through a many-to-one map with unmapped ids, and an anti-expert with a
+    negative alpha, a smaller vocabulary and no map (base ids past it unmapped)."""
+    from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM
+
+    base = make_base(seed=seed)
+    if kind == "single":
+        value = make_value(seed=seed + 1)
+        return GuidedCausalLM(base, value, alpha=0.7, tokenizer=tokenizer), [(value, 0.7, None)], base
+    expert, anti = make_value(seed=seed + 1), make_value(seed=seed + 2, hidden=24)
+    vmap = random_map(seed=seed + 3)
+    lm = GuidedCausalLM(base, [GuidanceTerm(expert, 1.3, vmap), GuidanceTerm(anti, -0.6)], tokenizer=tokenizer)
+    return lm, [(expert, 1.3, vmap), (anti, -0.6, None)], base
+
+
+def save_guided(tmp_path, lm, terms, base):
+    """Save the models under ``tmp_path`` and a guided checkpoint naming them (``tmp_path/guided``, with the
+    model's tokenizer); returns ``(directory, lm)``."""
+    base.save_pretrained(tmp_path / "base")
+    refs = []
+    for i, (model, _, _) in enumerate(terms):
+        model.save_pretrained(tmp_path / f"term{i}")
+        refs.append(str(tmp_path / f"term{i}"))
+    lm.save_pretrained(str(tmp_path / "guided"), base=str(tmp_path / "base"), terms=refs)
+    return str(tmp_path / "guided"), lm

@@ -1,5 +1,9 @@
 """``IVLGuidedConfig``: the transformers config class of a guided checkpoint (``model_type: ivl_guided``).
 
+``GuidedCausalLM.config`` is one; ``import ivl_kernels.hf`` registers it with ``AutoConfig`` (and
+``GuidedCausalLM`` with ``AutoModelForCausalLM``), and a checkpoint's ``auto_map`` names it for
+``trust_remote_code=True`` loading in processes that have not imported the package.
+
 vLLM reads a model's limits (``max_position_embeddings``, ``vocab_size``, heads, dtype) from
 ``config.get_text_config()``: here that is the base model's config, stored as ``text_config`` by
 ``ivl-kernels compose``. The guidance terms are read from ``config.ivl_guided`` (see ``ivl_kernels.hf.checkpoint``).
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from ..hf.checkpoint import GUIDED_ARCHITECTURE, GUIDED_MODEL_TYPE
+from .checkpoint import GUIDED_ARCHITECTURE, GUIDED_MODEL_TYPE
 
 
 def _text_config(d):
