@@ -1,8 +1,9 @@
-"""Plain-PyTorch semantics of every op: the oracle of the tests and the ``torch`` backend (CPU path).
+"""Plain-PyTorch semantics of every op, written once and unchunked: the oracle of the tests.
 
-``guided_logits_naive`` is the formula written once, unchunked, for testing (evaluate it in float64 for an
-oracle, or in the input dtype to measure what plain torch gets wrong in that dtype). ``guided_logits_torch``
-is the ``torch`` backend: the same formula, chunked over rows so its extra memory stays bounded.
+Evaluate a function in float64 for an oracle, or in the input dtype to measure what plain torch gets wrong in
+that dtype. Nothing here is a backend: the ``torch`` backends live with their ops (``ops/guided_logits.py``,
+``ops/guided_cross_entropy/_torch_backend.py``) and share no code with this module, so a bug in one cannot hide
+in the comparison.
 """
 
 from __future__ import annotations
@@ -11,29 +12,17 @@ from typing import Optional
 
 import torch
 
-from ._validate import GuidedArgs
-
-# Rows per chunk are chosen so one chunk of value logits holds about this many elements (128 MiB in fp32).
-_CHUNK_ELEMS = 1 << 25
 
 
-def gather_columns(vocab_map: Optional[torch.Tensor], Vb: int, Vv: int, device) -> tuple:
-    """``(cols [Vb] int64, unmapped [Vb] bool or None)``: the value column read by each base id.
-
-    ``vocab_map=None`` is the identity: base id ``b`` reads value id ``b`` for ``b < Vv``; ids ``b >= Vv`` are
-    unmapped. Unmapped ids read column 0 (any valid column) and are replaced by ``fill`` afterwards. Entries
-    outside ``[-1, Vv)`` (which validation rejects, but which a map mutated after its check can hold) are
-    unmapped too, as in every kernel: no index out of range is ever formed.
-    """
-    if vocab_map is None:
-        cols = torch.arange(Vb, device=device)
-        if Vb <= Vv:
-            return cols, None
-        unmapped = cols >= Vv
-        return cols.masked_fill(unmapped, 0), unmapped
-    vocab_map = vocab_map.long()
-    unmapped = (vocab_map < 0) | (vocab_map >= Vv)
-    return vocab_map.masked_fill(unmapped, 0), unmapped
+def _remap(value_logits: torch.Tensor, vocab_map: Optional[torch.Tensor], Vb: int, fill: float) -> torch.Tensor:
+    """``[M, Vb]``: column ``b`` is value column ``map[b]`` (identity when ``vocab_map`` is None), ``fill`` where
+    ``b`` has no value column (``-1``, or outside ``[0, Vv)``)."""
+    M, Vv = value_logits.shape
+    src = torch.arange(Vb, device=value_logits.device) if vocab_map is None else vocab_map.to(torch.int64)
+    has = (src >= 0) & (src < Vv)
+    out = torch.full((M, Vb), fill, dtype=value_logits.dtype, device=value_logits.device)
+    out[:, has] = value_logits[:, src[has]]
+    return out
 
 
 def guided_logits_naive(value_hidden, value_weight, *, base_logits=None, base_hidden=None, base_weight=None,
@@ -57,44 +46,12 @@ def guided_logits_naive(value_hidden, value_weight, *, base_logits=None, base_hi
     else:
         base = None
     Vb = base.shape[1] if base is not None else (vocab_map.shape[0] if vocab_map is not None else Vv)
-    cols, unmapped = gather_columns(vocab_map, Vb, Vv, vh.device)
-    remapped = value_logits[:, cols]
-    if unmapped is not None:
-        remapped = remapped.masked_fill(unmapped, fill)
+    remapped = _remap(value_logits, vocab_map, Vb, fill)
     if isinstance(alpha, torch.Tensor):
         scaled = alpha.reshape(-1, 1).to(dtype) * remapped
     else:
         scaled = alpha * remapped
     return scaled if base is None else base + scaled
-
-
-def guided_logits_torch(a: GuidedArgs, out: torch.Tensor) -> torch.Tensor:
-    """The ``torch`` backend of ``fused_guided_logits``: writes ``[M, Vb]`` guided logits into ``out``.
-
-    Value (and base) logits are computed by ``torch.matmul`` in the input dtype (fp32 accumulation inside
-    the matmul for half types), then scaled, remapped and added in float32 (float64 for float64 inputs).
-    Extra memory: one chunk of about ``2**25`` logits, whatever ``M`` is. ``out`` may alias ``base_logits``:
-    each chunk reads its base rows before it writes them.
-    """
-    compute = torch.float64 if a.value_hidden.dtype == torch.float64 or a.out_dtype == torch.float64 else torch.float32
-    cols, unmapped = gather_columns(a.vocab_map, a.Vb, a.Vv, a.device)
-    rows = max(1, _CHUNK_ELEMS // max(a.Vv, a.Vb, 1))
-    for r0 in range(0, a.M, rows):
-        r1 = min(a.M, r0 + rows)
-        value_logits = torch.matmul(a.value_hidden[r0:r1], a.value_weight.T)
-        remapped = value_logits.index_select(1, cols).to(compute)
-        if unmapped is not None:
-            remapped.masked_fill_(unmapped, a.fill)
-        if isinstance(a.alpha, torch.Tensor):
-            remapped.mul_(a.alpha[r0:r1].to(compute).unsqueeze(1))
-        else:
-            remapped.mul_(a.alpha)
-        if a.base_logits is not None:
-            remapped.add_(a.base_logits[r0:r1].to(compute))
-        elif a.base_hidden is not None:
-            remapped.add_(torch.matmul(a.base_hidden[r0:r1], a.base_weight.T).to(compute))
-        out[r0:r1].copy_(remapped)
-    return out
 
 
 def guided_cross_entropy_naive(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,

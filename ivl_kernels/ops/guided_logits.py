@@ -10,7 +10,7 @@ Backends: ``triton`` (any M: below ``GEMM_MIN_ROWS`` rows one launch over a grid
 memory-bound like decoding; from ``GEMM_MIN_ROWS`` rows, where the work is compute-bound, the heads as cuBLAS
 GEMMs accumulated into ``out``: the base head written, the value head added with ``beta = 1``), ``cuda`` (the compiled
 decode kernel of ``csrc/``, M <= 16; ``auto`` takes it where it measured faster on this device: see
-``_ROUTE``), ``torch`` (``reference.guided_logits_torch``).
+``_ROUTE``), ``torch`` (``guided_logits_torch``: plain PyTorch, chunked over rows).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .. import _backends
 from .._timing import back_to_back_ms
 from .._triton import interpreter_enabled, tl, triton
 from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
-from ..reference import guided_logits_torch
+from ._columns import gather_columns
 from ._gemm import addmm_into
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
@@ -282,6 +282,42 @@ def _guided_logits_triton_op(value_hidden: torch.Tensor, value_weight: torch.Ten
 def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
       alpha_scalar, fill, out) -> None:
     return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch backend (the CPU path)
+# --------------------------------------------------------------------------------------------------------------
+# Rows per chunk are chosen so one chunk of value logits holds about this many elements (128 MiB in fp32).
+_CHUNK_ELEMS = 1 << 25
+
+
+def guided_logits_torch(a: GuidedArgs, out: torch.Tensor) -> torch.Tensor:
+    """The ``torch`` backend of ``fused_guided_logits``: writes ``[M, Vb]`` guided logits into ``out``.
+
+    Value (and base) logits are computed by ``torch.matmul`` in the input dtype (fp32 accumulation inside
+    the matmul for half types), then scaled, remapped and added in float32 (float64 for float64 inputs).
+    Extra memory: one chunk of about ``2**25`` logits, whatever ``M`` is. ``out`` may alias ``base_logits``:
+    each chunk reads its base rows before it writes them.
+    """
+    compute = torch.float64 if a.value_hidden.dtype == torch.float64 or a.out_dtype == torch.float64 else torch.float32
+    cols, unmapped = gather_columns(a.vocab_map, a.Vb, a.Vv, a.device)
+    rows = max(1, _CHUNK_ELEMS // max(a.Vv, a.Vb, 1))
+    for r0 in range(0, a.M, rows):
+        r1 = min(a.M, r0 + rows)
+        value_logits = torch.matmul(a.value_hidden[r0:r1], a.value_weight.T)
+        remapped = value_logits.index_select(1, cols).to(compute)
+        if unmapped is not None:
+            remapped.masked_fill_(unmapped, a.fill)
+        if isinstance(a.alpha, torch.Tensor):
+            remapped.mul_(a.alpha[r0:r1].to(compute).unsqueeze(1))
+        else:
+            remapped.mul_(a.alpha)
+        if a.base_logits is not None:
+            remapped.add_(a.base_logits[r0:r1].to(compute))
+        elif a.base_hidden is not None:
+            remapped.add_(torch.matmul(a.base_hidden[r0:r1], a.base_weight.T).to(compute))
+        out[r0:r1].copy_(remapped)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

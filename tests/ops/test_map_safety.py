@@ -21,7 +21,8 @@ from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
 from ivl_kernels._validate import validate_guided
 from ivl_kernels.ops import guided_cross_entropy as gce
 from ivl_kernels.ops import guided_logits as gl
-from ivl_kernels.reference import guided_logits_naive, guided_logits_torch
+from ivl_kernels.ops.guided_logits import guided_logits_torch
+from ivl_kernels.reference import guided_logits_naive
 
 HAS_GPU = torch.cuda.is_available()
 POISON = 1e30  # clamped to the dtype's largest finite value for half precision (1e30 overflows float16)

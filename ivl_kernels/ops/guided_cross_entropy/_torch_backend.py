@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...reference import gather_columns
+from .._columns import gather_columns
 
 # Rows are processed in chunks of about this many logits per [rows, V] temporary (16 MiB in fp32).
 CHUNK_ELEMS = 1 << 22
