@@ -109,7 +109,9 @@ def _check(backend, vh, vw, target, kw, dtype):
     assert ours[0].shape == ref[0].shape
     for name, o, s, r in zip(("loss", "d value_hidden", "d value_weight"), ours, same, ref):
         assert torch.isfinite(o).all(), f"{name}: non-finite values"
-        atol = ATOL[dtype] * max(1.0, r.abs().max().item())
+        # Relative to the magnitude of what is checked: gradients of a mean are far below 1, and an absolute floor
+        # of ATOL would exceed them (a test that passes whatever the gradients).
+        atol = ATOL[dtype] * r.abs().max().item()
         e_ours, e_torch = _err(o, r), _err(s, r)
         assert e_ours <= 2 * e_torch + atol, (
             f"{name}: error {e_ours:.3g} vs fp64 > 2 * torch-{dtype} error {e_torch:.3g} + atol {atol:.3g}")
