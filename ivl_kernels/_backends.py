@@ -66,6 +66,15 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels do not run on {device.type} tensors"
 
 
+def triton_dtype_problem(dtypes) -> str:
+    """``""`` when the Triton kernels take tensors of these dtypes, else why not (shared by every op)."""
+    if torch.float64 in dtypes:
+        return "float64 inputs are handled by backend='torch'"
+    if interpreter_enabled() and torch.bfloat16 in dtypes:
+        return "the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16"
+    return ""
+
+
 def cuda_usable(device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, f"it needs CUDA tensors, got tensors on {device}"

@@ -58,6 +58,18 @@ def bucketed(columns: int) -> int:
     return -(-int(columns) // BUCKET) * BUCKET
 
 
+def reuse_or_build(owner, attr: str, key, build: Callable[[], tuple]) -> tuple:
+    """``(runners, decoder)`` kept on ``owner.<attr>`` as ``(key, runners, decoder)``: returned again while
+    ``key`` matches (a captured graph is replayed, not captured again), else ``build()``, after dropping the
+    previous set so only one set's caches are ever in memory."""
+    kept = getattr(owner, attr, None)
+    if kept is None or kept[0] != key:
+        setattr(owner, attr, None)
+        kept = (key, *build())
+        setattr(owner, attr, kept)
+    return kept[1], kept[2]
+
+
 def static_supported(model: nn.Module) -> str:
     """``""`` when ``model`` can run on a ``StaticCache`` (transformers marks such models ``_can_compile_fullgraph``),
     else why not."""

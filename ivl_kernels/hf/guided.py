@@ -235,24 +235,21 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         the bucketed cache lengths and the graph choice match: a captured graph is replayed across calls, not
         captured again. One set is kept (its static caches hold the previous request's memory; the next request
         of another shape replaces it)."""
-        from ._static import StaticDecoder, StaticRunner, bucketed
+        from ._static import StaticDecoder, StaticRunner, bucketed, reuse_or_build
 
         sizes = tuple(bucketed(n + max_new_tokens) for n in lengths)
-        key = (batch, sizes, graph, graph_required)
-        cached = getattr(self, "_decode_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        self._decode_cache = None  # free the previous set before allocating the next
-        backbones = [self._base_backbone] + [part[0] for part in self._parts]
-        runners = [StaticRunner(bb, owner, n) for bb, owner, n in zip(backbones, owners, sizes)]
 
-        def static_step():
-            hs = [r.decode() for r in runners]
-            return hs[0], hs[1:], self._guided_logits(hs[0], hs[1:])
+        def build():
+            backbones = [self._base_backbone] + [part[0] for part in self._parts]
+            runners = [StaticRunner(bb, owner, n) for bb, owner, n in zip(backbones, owners, sizes)]
 
-        decoder = StaticDecoder(runners, static_step, use_graph=graph, graph_required=graph_required)
-        self._decode_cache = (key, runners, decoder)
-        return runners, decoder
+            def static_step():
+                hs = [r.decode() for r in runners]
+                return hs[0], hs[1:], self._guided_logits(hs[0], hs[1:])
+
+            return runners, StaticDecoder(runners, static_step, use_graph=graph, graph_required=graph_required)
+
+        return reuse_or_build(self, "_decode_cache", (batch, sizes, graph, graph_required), build)
 
     def generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, max_length: Optional[int] = None,

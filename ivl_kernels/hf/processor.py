@@ -195,21 +195,19 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
 
     def _static_prefill(self, ids: torch.Tensor, mask: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
         """Build (or reuse) the static runner for ``columns`` cache columns and read the value prompt."""
-        from ._static import StaticDecoder, StaticRunner, bucketed
+        from ._static import StaticDecoder, StaticRunner, bucketed, reuse_or_build
 
         B, T = ids.shape
         graph = ids.device.type == "cuda" and self.cuda_graph is not False
         size = bucketed(columns if columns is not None else T + (self.max_new_tokens or 256))
-        key = (B, size, graph, ids.device)
-        if getattr(self, "_static_kept", None) is None or self._static_kept[0] != key:
-            self._static_kept = None  # free the previous set first
+
+        def build():
             runner = StaticRunner(self.backbone, self.value_model, size)
-            decoder = StaticDecoder([runner], lambda: (runner.decode(),), use_graph=graph,
-                                    graph_required=bool(self.cuda_graph))
-            self._static_kept = (key, runner, decoder)
-        _, runner, decoder = self._static_kept
+            return runner, StaticDecoder([runner], lambda: (runner.decode(),), use_graph=graph,
+                                         graph_required=bool(self.cuda_graph))
+
+        runner, decoder = reuse_or_build(self, "_static_kept", (B, size, graph, ids.device), build)
         self._static = (runner, decoder)
-        self._value_mask = mask  # the prompt's mask, for a re-read when the cache fills
         return runner.prefill(ids, mask)
 
     def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -263,8 +261,6 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
             elif self._use_static(input_ids.device):
                 hidden = self._static_prefill(*self._value_prompt(input_ids))
-            elif self._own is not None:
-                hidden = self._runner.feed(*self._own)
             else:
                 hidden = self._runner.feed(*self._value_prompt(input_ids))
         else:

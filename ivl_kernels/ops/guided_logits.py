@@ -155,15 +155,7 @@ def _triton_supports(a: GuidedArgs) -> str:
         dtypes.add(a.base_hidden.dtype)
     if a.base_logits is not None:
         dtypes.add(a.base_logits.dtype)
-    if torch.float64 in dtypes:
-        return "float64 inputs are handled by backend='torch'"
-    if interpreter_enabled() and torch.bfloat16 in dtypes:
-        return "the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16"
-    return ""
-
-
-def _dummy(a: GuidedArgs) -> torch.Tensor:
-    return a.value_hidden
+    return _backends.triton_dtype_problem(dtypes)
 
 
 def gemm_path(M: int, vocab_map: Optional[torch.Tensor], fill: float) -> bool:

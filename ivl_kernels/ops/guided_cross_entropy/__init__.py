@@ -42,7 +42,6 @@ from __future__ import annotations
 import torch
 
 from ... import _backends
-from ..._triton import interpreter_enabled
 from ..._validate import CrossEntropyArgs, check_backend, validate_cross_entropy
 from ._autograd import Config, GuidedCrossEntropy
 from ._chunked import chunked_loss, launch_bwd, launch_fwd
@@ -58,11 +57,7 @@ def _triton_supports(a: CrossEntropyArgs) -> str:
     for t in (g.base_logits, g.base_hidden):
         if t is not None:
             dtypes.add(t.dtype)
-    if torch.float64 in dtypes:
-        return "float64 inputs are handled by backend='torch'"
-    if interpreter_enabled() and torch.bfloat16 in dtypes:
-        return "the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16"
-    return ""
+    return _backends.triton_dtype_problem(dtypes)
 
 
 def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,

@@ -37,11 +37,6 @@ CHUNK_BYTES = {"cuda": 1280 << 20, "cpu": 32 << 20}
 # Rows per chunk are rounded down to this on a GPU (tile-friendly GEMM shapes).
 ROW_ALIGN = 128
 
-def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """``acc += alpha * (a @ b)`` into a float32 (or float64) ``acc``, accumulating in ``acc``'s precision."""
-    addmm_into(acc, a, b, alpha=alpha)
-
-
 def chunk_rows(bytes_per_row: int, n: int, device: torch.device, fixed: int = 0) -> int:
     """Rows per chunk: the chunk's logits plus ``fixed`` bytes (a map's gathered head and second accumulator)
     within ``CHUNK_BYTES`` (never under a quarter of it)."""
@@ -124,7 +119,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
             buf = base_arg
             xs = xv * alpha_tensor[r0:r1, None].to(dt) if alpha_tensor is not None else xv
             part = buf[:, :v_min]
-            torch.addmm(part, xs, vw[:v_min].T, alpha=1.0 if alpha_tensor is not None else alpha_scalar, out=part)
+            addmm_into(part, xs, vw[:v_min].T, alpha=1.0 if alpha_tensor is not None else alpha_scalar)
             base_arg = None
         else:
             buf = torch.mm(xv, w_cols.T)
@@ -146,7 +141,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
             if need_dvh:
                 torch.mm(G, w_g, out=dvh[r0:r1])
             if need_dvw:
-                addmm_f32(acc[:v_val], G.T, xv, alpha=scale)
+                addmm_into(acc[:v_val], G.T, xv, alpha=scale)
         if sep_l1:
             lv = torch.mm(xv, vw.T)
             _l1_rows_kernel[(r1 - r0,)](lv, h[r0:r1] if grads else dummy, stats[:, r0:r1] if want_stats else dummy,
@@ -156,7 +151,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
                 if need_dvh:
                     dvh[r0:r1].addmm_(lv, vw)
                 if need_dvw:
-                    addmm_f32(acc_v, lv.T, xv, alpha=scale)
+                    addmm_into(acc_v, lv.T, xv, alpha=scale)
 
     for r0 in range(0, N, rows):
         one_chunk(r0, min(N, r0 + rows))

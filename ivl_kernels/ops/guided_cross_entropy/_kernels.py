@@ -51,6 +51,11 @@ def _z_block(buf_row, base_row, map_ptr, cols, Vb, Vval, Vv, stride_base_v, stri
 
 
 @triton.jit
+def _sign(v):
+    return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
+
+
+@triton.jit
 def _ce_rows_kernel(
     buf_ptr, base_ptr, map_ptr, alpha_ptr, tgt_ptr, g_ptr, h_ptr, lse_ptr, stats_ptr,
     Vb, Vval, Vv, Vl1, Vcols, ld_buf, stride_base_m, stride_base_v, stride_map, stride_stats,
@@ -116,8 +121,7 @@ def _ce_rows_kernel(
                 dz -= smooth_all
             grad = tl.where(valid & in_b, g * dz, 0.0)
             if WITH_L1:
-                sgn = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
-                grad += tl.where(cols < Vl1, h * sgn, 0.0)
+                grad += tl.where(cols < Vl1, h * _sign(v), 0.0)
             tl.store(buf_row + cols, grad.to(buf_ptr.dtype.element_ty), mask=cols < Vval)
 
 
@@ -141,5 +145,4 @@ def _l1_rows_kernel(buf_ptr, h_ptr, stats_ptr, Vv, ld_buf, stride_stats, l1_scal
         for c0 in range(0, Vv, BLOCK):
             cols = c0 + lanes
             v = tl.load(buf_row + cols, mask=cols < Vv, other=0.0).to(tl.float32)
-            sgn = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
-            tl.store(buf_row + cols, (h * sgn).to(buf_ptr.dtype.element_ty), mask=cols < Vv)
+            tl.store(buf_row + cols, (h * _sign(v)).to(buf_ptr.dtype.element_ty), mask=cols < Vv)
