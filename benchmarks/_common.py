@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from ivl_kernels._atomic import atomic_file  # noqa: E402  (after the checkout is on the path)
+
 
 def environment(device: torch.device) -> dict:
     """Device, date and versions, printed at the top of every benchmark and kept in its CSV."""
@@ -158,13 +160,20 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    # Whole or not at all: a run stopped mid-write never leaves a truncated CSV in place of an earlier one.
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         for k, v in env.items():
             f.write(f"# {k}: {v}\n")
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {path}")
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    """``fig.savefig(path)`` through a temporary sibling (the format from ``path``'s extension)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".") or "png")
 
 
 def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: str, title: str,
@@ -204,7 +213,7 @@ def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: st
         ax.set_title(title if pv is None else f"{title}: {pv}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
 

@@ -39,7 +39,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Stopped, cuda_context_error, environment, format_table, matrix_tflops,  # noqa: E402
-                     print_environment, stop_on_sigterm, time_ms, write_csv)
+                     print_environment, save_figure, stop_on_sigterm, time_ms, write_csv)
 
 # The torch backend of ours is timed on a GPU only up to this many tokens (see the module docstring).
 TORCH_BACKEND_MAX_N_GPU = 4096
@@ -351,7 +351,7 @@ def _plot(rows, path, versions, title):
     fig.suptitle(f"guided cross-entropy, {title} - {versions['device']}, torch {versions['torch']}, "
                  f"triton {versions['triton']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
