@@ -661,6 +661,17 @@ def _pad_id(tok) -> int:
     return 0  # pragma: no cover
 
 
+def _end_process_group(trainer) -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter shutdown, a gloo group's
+    worker threads can be destroyed while still joinable, and that rank aborts ("terminate called without an
+    active exception", SIGABRT) after a finished run, so torchrun reports a failure (seen on torch 2.11)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     """Run ``ivl-kernels train`` with ``argv`` (the arguments after ``train``); returns the exit status."""
     parser = build_parser()
@@ -702,6 +713,7 @@ def main(argv=None) -> int:
         print(f"ivl-kernels train: saved the value network{' (LoRA adapter)' if args.lora_r else ''} to "
               f"{args.output} (global step {trainer.state.global_step}); use it with GuidedCausalLM(base, {use})",
               flush=True)
+    _end_process_group(trainer)  # after success only: a barrier with a failed rank would wait forever
     return 0
 
 
