@@ -49,6 +49,7 @@ from ivl_kernels import _backends  # noqa: E402
 from ivl_kernels._triton import interpreter_enabled  # noqa: E402
 from ivl_kernels._validate import validate_guided, validate_out  # noqa: E402
 from ivl_kernels.ops.guided_logits import _cuda_supports, _triton_supports  # noqa: E402
+from ivl_kernels.ops.packed_heads import pack_head_weights  # noqa: E402
 
 WORKLOADS = {
     # DESIGN's "qwen": base head Qwen2.5-7B, value head Qwen2.5-0.5B.
@@ -139,7 +140,7 @@ def fused_candidates(vh, vw, base_kw, vocab_map, out, device):
 
 
 def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compiled, device, bw_gbs, quick, g,
-               tflops=None):
+               tflops=None, packed=None):
     bw, vw = weights
     Vb = wl["Vb"]
     key = dict(M=M, base=base, map=map_name)
@@ -175,6 +176,11 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
     out = torch.empty(M, Vb, device=device, dtype=torch.float32)
     fused, skipped = fused_candidates(vh, vw, base_kw, vocab_map, out, device)
     cands.update(fused)
+    if packed is not None and base == "hidden" and vocab_map is None and "ivl triton" in fused:
+        # The same heads packed into one buffer (pack_head_weights): from GEMM_MIN_ROWS rows, one GEMM.
+        pb, pv = packed
+        cands["ivl triton packed"] = lambda: ivl.fused_guided_logits(
+            vh, pv, base_hidden=bh, base_weight=pb, alpha=ALPHA, fill=FILL, out=out, backend="triton")
     for impl, why in skipped:
         rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
         print_row(rows[-1])
@@ -263,6 +269,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cpu").manual_seed(0)
     bw = (torch.randn(wl["Vb"], wl["Hb"], generator=g) / wl["Hb"] ** 0.5).to(device=device, dtype=dtype)
     vw = (torch.randn(wl["Vv"], wl["Hv"], generator=g) / wl["Hv"] ** 0.5).to(device=device, dtype=dtype)
+    packed = pack_head_weights(bw, vw) if "hidden" in args.base and "identity" in args.map else None
     bw_gbs, copy_gbs, read_gbs = floor_bandwidth_gbs(device)
     print(f"# measured bandwidth: copy {copy_gbs:.1f} GB/s (read + write), streaming read {read_gbs:.1f} GB/s; "
           f"the floor uses {bw_gbs:.1f} GB/s")
@@ -283,7 +290,7 @@ def main(argv=None) -> int:
                 for M in Ms:
                     run_config(rows, M=M, base=base, map_name=map_name, vocab_map=vocab_map, wl=wl, dtype=dtype,
                                weights=(bw, vw), compiled=compiled, device=device, bw_gbs=bw_gbs,
-                               quick=args.quick, g=g, tflops=tflops)
+                               quick=args.quick, g=g, tflops=tflops, packed=packed)
     except (ContextLost, Stopped) as exc:
         why = f"CUDA context lost {exc}" if isinstance(exc, ContextLost) else str(exc)
         print(f"# STOPPED: {why}; the rows so far are kept")

@@ -9,7 +9,8 @@ without materialising ``[tokens, vocab]`` logits) and ``VocabMap`` (vocabulary m
 
 from .ops.guided_logits import fused_guided_logits
 from .ops.guided_cross_entropy import fused_guided_cross_entropy
+from .ops.packed_heads import pack_head_weights
 from .vocab import VocabMap
 
 __version__ = "0.1.0"
-__all__ = ["fused_guided_logits", "fused_guided_cross_entropy", "VocabMap", "__version__"]
+__all__ = ["fused_guided_logits", "fused_guided_cross_entropy", "pack_head_weights", "VocabMap", "__version__"]

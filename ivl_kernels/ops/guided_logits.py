@@ -26,6 +26,7 @@ from .._triton import interpreter_enabled, tl, triton
 from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
 from ._columns import gather_columns
 from ._gemm import addmm_into
+from .packed_heads import packed_view
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
 CUDA_MAX_ROWS = 16
@@ -178,6 +179,11 @@ def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weigh
     """
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
+    if base_hidden is not None and vocab_map is None and base_hidden.dtype == dt:
+        wcat = packed_view(base_weight, value_weight, min(Vb, Vv))
+        if wcat is not None:
+            _launch_packed(value_hidden, base_hidden, base_weight, wcat, alpha_tensor, alpha_scalar, fill, out)
+            return
     if alpha_tensor is not None:
         xs, a, a_col = value_hidden * alpha_tensor[:, None].to(dt), 1.0, alpha_tensor[:, None].to(out.dtype)
     else:
@@ -211,6 +217,26 @@ def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weigh
         addmm_into(out, xs, w.T, beta=beta_v, alpha=a)
     if base_hidden is not None:
         addmm_into(out, base_hidden, base_weight.T, beta=1.0)
+
+
+def _launch_packed(value_hidden, base_hidden, base_weight, wcat, alpha_tensor, alpha_scalar: float, fill: float,
+                   out: torch.Tensor) -> None:
+    """The head of packed weights (``packed_heads``) as one GEMM: ``out[:, :V] = [X_b | alpha X_v] @ wcat^T``
+    with ``wcat [V, Hb + Hv]``; base ids past the value vocabulary get ``X_b @ W_b[V:]^T + alpha * fill``."""
+    Hb, cols, Vb = base_hidden.shape[1], wcat.shape[0], out.shape[1]
+    x = torch.empty(base_hidden.shape[0], Hb + value_hidden.shape[1], dtype=base_hidden.dtype,
+                    device=base_hidden.device)
+    x[:, :Hb].copy_(base_hidden)
+    if alpha_tensor is not None:
+        torch.mul(value_hidden, alpha_tensor[:, None].to(value_hidden.dtype), out=x[:, Hb:])
+    else:
+        torch.mul(value_hidden, alpha_scalar, out=x[:, Hb:])
+    addmm_into(out[:, :cols], x, wcat.T, beta=0.0)
+    if cols < Vb:
+        tail = out[:, cols:]
+        addmm_into(tail, base_hidden, base_weight[cols:].T, beta=0.0)
+        a_col = alpha_tensor[:, None].to(out.dtype) if alpha_tensor is not None else alpha_scalar
+        tail.add_(a_col * fill)
 
 
 def launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,

@@ -1,0 +1,163 @@
+"""The compute-bound head (``GEMM_MIN_ROWS`` rows and more): the heads as GEMMs accumulated into ``out``, and
+packed heads (``pack_head_weights``) as one GEMM over the concatenated hidden states, against the fp64 oracle.
+
+On CPU the ``triton`` backend takes the same route as on a GPU from ``GEMM_MIN_ROWS`` rows (the GEMMs are
+torch's; the Triton tiles serve the rest, under the interpreter), so these run everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ivl_kernels as ivl
+from ivl_kernels.ops import guided_logits as gl
+from ivl_kernels.ops.packed_heads import pack_head_weights, packed_view
+from ivl_kernels.reference import guided_logits_naive
+
+from test_guided_logits import BACKENDS, _skip_unsupported, assert_guided_close, make_map
+
+TRITON = [p for p in BACKENDS if p.values[0] == "triton"]
+M_GEMM = gl.GEMM_MIN_ROWS + 3
+
+
+def _heads(Vb, Hb, Vv, Hv, dtype, device):
+    bw = (torch.randn(Vb, Hb, device=device) / math.sqrt(Hb)).to(dtype)
+    vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
+    return bw, vw
+
+
+def _check(backend, device, dtype, vh, vw, bh, bw, vocab_map=None, alpha=1.0, fill=0.0, what=""):
+    kw = dict(base_hidden=bh, base_weight=bw, vocab_map=vocab_map, alpha=alpha, fill=fill)
+    # The oracle sees contiguous copies: whatever the packed views' strides, the formula is the same.
+    ref_kw = dict(kw, base_weight=bw.contiguous())
+    ref = guided_logits_naive(vh, vw.contiguous(), dtype=torch.float64, **ref_kw)
+    plain = guided_logits_naive(vh, vw.contiguous(), dtype=dtype, **ref_kw)
+    out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=device)
+    assert ivl.fused_guided_logits(vh, vw, out=out, backend=backend, **kw) is out
+    assert_guided_close(out, ref, plain, dtype, what)
+    return out
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("base_mode", ["logits", "hidden"])
+@pytest.mark.parametrize("map_kind", ["identity", "injective", "many_to_one"])
+@pytest.mark.parametrize("fill", [0.0, -1.5], ids=["fill0", "fill-1.5"])
+def test_gemm_rows_match_reference(backend, device, dtype, base_mode, map_kind, fill):
+    _skip_unsupported(backend, device, dtype)
+    Vb, Vv, Hv, Hb = 97, 80, 24, 40
+    vh = torch.randn(M_GEMM, Hv, device=device).to(dtype)
+    vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
+    vmap = make_map(map_kind, Vb, Vv, device)
+    alpha = torch.rand(M_GEMM, device=device) * 2 - 0.5
+    kw = {}
+    if base_mode == "logits":
+        kw["base_logits"] = torch.randn(M_GEMM, Vb, device=device).to(dtype)
+    else:
+        kw["base_hidden"] = torch.randn(M_GEMM, Hb, device=device).to(dtype)
+        kw["base_weight"] = (torch.randn(Vb, Hb, device=device) / math.sqrt(Hb)).to(dtype)
+    ref = guided_logits_naive(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, dtype=torch.float64, **kw)
+    plain = guided_logits_naive(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, dtype=dtype, **kw)
+    out_dtype = kw["base_logits"].dtype if "base_logits" in kw else torch.float32
+    out = torch.full(ref.shape, float("nan"), dtype=out_dtype, device=device)
+    ivl.fused_guided_logits(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, out=out, backend=backend, **kw)
+    assert_guided_close(out, ref, plain, dtype, f"M={M_GEMM} {base_mode} {map_kind} fill={fill}")
+
+
+def test_pack_head_weights_layout():
+    bw, vw = _heads(10, 6, 7, 4, torch.float32, "cpu")
+    pb, pv = pack_head_weights(bw, vw)
+    assert torch.equal(pb, bw) and torch.equal(pv, vw)
+    assert pb.stride() == (10, 1) and pv.stride() == (10, 1)
+    assert pv.untyped_storage().data_ptr() == pb.untyped_storage().data_ptr()
+    cat = packed_view(pb, pv, 7)
+    assert cat is not None and torch.equal(cat, torch.cat([bw[:7], vw], dim=1))
+    # A value vocabulary larger than the base's: the buffer has its rows, the base block is zero there.
+    pb2, pv2 = pack_head_weights(vw, bw)
+    assert torch.equal(pb2, vw) and torch.equal(pv2, bw)
+    assert packed_view(pb2, pv2, 7) is not None and packed_view(pb2, pv2, 8) is None
+
+
+def test_packed_view_refuses_what_is_not_packed():
+    bw, vw = _heads(10, 6, 7, 4, torch.float32, "cpu")
+    assert packed_view(bw, vw, 7) is None  # separate tensors
+    buf = torch.randn(10, 12)
+    assert packed_view(buf[:, :6], buf[:7, 7:11], 7) is None  # a gap between the blocks
+    assert packed_view(buf[:, 6:10], buf[:7, :6], 7) is None  # value block before the base block
+    assert packed_view(buf[:, :6], buf[:7, 6:10], 7) is not None  # row stride 12 >= 10: fine
+    pb, pv = pack_head_weights(bw, vw)
+    assert packed_view(pb, pv.to(torch.float64), 7) is None
+    assert packed_view(pb, pv, 0) is None
+
+
+@pytest.mark.parametrize("what", ["base-dtype", "device", "rank"])
+def test_pack_head_weights_refuses_mismatched_weights(what):
+    bw, vw = _heads(10, 6, 7, 4, torch.float32, "cpu")
+    if what == "base-dtype":
+        with pytest.raises(TypeError, match="value_weight must have base_weight's dtype"):
+            pack_head_weights(bw, vw.double())
+    elif what == "device":
+        with pytest.raises(ValueError, match="value_weight must be on base_weight's device"):
+            pack_head_weights(bw, vw.to("meta"))
+    else:
+        with pytest.raises(ValueError, match="base_weight must be a 2-D tensor"):
+            pack_head_weights(bw[0], vw)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("vocab", ["Vv<Vb", "Vv=Vb", "Vv>Vb"])
+@pytest.mark.parametrize("alpha_kind", ["scalar", "per-row"])
+def test_packed_heads_match_reference_and_unpacked(backend, device, dtype, vocab, alpha_kind, monkeypatch):
+    _skip_unsupported(backend, device, dtype)
+    Vb = 97
+    Vv = {"Vv<Vb": 80, "Vv=Vb": 97, "Vv>Vb": 110}[vocab]
+    Hb, Hv = 40, 24
+    bw, vw = _heads(Vb, Hb, Vv, Hv, dtype, device)
+    pb, pv = pack_head_weights(bw, vw)
+    bh = torch.randn(M_GEMM, Hb, device=device).to(dtype)
+    vh = torch.randn(M_GEMM, Hv, device=device).to(dtype)
+    alpha = 0.75 if alpha_kind == "scalar" else torch.rand(M_GEMM, device=device) * 2 - 0.5
+    calls = []
+    real = gl._launch_packed
+    monkeypatch.setattr(gl, "_launch_packed", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    packed = _check(backend, device, dtype, vh, pv, bh, pb, alpha=alpha, fill=-2.0, what=f"packed {vocab}")
+    assert calls, "packed heads did not take the one-GEMM path"
+    calls.clear()
+    unpacked = _check(backend, device, dtype, vh, vw, bh, bw, alpha=alpha, fill=-2.0, what=f"unpacked {vocab}")
+    assert not calls, "separate heads took the packed path"
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(packed, unpacked, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_packed_heads_below_gemm_rows_and_with_a_map(backend, device):
+    """Packed views are ordinary strided weights elsewhere: the Triton tiles (decode rows), and a map (the
+    gathered path) give the reference too."""
+    Vb, Vv, Hb, Hv = 97, 80, 40, 24
+    bw, vw = _heads(Vb, Hb, Vv, Hv, torch.float32, device)
+    pb, pv = pack_head_weights(bw, vw)
+    for M, vmap in ((5, None), (M_GEMM, make_map("injective", Vb, Vv, device))):
+        vh, bh = torch.randn(M, Hv, device=device), torch.randn(M, Hb, device=device)
+        _check(backend, device, torch.float32, vh, pv, bh, pb, vocab_map=vmap, alpha=1.25, what=f"M={M}")
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_packed_heads_under_torch_compile(backend, device):
+    """The recognition reads only tensor metadata: it holds when the op runs from a compiled graph."""
+    Vb, Vv, Hb, Hv = 97, 80, 40, 24
+    bw, vw = _heads(Vb, Hb, Vv, Hv, torch.float32, device)
+    pb, pv = pack_head_weights(bw, vw)
+    bh, vh = torch.randn(M_GEMM, Hb, device=device), torch.randn(M_GEMM, Hv, device=device)
+
+    def head(vh, bh):
+        return ivl.fused_guided_logits(vh, pv, base_hidden=bh, base_weight=pb, alpha=0.5, backend=backend)
+
+    torch._dynamo.reset()
+    got = torch.compile(head, fullgraph=True)(vh, bh)
+    ref = guided_logits_naive(vh, vw, base_hidden=bh, base_weight=bw, alpha=0.5, dtype=torch.float64)
+    assert_guided_close(got, ref, guided_logits_naive(vh, vw, base_hidden=bh, base_weight=bw, alpha=0.5),
+                        torch.float32, "compiled, packed")
