@@ -155,7 +155,49 @@ def matrix_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: 
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
+# Results of the same name already in --out (the committed benchmarks/results/, a colleague's run) are kept unless
+# the script was given --overwrite: this run's files then get a time-stamped name beside them.
+_OUTPUT = {"overwrite": False, "stamp": datetime.datetime.now().strftime("%Y%m%d-%H%M%S")}
+
+
+def add_output_args(parser, default: str | None, what: str = "results directory") -> None:
+    """``--out`` (``default``) and ``--overwrite`` on a benchmark's parser; call ``output_options(args)``."""
+    parser.add_argument("--out", default=default, help=f"{what} (default: {default})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing results of the same name (default: keep them; this run's files are "
+                             "written as NAME-<time>.EXT beside them)")
+
+
+def output_options(args) -> None:
+    _OUTPUT["overwrite"] = bool(getattr(args, "overwrite", False))
+
+
+def output_path(path: str) -> str:
+    """``path``, or a time-stamped sibling when ``path`` exists and --overwrite was not given (said on stdout)."""
+    if _OUTPUT["overwrite"] or not os.path.lexists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    new = f"{stem}-{_OUTPUT['stamp']}{ext}"
+    n = 1
+    while os.path.lexists(new):
+        n += 1
+        new = f"{stem}-{_OUTPUT['stamp']}-{n}{ext}"
+    print(f"# {path} exists: kept (pass --overwrite to replace it); this run's file is {new}")
+    return new
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``output_path(path)`` atomically; returns the path written."""
+    path = output_path(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return path
+
+
 def write_csv(path: str, rows: list[dict], env: dict) -> None:
+    path = output_path(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     keys: list[str] = []
     for r in rows:
@@ -170,10 +212,13 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
     print(f"wrote {path}")
 
 
-def save_figure(fig, path: str, dpi: int) -> None:
-    """``fig.savefig(path)`` through a temporary sibling (the format from ``path``'s extension)."""
+def save_figure(fig, path: str, dpi: int) -> str:
+    """``fig.savefig(path)`` through a temporary sibling (the format from ``path``'s extension); an existing
+    ``path`` is kept unless --overwrite (``output_path``). Returns the path written."""
+    path = output_path(path)
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    return path
 
 
 def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: str, title: str,
@@ -213,9 +258,9 @@ def plot_bars(path: str, rows: list[dict], *, group: str, series: str, value: st
         ax.set_title(title if pv is None else f"{title}: {pv}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    written = save_figure(fig, path, dpi=120)
     plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {written}")
 
 
 def format_table(rows: Iterable[dict], cols: list[str]) -> str:

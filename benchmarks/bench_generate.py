@@ -35,7 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, format_table, plot_bars, print_environment, write_csv  # noqa: E402
+from _common import (add_output_args, environment, format_table, output_options, plot_bars,  # noqa: E402
+                     print_environment, write_csv)
 
 
 def _models(device, dtype, big):
@@ -115,12 +116,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    add_output_args(ap, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    output_options(args)
 
     import transformers
 

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Stopped, floor_bandwidth_gbs, matrix_tflops, cuda_context_error, environment, format_table,  # noqa: E402
+from _common import (Stopped, add_output_args, floor_bandwidth_gbs, matrix_tflops, cuda_context_error, environment, format_table,  # noqa: E402
+                     output_options,
                      plot_bars, print_environment, stop_on_sigterm, time_gpu_graph, time_launch_loop, time_ms,
                      write_csv)
 
@@ -250,8 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--map", nargs="*", default=["identity", "permuted"], choices=["identity", "permuted"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--quick", action="store_true", help="the two smallest M only, shorter CPU timing")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    add_output_args(p, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
+    output_options(args)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -38,7 +38,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Stopped, cuda_context_error, environment, format_table, matrix_tflops,  # noqa: E402
+from _common import (Stopped, add_output_args, output_options, cuda_context_error, environment, format_table, matrix_tflops,  # noqa: E402
                      print_environment, save_figure, stop_on_sigterm, time_ms, write_csv)
 
 # The torch backend of ours is timed on a GPU only up to this many tokens (see the module docstring).
@@ -55,11 +55,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="smaller N, fewer repeats")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    add_output_args(p, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--N", type=int, default=None, help="tokens (default: 4096 on CPU, 16384 on GPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    output_options(args)
+    return args
 
 
 class _Unavailable(Exception):

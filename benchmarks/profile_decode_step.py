@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -70,8 +71,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="best of")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the numbers to this file")
+    ap.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     args = ap.parse_args(argv)
+    if args.json and os.path.lexists(args.json) and not args.overwrite:
+        ap.error(f"--json {args.json} exists: not replaced (pass --overwrite)")
 
     from ivl_kernels.hf import GuidedCausalLM, IVLLogitsProcessor
     from ivl_kernels.hf._common import position_ids_from_mask
@@ -136,8 +140,10 @@ def main(argv=None) -> dict:
         print(f"{name:<14}{r['ms_per_step']:>10.3f}{r['syncs_per_step']:>12.2f}{r['extra_ms_per_step']:>10.3f}"
               f"{r['extra_syncs_per_step']:>13.2f}")
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump({"args": vars(args), "rows": rows, "torch": torch.__version__}, f, indent=1)
+        os.replace(tmp, args.json)
     return rows
 
 

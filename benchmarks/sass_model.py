@@ -943,7 +943,10 @@ def main(argv=None) -> int:
                    help="if/else arms that are not row conditions (map / alpha tensor): count the smaller arm (the "
                         "benchmark's identity map and scalar alpha) or the larger")
     p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    if args.out and os.path.lexists(args.out) and not args.overwrite:
+        p.error(f"--out {args.out} exists: not replaced (pass --overwrite)")
 
     t0 = time.time()
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
@@ -1014,8 +1017,10 @@ def main(argv=None) -> int:
     text_out += f"\n\n# {len(models)} instantiations analysed in {time.time() - t0:.1f} s\n"
     print(text_out)
     if args.out:
-        with open(args.out, "w") as fh:
+        tmp = f"{args.out}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
             fh.write(text_out)
+        os.replace(tmp, args.out)
     return 0
 
 

@@ -215,6 +215,29 @@ def test_bench_cuda_without_a_gpu_is_a_clear_error(fake_bench, tmp_path, capsys)
     assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
     assert fake_bench.argv is None and os.listdir(tmp_path) == []
 
+def test_benchmark_script_run_directly_keeps_existing_results(tmp_path):
+    """A script run by hand writes into its --out (default: the committed benchmarks/results/): a result of the
+    same name there is kept, byte for byte, unless --overwrite; this run's files get a time-stamped name."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "bench_guided_logits.py")
+    old = tmp_path / "guided_logits_small_cpu.csv"
+    old.write_text("# a committed result\n")
+    cmd = [sys.executable, script, "--device", "cpu", "--no-compile", "--quick", "--M", "1", "--base", "logits",
+           "--map", "identity", "--out", str(tmp_path)]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert old.read_text() == "# a committed result\n"
+    new = [p for p in tmp_path.iterdir() if p.name.startswith("guided_logits_small_cpu-") and p.suffix == ".csv"]
+    assert len(new) == 1 and "exists: kept" in proc.stdout and "impl" in new[0].read_text()
+    proc = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "impl" in old.read_text()
+
+
 
 # ---- ivl-kernels demo -----------------------------------------------------------------------------------------------
 
