@@ -168,12 +168,30 @@ def main(argv=None) -> int:
             return step(lambda: ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **base))
         return make
 
+    def ours_packed():
+        """The two heads packed into one buffer (pack_head_weights; the value head a trainable view of it): one
+        GEMM per chunk over [X_b | X_v]. The buffer is built here, outside the timed and measured calls."""
+        if not gpu:
+            raise _Unavailable("Triton on CPU runs only under the interpreter (not benchmarked)")
+        pb, pv = ivl.pack_head_weights(bw, vw.detach())
+        pv = torch.nn.Parameter(pv)
+
+        def run():
+            vh.grad = None
+            pv.grad = None
+            loss = ivl.fused_guided_cross_entropy(vh, pv, target, backend="triton", base_hidden=bh, base_weight=pb)
+            loss.backward()
+            vw.grad = pv.grad  # the gradients the rows compare against the naive row's
+            return loss.detach()
+        return run
+
     impls = [("guided", "naive eager (materialised logits)", lambda: step(naive_guided))]
     if not args.no_compile:
         impls.append(("guided", "torch.compile(naive)", compiled))
     impls += [
         ("guided", "ivl fused_guided_cross_entropy [torch]", ours("torch")),
         ("guided", "ivl fused_guided_cross_entropy [triton]", ours("triton")),
+        ("guided", "ivl fused_guided_cross_entropy [triton, packed heads]", ours_packed),
         ("value-only", "naive eager (F.linear + F.cross_entropy)", lambda: step(naive_value)),
         ("value-only", "torch F.linear_cross_entropy", torch_lce),
         ("value-only", "Liger LigerFusedLinearCrossEntropyLoss", liger),

@@ -500,3 +500,39 @@ def test_triton_strided_alpha_tensor():
     kw["alpha"] = torch.stack([kw["alpha"], torch.full_like(kw["alpha"], 100.0)], 1).reshape(-1)[::2]
     assert kw["alpha"].stride(0) == 2
     _check("triton", vh, vw, target, kw, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [
+    _case("N33-hidden-identity-ignore-mean", N=33, ignore=(0, 7)),
+    _case("N33-hidden-wide_base-alpha_tensor-smooth-sum", N=33, Vb=131, Vv=97, alpha="tensor", smoothing=0.1,
+          fill=-0.5, reduction="sum"),
+    _case("N7-hidden-narrow_base-alpha2-none", N=7, Vb=70, Vv=100, alpha=2.0, reduction="none"),
+])
+def test_triton_packed_heads_match_reference(case, monkeypatch):
+    """Packed heads (``pack_head_weights``, the value head a trainable view of the shared buffer): one GEMM per
+    chunk over ``[X_b | alpha X_v]``; loss and gradients as the fp64 oracle's, over several chunks."""
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(**case, dtype=torch.float32)
+    Vb = kw["base_weight"].shape[0]
+    monkeypatch.setitem(gce._chunked.CHUNK_BYTES, device, 5 * 4 * (2 * max(Vb, vw.shape[0]) + 200))
+    monkeypatch.setattr(gce._chunked, "ROW_ALIGN", 1)
+    seen = []
+    real = gce._chunked.packed_view
+    monkeypatch.setattr(gce._chunked, "packed_view", lambda *a: seen.append(real(*a)) or seen[-1])
+    pb, pv = ivl.pack_head_weights(kw["base_weight"], vw)
+    pv = torch.nn.Parameter(pv)
+    assert pv.untyped_storage().data_ptr() == pb.untyped_storage().data_ptr()
+    upstream = torch.rand(target.shape, dtype=torch.float64) if kw["reduction"] == "none" else None
+    h = vh.clone().requires_grad_()
+    loss = ivl.fused_guided_cross_entropy(h, pv, target, backend="triton", **dict(kw, base_weight=pb))
+    loss.backward(None if upstream is None else upstream.to(loss.dtype))
+    assert seen and all(v is not None for v in seen), "packed heads did not take the one-GEMM path"
+    ref = _run(lambda *a, **k: guided_cross_entropy_naive(*a, **k, dtype=torch.float64),
+               vh.double(), vw.double(), target, _to(kw, torch.float64), upstream)
+    same = _run(lambda *a, **k: guided_cross_entropy_naive(*a, **k, dtype=torch.float32), vh, vw, target, kw,
+                upstream)
+    for name, o, s, r in zip(("loss", "d value_hidden", "d value_weight"), (loss.detach(), h.grad, pv.grad), same,
+                             ref):
+        atol = ATOL[torch.float32] * r.abs().max().item()
+        assert _err(o, r) <= 2 * _err(s, r) + atol, f"{name}: {_err(o, r):.3g} vs torch {_err(s, r):.3g}"

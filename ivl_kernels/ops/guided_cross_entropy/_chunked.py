@@ -29,6 +29,7 @@ import torch
 
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
+from ..packed_heads import packed_view
 from ._kernels import _ce_rows_kernel, _l1_rows_kernel
 
 # Chunk of logits per pass: big enough for cuBLAS to run the GEMMs at full rate (4096 rows of the qwen heads),
@@ -108,20 +109,33 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
 
     dummy = target_local
     cfg = _row_config(v_cols)
+    # Packed heads (ops/packed_heads.py) in the combined case: one GEMM per chunk instead of a GEMM plus a second
+    # one that reads the chunk back.
+    wcat = packed_view(base_weight, vw, v_min) if combined and base_hidden.dtype == dt else None
+    Hb = base_hidden.shape[1] if base_hidden is not None else 0
     def one_chunk(r0: int, r1: int) -> None:
         # A function so that this chunk's logits, and every view of them, are freed when it returns, before the
         # next chunk's GEMM allocates its own: one chunk alive at a time, not two.
         xv = vh[r0:r1]
         base_arg = base_logits[r0:r1] if base_logits is not None else None
-        if base_hidden is not None:
-            base_arg = torch.mm(base_hidden[r0:r1], base_weight.T)
-        if combined:
-            buf = base_arg
+        if combined and wcat is not None:
+            # Packed heads: one GEMM over [X_b | alpha X_v] writes the guided logits (the chunk is written once).
+            buf = torch.empty((r1 - r0, Vb), dtype=dt, device=dev)
+            x = torch.empty((r1 - r0, Hb + Hv), dtype=dt, device=dev)
+            x[:, :Hb].copy_(base_hidden[r0:r1])
+            torch.mul(xv, alpha_tensor[r0:r1, None].to(dt) if alpha_tensor is not None else alpha_scalar,
+                      out=x[:, Hb:])
+            torch.mm(x, wcat.T, out=buf[:, :v_min])
+            if v_min < Vb:
+                torch.mm(base_hidden[r0:r1], base_weight[v_min:].T, out=buf[:, v_min:])
+        elif combined:
+            # The base GEMM writes the chunk, the value GEMM adds into its first v_min columns (beta = 1).
+            buf = torch.mm(base_hidden[r0:r1], base_weight.T)
             xs = xv * alpha_tensor[r0:r1, None].to(dt) if alpha_tensor is not None else xv
-            part = buf[:, :v_min]
-            addmm_into(part, xs, vw[:v_min].T, alpha=1.0 if alpha_tensor is not None else alpha_scalar)
-            base_arg = None
+            addmm_into(buf[:, :v_min], xs, vw[:v_min].T, alpha=1.0 if alpha_tensor is not None else alpha_scalar)
         else:
+            if base_hidden is not None:
+                base_arg = torch.mm(base_hidden[r0:r1], base_weight.T)
             buf = torch.mm(xv, w_cols.T)
         if v_cols > 0:
             _ce_rows_kernel[(r1 - r0,)](
