@@ -29,8 +29,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from ..checkpoint_format import TRAINED_MAP as MAP_NAME  # the map saved beside the value network
+
 INFO_NAME = "ivl_train.json"
-MAP_NAME = "vocab_map.pt"
 INFO_FORMAT = "ivl-kernels/trained-value"
 INFO_VERSION = 1
 
@@ -455,10 +456,10 @@ def _source(name: str) -> str:
 def _same_vocabulary(base_tok, value_tok) -> bool:
     """Whether the identity map is right: every id both tokenizers have is the same token in both (ids only one
     of them has, such as added special tokens past the shared vocabulary, are unmapped or never read)."""
-    from .checkpoint import tokenizer_id_difference
+    from ..checkpoint_format import tokenizer_difference
 
     try:
-        return tokenizer_id_difference(base_tok, value_tok) is None
+        return tokenizer_difference(base_tok, value_tok) is None
     except Exception:  # pragma: no cover - tokenizers without get_vocab
         return False
 

@@ -35,7 +35,8 @@ from torch import nn
 from .._validate import check_alpha_float, check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
-from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, padded_positions, resolve_vocab_map,
+from ..guidance import BaseToValueIds
+from ._common import (fallback_input_id, input_vocab_size, padded_positions, resolve_vocab_map,
                       split_causal_lm, unwrap_causal_lm)
 
 try:
