@@ -3,12 +3,16 @@
 ``backend="auto" | "cuda" | "triton" | "torch"``; the environment variable ``IVL_KERNELS_BACKEND`` replaces
 ``"auto"``. An explicitly requested backend that cannot run raises ``RuntimeError`` naming what is missing; it
 never silently falls back. Nothing here touches a device at import time.
+
+Layers point one way: ``ops/`` imports this module, never the reverse. The compiled extension is loaded here
+(lazily, on first use); the ops register what their compiled ops need once it is loaded (their fake kernels, for
+``torch.compile``) with ``when_cuda_extension_loads``, beside each op's Python wrapper.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -17,6 +21,16 @@ from ._validate import check_backend
 
 _CUDA_EXT = None
 _CUDA_EXT_ERROR: Optional[str] = None
+_ON_LOAD: List[Callable[[], None]] = []
+
+
+def when_cuda_extension_loads(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn()`` once the compiled extension is loaded (at once when it already is); usable as a decorator.
+    A hook that raises counts as a failed load (the extension is then reported unavailable, with the reason)."""
+    _ON_LOAD.append(fn)
+    if _CUDA_EXT is not None:
+        fn()
+    return fn
 
 
 def requested_backend(backend: str) -> str:
@@ -37,9 +51,9 @@ def cuda_extension():
     if _CUDA_EXT is None and _CUDA_EXT_ERROR is None:
         try:
             from . import _C  # noqa: F401  (registers torch.ops.ivl_kernels.*)
-            from .ops import guided_logits as _gl
 
-            _gl._register_cuda_fakes()
+            for hook in _ON_LOAD:  # the ops' fake kernels (registered in ops/, beside each op)
+                hook()
             _CUDA_EXT = _C
         except Exception as exc:  # not built (pure-Python install), or built against another torch
             _CUDA_EXT_ERROR = f"{type(exc).__name__}: {exc}"

@@ -14,7 +14,7 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("ivl_kernels.hf needs transformers: pip install 'transformers>=4.50'") from exc
 
-from .checkpoint import GUIDED_MODEL_TYPE
+from ..checkpoint_format import GUIDED_MODEL_TYPE
 from .config import IVLGuidedConfig
 from .guided import GuidanceTerm, GuidedCausalLM, GuidedGenerateOutput
 from .processor import IVLLogitsProcessor

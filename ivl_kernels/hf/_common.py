@@ -1,5 +1,7 @@
 """Shared plumbing of the transformers integration: splitting a causal LM into backbone + LM head weight,
-vocabulary checks, base-id -> value-id translation, position ids from a padding mask.
+vocabulary checks, position ids from a padding mask. The guidance rule itself (the guided sum, suppression,
+base-id -> value-id translation, the head checks) is ``ivl_kernels.guidance``'s; its names used here are
+re-exported for the modules of this package.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from .._validate import check_vocab_map
+from ..guidance import fallback_id, head_problem, logit_transform
 
 # Generation modes whose caller reorders or rewinds sequences between logits-processor calls (beam search
 # reorders beams, assisted decoding verifies several candidate tokens and rolls back): a value KV cache fed one
@@ -108,6 +111,12 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def text_config_of(model: nn.Module):
+    """The text config of a transformers model (``config.get_text_config()`` for a multimodal one)."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def split_causal_lm(model: nn.Module, role: str = "value") -> Tuple[nn.Module, torch.Tensor]:
     """``(backbone, lm_head_weight [V, H])`` of a transformers causal LM.
 
@@ -128,16 +137,10 @@ def split_causal_lm(model: nn.Module, role: str = "value") -> Tuple[nn.Module, t
     if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
         raise ValueError(f"{role} model: an adapter on the LM head is not supported (the fused kernel reads "
                          f"lm_head.weight directly); target the backbone's modules only")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{role} model {type(model).__name__}: its LM head has a bias, which the fused guided "
-                         f"kernels do not apply; not supported")
-    cfg = getattr(lm, "config", None)
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        v = getattr(text_cfg, attr, None)
-        if v is not None and not (attr != "final_logit_softcapping" and float(v) == 1.0):
-            raise ValueError(f"{role} model {type(model).__name__}: {attr}={v} transforms the logits after the LM "
-                             f"head, which the fused guided kernels do not apply; not supported")
+    problem = head_problem(head) or logit_transform(text_config_of(lm))
+    if problem is not None:
+        raise ValueError(f"{role} model {type(model).__name__}: {problem}, which the fused guided kernels do not "
+                         f"apply; not supported")
     return backbone, head.weight
 
 
@@ -171,35 +174,10 @@ def resolve_vocab_map(vocab_map, Vb: int, Vv: int, device, *, role: str = "value
     return check_vocab_map(vocab_map, Vb, Vv, torch.device(device))
 
 
-class BaseToValueIds:
-    """Translate base token ids into ids the value model reads, when both share one tokenizer (or a map).
-
-    With a map, base id ``b`` is read as value id ``map[b]``; without one, as ``b`` itself. Ids with no
-    counterpart (``map[b] == -1``, or ``b >= `` the value embedding size) are read as ``fallback_id`` (the
-    value config's ``pad_token_id``, else 0): the value model sees *some* token there, and its logits for
-    such base ids are ``fill`` anyway.
-    """
-
-    def __init__(self, vocab_map: Optional[torch.Tensor], value_input_size: int, fallback_id: int):
-        self.map = vocab_map.long() if vocab_map is not None else None
-        self.size = value_input_size
-        self.fallback = int(fallback_id)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.map is not None:
-            if self.map.device != ids.device:
-                self.map = self.map.to(ids.device)
-            out = self.map[ids]
-            # An entry the value embedding cannot hold (-1, or one written after the map was checked) reads
-            # the fallback id: never an out-of-range embedding lookup.
-            return torch.where((out >= 0) & (out < self.size), out, self.fallback)
-        return torch.where(ids < self.size, ids, self.fallback)
-
-
 def fallback_input_id(model: nn.Module) -> int:
+    """The id ``model`` reads for a base id it has no counterpart for (``guidance.fallback_id``)."""
     cfg = getattr(unwrap_causal_lm(model), "config", None)
-    pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
-    return int(pad) if isinstance(pad, int) and pad >= 0 else 0
+    return fallback_id(getattr(cfg, "pad_token_id", None) if cfg is not None else None)
 
 
 def position_ids_from_mask(mask: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -222,56 +200,6 @@ def padded_positions(mask: torch.Tensor) -> torch.Tensor:
     last = torch.where(real, idx, torch.full_like(idx, -1)).cummax(-1).values
     after = pos.gather(-1, last.clamp(min=0)) + (idx - last)
     return torch.where(real | (last < 0), pos, after)
-
-
-# ---- padded LM heads: ids the tokenizer cannot produce ------------------------------------------------------------
-def tokenizer_size(tokenizer) -> int:
-    """Token ids a tokenizer can produce: ``len(tokenizer)`` (Hugging Face: added tokens included), else its
-    ``vocab_size`` / ``n_vocab`` (tiktoken) / ``get_piece_size()`` (sentencepiece)."""
-    try:
-        return int(len(tokenizer))
-    except TypeError:
-        pass
-    for attr in ("vocab_size", "n_vocab"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    get = getattr(tokenizer, "get_piece_size", None)
-    if callable(get):
-        return int(get())
-    raise TypeError(f"cannot tell the vocabulary size of tokenizer {type(tokenizer).__name__}: pass "
-                    f"suppress_ids_from=<number of token ids> instead")
-
-
-def resolve_suppress_from(suppress_ids_from, tokenizer, vocab_size: Optional[int] = None) -> Optional[int]:
-    """First id to suppress (``-inf``) in the guided logits, or ``None`` (nothing to suppress).
-
-    An explicit ``suppress_ids_from`` wins; else a known tokenizer gives ``tokenizer_size(tokenizer)``: a head
-    padded past its tokenizer (Qwen2.5-7B: 152064 rows, 151665 tokens) must not emit ids no tokenizer can decode.
-    ``None`` when the limit is at or past ``vocab_size`` (nothing to do)."""
-    if suppress_ids_from is not None:
-        if isinstance(suppress_ids_from, bool) or not isinstance(suppress_ids_from, int):
-            raise TypeError(f"suppress_ids_from must be an int (ids >= it are never generated), got "
-                            f"{type(suppress_ids_from).__name__}")
-        if suppress_ids_from < 1:
-            raise ValueError(f"suppress_ids_from={suppress_ids_from} would suppress every token id; it must be >= 1")
-        limit = suppress_ids_from
-    elif tokenizer is not None:
-        limit = tokenizer_size(tokenizer)
-        if limit < 1:
-            raise ValueError("the tokenizer has no tokens")
-    else:
-        return None
-    if vocab_size is not None and limit >= vocab_size:
-        return None
-    return int(limit)
-
-
-def suppress_ids_(scores: torch.Tensor, start: Optional[int]) -> torch.Tensor:
-    """``scores[:, start:] = -inf`` in place (``start=None``: nothing)."""
-    if start is not None and start < scores.shape[-1]:
-        scores[..., start:] = float("-inf")
-    return scores
 
 
 # ---- a prompt per guidance term -----------------------------------------------------------------------------------

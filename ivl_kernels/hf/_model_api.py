@@ -13,13 +13,15 @@ loss and the log-probabilities, log-probability ``-inf``.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..guidance import resolve_suppress_from, suppress_ids_
 from ..ops.guided_cross_entropy import fused_guided_cross_entropy
-from ._common import input_vocab_size, padded_positions, resolve_suppress_from, suppress_ids_
+from ._common import input_vocab_size, padded_positions
 from .config import IVLGuidedConfig
 
 # Multi-term loss: rows per chunk are chosen so that one chunk of the partial guided logits (base + every term
@@ -70,7 +72,7 @@ def _check_int_tensor(name: str, t, shape=None) -> torch.Tensor:
 
 
 class GuidedModelAPI:
-    """Mixed into ``GuidedCausalLM`` (which provides ``base_model``, ``terms``, ``_parts``, ``_base_backbone``,
+    """Mixed into ``GuidedCausalLM`` (which provides ``base_model``, ``terms``, ``_prepared``, ``_base_backbone``,
     ``_base_weight``, ``_guided_logits``, ``fill``, ``backend``, ``tokenizer``, ``suppress_ids_from``)."""
 
     config_class = IVLGuidedConfig
@@ -181,12 +183,12 @@ class GuidedModelAPI:
         """Final hidden states ``[B, T, H]`` of the base and of each term (reading its translated ids)."""
         kw = dict(attention_mask=mask, position_ids=position_ids, use_cache=False)
         base = self._base_backbone(input_ids=ids, **kw).last_hidden_state
-        return base, [part[0](input_ids=part[4](ids), **kw).last_hidden_state for part in self._parts]
+        return base, [t.backbone(input_ids=t.translate(ids), **kw).last_hidden_state for t in self._prepared]
 
     def _next_token_nll(self, base_hidden, value_hiddens, target) -> torch.Tensor:
         """``-log p_guided(target[n])`` for rows ``base_hidden [N, Hb]``, ``value_hiddens[i] [N, Hv_i]``,
         ``target [N]`` (every row kept), through the fused cross-entropy: float32 ``[N]``."""
-        parts, base_weight = self._parts, self._base_weight.detach()  # frozen: the loss op refuses grad on the base
+        heads, base_weight = [t.head for t in self._prepared], self._base_weight.detach()  # frozen base: no grad
         limit = self._suppress_limit()
         suppressed = None
         if limit is not None:
@@ -194,11 +196,13 @@ class GuidedModelAPI:
             # `limit` rows of the base head (and of each map) is the loss over the suppressed distribution, and a
             # suppressed target has log-probability -inf.
             base_weight = base_weight[:limit]
-            parts = [(bb, w, None if vmap is None else vmap[:limit], a, tr) for bb, w, vmap, a, tr in parts]
+            heads = [replace(h, vocab_map=None if h.vocab_map is None else h.vocab_map[:limit]) for h in heads]
             suppressed = target >= limit
             target = target.masked_fill(suppressed, -100)
-        *first, (_, w, vmap, alpha, _) = parts
-        common = dict(vocab_map=vmap, alpha=alpha, fill=self.fill, reduction="none", backend=self.backend)
+        *first, last = heads
+        w = last.weight
+        common = dict(vocab_map=last.vocab_map, alpha=last.alpha, fill=self.fill, reduction="none",
+                      backend=self.backend)
         if not first:  # one term: base head and value head fused in the loss, no [N, V] tensor anywhere
             nll = fused_guided_cross_entropy(value_hiddens[0], w.detach(), target, base_hidden=base_hidden,
                                              base_weight=base_weight, **common)
@@ -210,7 +214,7 @@ class GuidedModelAPI:
             for s in range(0, target.shape[0], step):
                 rows = slice(s, s + step)
                 partial = self._guided_logits(base_hidden[rows], [h[rows] for h in value_hiddens[:-1]],
-                                              parts=first, base_weight=base_weight)
+                                              heads=first, base_weight=base_weight)
                 chunks.append(fused_guided_cross_entropy(value_hiddens[-1][rows], w.detach(), target[rows],
                                                          base_logits=partial, **common))
             nll = torch.cat(chunks) if chunks else base_hidden.new_zeros((0,), dtype=torch.float32)
@@ -315,11 +319,12 @@ class GuidedModelAPI:
 def config_for(model) -> IVLGuidedConfig:
     """The config of a ``GuidedCausalLM`` built in memory: the guided checkpoint's ``config.json`` that
     ``save_pretrained`` would write (references as each model records them, ``""`` when it records none)."""
-    from .checkpoint import guided_config_dict, reference_of
+    from ..checkpoint_format import guided_config_dict, map_file
+    from .checkpoint import reference_of
 
-    terms = [{"model": reference_of(t.model) or "", "alpha": part[3],
-              "map": None if part[2] is None else f"map_{i}.pt"} for i, (t, part) in enumerate(zip(model.terms,
-                                                                                                    model._parts))]
+    terms = [{"model": reference_of(t.model) or "", "alpha": p.head.alpha,
+              "map": None if p.head.vocab_map is None else map_file(i)}
+             for i, (t, p) in enumerate(zip(model.terms, model._prepared))]
     doc = guided_config_dict(reference_of(model.base_model) or "", terms, fill=model.fill,
                              suppress_ids_from=model.suppress_ids_from, base_config=model.base_model.config)
     return IVLGuidedConfig.from_dict(doc)

@@ -141,21 +141,32 @@ class StaticRunner:
 
 
 class StaticDecoder:
-    """Runs ``step_fn`` (reads only the runners' buffers; returns tensors) eagerly, or captured in a CUDA graph
-    after one eager warm-up step and replayed from then on."""
+    """The decoder interface of guided generation (as ``_value_state.DynamicDecoder``) over static caches:
+    ``prefill(prompts)`` runs each runner's prompt eagerly; ``step(ids)`` runs the decode step (every runner's
+    ``decode``, then ``combine``: it reads only the runners' buffers) eagerly, or captured in a CUDA graph after
+    one eager warm-up step and replayed from then on. Both return ``combine(hidden_states)``."""
 
-    def __init__(self, runners: Sequence[StaticRunner], step_fn: Callable[[], tuple], use_graph: bool,
-                 graph_required: bool = False):
+    reuses_outputs = True  # a replayed graph writes its outputs into the same buffers each step
+
+    def __init__(self, runners: Sequence[StaticRunner], combine: Callable[[List[torch.Tensor]], object],
+                 use_graph: bool, graph_required: bool = False):
         self.runners = list(runners)
-        self.step_fn = step_fn
+        self.combine = combine
         self.use_graph = use_graph
         self.graph_required = graph_required
         self.graph = None
         self.outputs = None
         self.steps = 0
 
-    def step(self, translated_ids: List[torch.Tensor]) -> tuple:
-        """``translated_ids[i] [B, 1]``: the new token in runner ``i``'s vocabulary. Returns ``step_fn``'s
+    def step_fn(self):
+        return self.combine([r.decode() for r in self.runners])
+
+    def prefill(self, prompts: Sequence[tuple]):
+        """``prompts[i] = (ids [B, T_i], mask [B, T_i])``: runner ``i``'s prompt (left padding allowed)."""
+        return self.combine([r.prefill(ids, mask) for r, (ids, mask) in zip(self.runners, prompts)])
+
+    def step(self, translated_ids: List[torch.Tensor]):
+        """``translated_ids[i] [B, 1]``: the new token in runner ``i``'s vocabulary. Returns ``combine``'s
         outputs (graph-owned buffers when captured: consume or clone them before the next step)."""
         for runner, ids in zip(self.runners, translated_ids):
             runner.advance(ids)

@@ -1,4 +1,5 @@
-"""Incremental runner of a guidance model (value network) over a batch, with its own KV cache.
+"""Incremental runner of one model (the base or a guidance model) over a batch, with its own dynamic KV cache,
+and ``DynamicDecoder``: the runners of every model behind the decoder interface ``StaticDecoder`` implements too.
 
 The cache holds one column per fed token; a ``[B, L]`` 0/1 mask says which columns each row may attend to.
 Rows may receive different numbers of new tokens in one step (re-tokenised text grows unevenly): the new chunk
@@ -10,7 +11,7 @@ Positions count each row's real tokens only, so holes and left padding never shi
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,8 +29,9 @@ def _dynamic_cache(model: nn.Module):
         return DynamicCache()
 
 
-class ValueRunner:
-    """Feeds tokens to ``backbone`` (returns final hidden states) incrementally; see the module docstring."""
+class DynamicRunner:
+    """Feeds tokens to ``backbone`` (any causal LM's backbone: the base or a guidance model; returns final hidden
+    states) incrementally over a transformers ``DynamicCache``; see the module docstring."""
 
     def __init__(self, backbone: nn.Module, pad_id: int = 0):
         self.backbone = backbone
@@ -148,3 +150,27 @@ class ValueRunner:
                 self.tokens[r].extend(part)
                 self.cols[r].extend(range(L0 + k - len(part), L0 + k))
         return self.feed(ids.to(device), chunk_mask.to(device))
+
+
+class DynamicDecoder:
+    """The decoder interface of guided generation over dynamic caches: one ``DynamicRunner`` per model.
+
+    ``prefill(prompts)`` reads each model's prompt (``prompts[i] = (ids [B, T_i], mask [B, T_i])``, left padding
+    allowed); ``step(ids)`` feeds each model one new token per row (``ids[i] [B, 1]``, in model ``i``'s
+    vocabulary). Both return ``combine(hidden_states)``, ``hidden_states[i] [B, H_i]`` being model ``i``'s final
+    hidden state. ``StaticDecoder`` (``_static``) is the same interface over static caches and a CUDA graph."""
+
+    reuses_outputs = False  # every call returns new tensors
+
+    def __init__(self, backbones: Sequence[nn.Module], combine: Callable[[List[torch.Tensor]], object]):
+        self.runners = [DynamicRunner(bb) for bb in backbones]
+        self.combine = combine
+
+    def prefill(self, prompts: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
+        return self.combine([r.feed(ids, mask) for r, (ids, mask) in zip(self.runners, prompts)])
+
+    def step(self, ids: Sequence[torch.Tensor]):
+        if getattr(self, "_ones", None) is None or self._ones.shape != ids[0].shape:
+            self._ones = torch.ones_like(ids[0])
+        ones = self._ones
+        return self.combine([r.feed(i, ones, every_row_fed=True) for r, i in zip(self.runners, ids)])

@@ -6,7 +6,7 @@
 
 vLLM reads a model's limits (``max_position_embeddings``, ``vocab_size``, heads, dtype) from
 ``config.get_text_config()``: here that is the base model's config, stored as ``text_config`` by
-``ivl-kernels compose``. The guidance terms are read from ``config.ivl_guided`` (see ``ivl_kernels.hf.checkpoint``).
+``ivl-kernels compose``. The guidance terms are read from ``config.ivl_guided`` (see ``ivl_kernels.checkpoint_format``).
 Needs ``transformers`` only (no vLLM).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .checkpoint import GUIDED_ARCHITECTURE, GUIDED_MODEL_TYPE
+from ..checkpoint_format import GUIDED_ARCHITECTURE, GUIDED_MODEL_TYPE
 
 
 def _text_config(d):

@@ -11,7 +11,7 @@ Each term may read its own prompt (proxy-tuning's chat-formatted expert); all co
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,12 +19,13 @@ from torch import nn
 from transformers.generation import GenerateDecoderOnlyOutput
 
 from .._validate import check_alpha_float, check_int
+from ..guidance import BaseToValueIds, TermHead, guided_logits, resolve_suppress_from, suppress_ids_
 from ..ops.guided_logits import fused_guided_logits
 from ._model_api import GuidedModelAPI, config_for, guided_config_of, loading_kwargs
-from ._common import (BaseToValueIds, check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
-                      infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_suppress_from,
-                      resolve_vocab_map, split_causal_lm, suppress_ids_)
-from ._value_state import ValueRunner
+from ._common import (check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
+                      infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_vocab_map,
+                      split_causal_lm)
+from ._value_state import DynamicDecoder
 
 
 @dataclass
@@ -48,6 +49,16 @@ class GuidanceTerm:
 
 
 @dataclass
+class PreparedTerm:
+    """A guidance term ready to run: its ``backbone`` (final hidden states), its ``head`` as the fused op reads it
+    (LM head weight, checked map, alpha) and ``translate`` (base ids -> the ids it reads)."""
+
+    backbone: nn.Module
+    head: TermHead
+    translate: BaseToValueIds
+
+
+@dataclass
 class GuidedGenerateOutput(GenerateDecoderOnlyOutput):
     """``GuidedCausalLM.generate(return_dict_in_generate=True)``: transformers' decoder-only output
     (``sequences``, ``scores``, ``logits``) plus ``term_logits``: one entry per generated token, each a tuple
@@ -57,6 +68,75 @@ class GuidedGenerateOutput(GenerateDecoderOnlyOutput):
     are ``-inf`` in ``logits`` and ``scores`` only)."""
 
     term_logits: Optional[Tuple[Tuple[torch.Tensor, ...], ...]] = None
+
+
+@dataclass
+class _Settings:
+    """``GuidedCausalLM.generate``'s arguments, checked and resolved against the generation config."""
+
+    input_ids: torch.Tensor          # [B, T] long, on the model's device
+    mask: torch.Tensor               # [B, T] long
+    tokenizer: Any
+    max_new_tokens: int
+    do_sample: bool
+    pad: int
+    pad_finished: bool               # finished rows get pad (an EOS is known)
+    limit: Optional[int]             # ids >= limit are suppressed
+    procs: Any                       # LogitsProcessorList
+    criteria: Any                    # StoppingCriteriaList
+    return_dict: bool
+    want_scores: bool
+    want_logits: bool
+    want_terms: bool
+    eos_ids: Optional[torch.Tensor] = None
+    cache_implementation: Optional[str] = None
+    eos: List[int] = field(default_factory=list)
+
+
+class _Outputs:
+    """What ``generate`` returns: the sequences, grown in a buffer sized for the whole run (a view per step, no
+    per-step concatenation), and on request each step's scores, guided logits and term logits. ``copy``: the
+    decoder's outputs are buffers it reuses (a CUDA graph's), so kept tensors are copies."""
+
+    def __init__(self, s: _Settings, term_logits, copy: bool):
+        B, T = s.input_ids.shape
+        self.s, self.term_logits, self.copy = s, term_logits, copy
+        self.buf = s.input_ids.new_empty((B, T + s.max_new_tokens))
+        self.buf[:, :T] = s.input_ids
+        self.sequences = self.buf[:, :T]
+        self.scores = () if s.want_scores else None
+        self.logits = () if s.want_logits else None
+        self.terms = () if s.want_terms else None
+
+    def add_step(self, base_hidden, value_hiddens, logits: torch.Tensor) -> torch.Tensor:
+        """Record one step; return the processed scores the next token is chosen from."""
+        procs = self.s.procs
+        if self.terms is not None:
+            self.terms += (self.term_logits(base_hidden, value_hiddens),)
+        if self.logits is not None:
+            self.logits += (logits.clone() if len(procs) or self.copy else logits,)
+        scores = procs(self.sequences, logits) if len(procs) else logits
+        if self.scores is not None:
+            self.scores += (scores.clone() if self.copy and scores is logits else scores,)
+        return scores
+
+    def append(self, tokens: torch.Tensor) -> None:
+        n = self.sequences.shape[1]
+        self.buf[:, n] = tokens
+        self.sequences = self.buf[:, : n + 1]
+
+    def result(self):
+        seqs = self.sequences if self.sequences.shape[1] == self.buf.shape[1] else self.sequences.clone()
+        if self.s.return_dict:
+            return GuidedGenerateOutput(sequences=seqs, scores=self.scores, logits=self.logits, term_logits=self.terms)
+        return seqs
+
+
+def _choose(scores: torch.Tensor, do_sample: bool, generator) -> torch.Tensor:
+    """The next token per row: sampled from ``softmax(scores)`` or the argmax."""
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
 
 
 class GuidedCausalLM(GuidedModelAPI, nn.Module):
@@ -105,7 +185,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         Vb = self._base_weight.shape[0]
         self.suppress_ids_from = suppress_ids_from
         resolve_suppress_from(suppress_ids_from, tokenizer, Vb)  # check now
-        self._parts = []
+        self._prepared: List[PreparedTerm] = []
         for i, t in enumerate(terms):
             tpl = t.prompt_template
             ok = callable(tpl) or (isinstance(tpl, str) and (tpl == "chat" or "{prompt}" in tpl))
@@ -116,8 +196,9 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
             check_alpha_float(f"{self._role(i)} alpha", t.alpha)
             backbone, weight = split_causal_lm(t.model, self._role(i))
             vmap = resolve_vocab_map(t.vocab_map, Vb, weight.shape[0], self._base_weight.device, role=self._role(i))
-            self._parts.append((backbone, weight, vmap, float(t.alpha),
-                                BaseToValueIds(vmap, input_vocab_size(t.model), fallback_input_id(t.model))))
+            self._prepared.append(PreparedTerm(
+                backbone, TermHead(weight, vmap, float(t.alpha)),
+                BaseToValueIds(vmap, input_vocab_size(t.model), fallback_input_id(t.model))))
         self.config = config_for(self)  # from_pretrained replaces it with the checkpoint's own
 
     def _role(self, i: int) -> str:
@@ -131,32 +212,26 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
     def device(self) -> torch.device:
         return self._base_weight.device
 
-    def _guided_logits(self, base_hidden: torch.Tensor, value_hiddens: List[torch.Tensor], parts=None,
+    def _guided_logits(self, base_hidden: torch.Tensor, value_hiddens: List[torch.Tensor],
+                       heads: Optional[List[TermHead]] = None,
                        base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[B, Vb]`` float32 guided logits from ``base_hidden [B, Hb]`` and each term's ``[B, Hv_i]``.
-        ``parts`` / ``base_weight`` (default: every term, the whole base head): a subset of the terms or a
-        vocabulary prefix, for the sequence loss (``_model_api``)."""
-        parts = self._parts if parts is None else parts
+        """``[B, Vb]`` float32 guided logits (``guidance.guided_logits``, no suppression) from ``base_hidden
+        [B, Hb]`` and each term's ``[B, Hv_i]``. ``heads`` / ``base_weight`` (default: every term, the whole base
+        head): a subset of the terms or a vocabulary prefix, for the sequence loss (``_model_api``)."""
+        heads = [t.head for t in self._prepared] if heads is None else heads
         base_weight = self._base_weight if base_weight is None else base_weight
-        _, w0, map0, a0, _ = parts[0]
-        out = fused_guided_logits(value_hiddens[0], w0, base_hidden=base_hidden, base_weight=base_weight,
-                                  vocab_map=map0, alpha=a0, fill=self.fill, backend=self.backend)
-        for (_, w, vmap, a, _), h in zip(parts[1:], value_hiddens[1:]):
-            fused_guided_logits(h, w, base_logits=out, out=out, vocab_map=vmap, alpha=a, fill=self.fill,
-                                backend=self.backend)
-        return out
+        return guided_logits(base_hidden, base_weight, value_hiddens, heads, fill=self.fill, backend=self.backend)
 
     def _term_logits(self, base_hidden: torch.Tensor, value_hiddens: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """``(base, term_1, ..., term_n)``: each ``[B, Vb]`` float32, terms remapped, unscaled (analysis output)."""
-        _, w0, map0, _, _ = self._parts[0]
+        first = self._prepared[0].head
         # alpha = 0: the base head alone, with the same float32 accumulation as the guided logits.
-        base = fused_guided_logits(value_hiddens[0], w0, base_hidden=base_hidden, base_weight=self._base_weight,
-                                   vocab_map=map0, alpha=0.0, fill=self.fill, backend=self.backend)
+        base = self._guided_logits(base_hidden, value_hiddens[:1], [replace(first, alpha=0.0)])
         out = [base]
-        for (_, w, vmap, _, _), h in zip(self._parts, value_hiddens):
+        for t, h in zip(self._prepared, value_hiddens):
             zero = torch.zeros_like(base)
-            out.append(fused_guided_logits(h, w, base_logits=zero, out=zero, vocab_map=vmap, alpha=1.0,
-                                           fill=self.fill, backend=self.backend))
+            out.append(fused_guided_logits(h, t.head.weight, base_logits=zero, out=zero, vocab_map=t.head.vocab_map,
+                                           alpha=1.0, fill=self.fill, backend=self.backend))
         return tuple(out)
 
     def _term_prompts(self, term_inputs, prompt_texts, tokenizer, input_ids, mask) -> list:
@@ -229,27 +304,36 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         static = cache_implementation == "static"
         return static, static and device.type == "cuda" and cuda_graph is not False
 
-    def _static_decoder(self, batch: int, lengths: List[int], max_new_tokens: int, owners, graph: bool,
-                        graph_required: bool):
-        """Static runners (one per model) and their decoder, reused from the previous call when the batch size,
+    def _decoder(self, s: "_Settings", own_prompts: list, cuda_graph):
+        """The decoder for one call (``DynamicDecoder`` or ``StaticDecoder``: one interface, ``prefill(prompts)``
+        and ``step(ids)``, each returning ``(base_hidden, [term hidden], guided logits)``).
+
+        Static runners (one per model) and their decoder are reused from the previous call when the batch size,
         the bucketed cache lengths and the graph choice match: a captured graph is replayed across calls, not
         captured again. One set is kept (its static caches hold the previous request's memory; the next request
         of another shape replaces it)."""
+        owners = [self.base_model] + list(self.value_models)
+        backbones = [self._base_backbone] + [t.backbone for t in self._prepared]
+        static, graph = self._decode_mode(s.cache_implementation, cuda_graph, self.device, owners)
+        if not static:
+            return DynamicDecoder(backbones, self._combine)
         from ._static import StaticDecoder, StaticRunner, bucketed, reuse_or_build
 
-        sizes = tuple(bucketed(n + max_new_tokens) for n in lengths)
+        T = s.input_ids.shape[1]
+        lengths = [T] + [T if own is None else own[0].shape[1] for own in own_prompts]
+        sizes = tuple(bucketed(n + s.max_new_tokens) for n in lengths)
+        graph_required = bool(cuda_graph)
 
         def build():
-            backbones = [self._base_backbone] + [part[0] for part in self._parts]
             runners = [StaticRunner(bb, owner, n) for bb, owner, n in zip(backbones, owners, sizes)]
+            return runners, StaticDecoder(runners, self._combine, use_graph=graph, graph_required=graph_required)
 
-            def static_step():
-                hs = [r.decode() for r in runners]
-                return hs[0], hs[1:], self._guided_logits(hs[0], hs[1:])
+        key = (s.input_ids.shape[0], sizes, graph, graph_required)
+        return reuse_or_build(self, "_decode_cache", key, build)[1]
 
-            return runners, StaticDecoder(runners, static_step, use_graph=graph, graph_required=graph_required)
-
-        return reuse_or_build(self, "_decode_cache", (batch, sizes, graph, graph_required), build)
+    def _combine(self, hidden: List[torch.Tensor]) -> tuple:
+        """A decoder's output from every model's final hidden state: ``(base, [terms], guided logits)``."""
+        return hidden[0], hidden[1:], self._guided_logits(hidden[0], hidden[1:])
 
     def generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, max_length: Optional[int] = None,
@@ -306,6 +390,52 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                 Mistral, ...).
         Beam search, assisted decoding and other modes raise ``ValueError`` before anything runs.
         """
+        s = self._generate_settings(
+            input_ids, attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria, stop_strings=stop_strings, max_time=max_time, tokenizer=tokenizer,
+            generation_config=generation_config, return_dict_in_generate=return_dict_in_generate,
+            output_scores=output_scores, output_logits=output_logits, output_term_logits=output_term_logits,
+            suppress_ids_from=suppress_ids_from, cache_implementation=cache_implementation, kwargs=kwargs)
+        own_prompts = self._term_prompts(term_inputs, prompt_texts, s.tokenizer, s.input_ids, s.mask)
+        decoder = self._decoder(s, own_prompts, cuda_graph)
+        prompts = [(s.input_ids, s.mask)] + [own if own is not None else (t.translate(s.input_ids), s.mask)
+                                             for t, own in zip(self._prepared, own_prompts)]
+        if streamer is not None:
+            streamer.put(s.input_ids.cpu())
+        out = _Outputs(s, self._term_logits, copy=decoder.reuses_outputs)
+        unfinished = torch.ones(s.input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for step in range(s.max_new_tokens):
+            if step == 0:
+                bh, vhs, logits = decoder.prefill(prompts)
+            else:  # a replayed graph's outputs are its buffers: consumed (or copied) before the next step
+                bh, vhs, logits = decoder.step([ids] + [t.translate(ids) for t in self._prepared])
+            scores = out.add_step(bh, vhs, suppress_ids_(logits, s.limit))
+            next_tokens = _choose(scores, s.do_sample, generator)
+            if s.pad_finished:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, s.pad))
+            out.append(next_tokens)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if s.eos_ids is not None:
+                unfinished &= ~torch.isin(next_tokens, s.eos_ids)
+            if len(s.criteria):
+                # As transformers: the criteria see the sequences so far and the scores collected (or None).
+                unfinished &= ~s.criteria(out.sequences, out.scores).to(device=self.device, dtype=torch.bool)
+            if (s.eos_ids is not None or len(s.criteria)) and not bool(unfinished.any()):
+                break  # the loop's one host sync: whether every row has finished
+            ids = next_tokens[:, None]  # finished rows keep feeding tokens, as transformers does (outputs unused)
+        if streamer is not None:
+            streamer.end()
+        return out.result()
+
+    def _generate_settings(self, input_ids, attention_mask, *, max_new_tokens, min_new_tokens, max_length, do_sample,
+                           temperature, top_k, top_p, eos_token_id, pad_token_id, streamer, logits_processor,
+                           stopping_criteria, stop_strings, max_time, tokenizer, generation_config,
+                           return_dict_in_generate, output_scores, output_logits, output_term_logits,
+                           suppress_ids_from, cache_implementation, kwargs) -> "_Settings":
+        """Every argument of ``generate`` checked and resolved against the generation config (``_Settings``)."""
         from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, StoppingCriteriaList,
                                   TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
@@ -414,85 +544,12 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
             if p < 1.0:
                 procs.append(TopPLogitsWarper(p))
 
-        own_prompts = self._term_prompts(term_inputs, prompt_texts, tokenizer, input_ids, mask)
-        owners = [self.base_model] + list(self.value_models)
-        static, graph = self._decode_mode(cfg("cache_implementation", cache_implementation, None), cuda_graph,
-                                          device, owners)
-        if static:
-            lengths = [T] + [T if own is None else own[0].shape[1] for own in own_prompts]
-            static_runners, decoder = self._static_decoder(input_ids.shape[0], lengths, max_new_tokens, owners,
-                                                           graph, graph_required=bool(cuda_graph))
-        else:
-            base_runner = ValueRunner(self._base_backbone)
-            runners = [ValueRunner(part[0]) for part in self._parts]
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        # Sequences grow in a buffer sized for the whole run (a view per step; no per-step concatenation).
-        seq_buf = input_ids.new_empty((B, T + max_new_tokens))
-        seq_buf[:, :T] = input_ids
-        seqs = seq_buf[:, :T]
-        ones = torch.ones((B, 1), dtype=torch.long, device=device)
-        scores_out = () if want_scores else None
-        logits_out = () if want_logits else None
-        terms_out = () if want_terms else None
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        eos_t = torch.tensor(eos_list, device=device) if eos_list else None
-        step_ids, step_mask = input_ids, mask
-        for step in range(max_new_tokens):
-            if static and step == 0:
-                bh = static_runners[0].prefill(input_ids, mask)
-                vhs = [r.prefill(*(own if own is not None else (part[4](input_ids), mask)))
-                       for r, part, own in zip(static_runners[1:], self._parts, own_prompts)]
-                logits = self._guided_logits(bh, vhs)
-            elif static:
-                # The step's outputs are the graph's buffers when captured: the logits are consumed (or cloned)
-                # before the next replay overwrites them.
-                bh, vhs, logits = decoder.step([step_ids] + [part[4](step_ids) for part in self._parts])
-            else:
-                decode = step > 0  # one real token per row
-                bh = base_runner.feed(step_ids, step_mask, every_row_fed=decode)
-                vhs = []
-                for runner, part, own in zip(runners, self._parts, own_prompts):
-                    if step == 0 and own is not None:
-                        vhs.append(runner.feed(*own))
-                    else:
-                        vhs.append(runner.feed(part[4](step_ids), step_mask, every_row_fed=decode))
-                logits = self._guided_logits(bh, vhs)
-            logits = suppress_ids_(logits, limit)
-            if want_terms:
-                terms_out += (self._term_logits(bh, vhs),)
-            if want_logits:
-                logits_out += (logits.clone() if len(procs) or static else logits,)
-            scores = procs(seqs, logits) if len(procs) else logits
-            if want_scores:
-                scores_out += (scores.clone() if static and scores is logits else scores,)
-            if do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                next_tokens = scores.argmax(dim=-1)
-            if pad_finished:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-            seq_buf[:, seqs.shape[1]] = next_tokens
-            seqs = seq_buf[:, : seqs.shape[1] + 1]
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if eos_t is not None:
-                unfinished &= ~torch.isin(next_tokens, eos_t)
-            if len(criteria):
-                # As transformers: the criteria see the sequences so far and the scores collected (or None).
-                unfinished &= ~criteria(seqs, scores_out).to(device=device, dtype=torch.bool)
-            if (eos_t is not None or len(criteria)) and not bool(unfinished.any()):
-                break  # the loop's one host sync: whether every row has finished
-            # Finished rows keep feeding tokens with mask 1, as transformers does: their outputs are unused.
-            step_ids = next_tokens[:, None]
-            step_mask = ones
-        if streamer is not None:
-            streamer.end()
-        if return_dict:
-            seqs = seqs if seqs.shape[1] == seq_buf.shape[1] else seqs.clone()
-            return GuidedGenerateOutput(sequences=seqs, scores=scores_out, logits=logits_out, term_logits=terms_out)
-        return seqs if seqs.shape[1] == seq_buf.shape[1] else seqs.clone()
+        return _Settings(input_ids=input_ids, mask=mask, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                         do_sample=do_sample, eos=eos_list, pad=pad, pad_finished=pad_finished, limit=limit,
+                         procs=procs, criteria=criteria, return_dict=return_dict, want_scores=want_scores,
+                         want_logits=want_logits, want_terms=want_terms,
+                         eos_ids=torch.tensor(eos_list, device=device) if eos_list else None,
+                         cache_implementation=cfg("cache_implementation", cache_implementation, None))
 
     def clear_decode_cache(self) -> None:
         """Free the static caches and the captured decode graph kept from the last static ``generate`` call."""
@@ -524,10 +581,10 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                 raise ValueError(f"the {role} model records no path it was loaded from (built in memory?): save it "
                                  f"with save_pretrained(path) and pass that path (base= / terms=)")
         Vb = self.vocab_size
-        specs = [{"model": r, "alpha": part[3],  # the term's own VocabMap keeps its tokenizer fingerprints
-                  "map": None if part[2] is None else vocab_map_object(
-                      t.vocab_map if t.vocab_map is not None else part[2], Vb, part[1].shape[0])}
-                 for r, part, t in zip(refs, self._parts, self.terms)]
+        specs = [{"model": r, "alpha": p.head.alpha,  # the term's own VocabMap keeps its tokenizer fingerprints
+                  "map": None if p.head.vocab_map is None else vocab_map_object(
+                      t.vocab_map if t.vocab_map is not None else p.head.vocab_map, Vb, p.head.weight.shape[0])}
+                 for r, p, t in zip(refs, self._prepared, self.terms)]
         write_guided_checkpoint(save_directory, base_ref, specs, fill=self.fill,
                                 suppress_ids_from=self.suppress_ids_from, tokenizer=self.tokenizer,
                                 references_as_given=references_as_given, overwrite=overwrite)

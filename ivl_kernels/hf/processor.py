@@ -19,27 +19,16 @@ from torch import nn
 
 from .._validate import check_alpha_float, check_int
 from ..ops.guided_logits import fused_guided_logits
-from ._common import (BaseToValueIds, check_caller_generation_mode, check_prompt_batch, fallback_input_id,
-                      input_vocab_size, resolve_suppress_from, resolve_vocab_map, split_causal_lm, suppress_ids_)
-from ._value_state import ValueRunner
+from ..checkpoint_format import tokenizer_difference
+from ..guidance import BaseToValueIds, resolve_suppress_from, suppress_ids_
+from ._common import (check_caller_generation_mode, check_prompt_batch, fallback_input_id, input_vocab_size,
+                      resolve_vocab_map, split_causal_lm)
+from ._value_state import DynamicRunner
 
 try:  # subclass transformers' LogitsProcessor when available (generate() accepts any callable in the list)
     from transformers import LogitsProcessor as _LogitsProcessorBase
 except Exception:  # pragma: no cover
     _LogitsProcessorBase = object
-
-
-def _vocab_of(tokenizer) -> dict:
-    get = getattr(tokenizer, "get_vocab", None)
-    return get() if callable(get) else {}
-
-
-def tokenizers_differ(base_tokenizer, value_tokenizer) -> bool:
-    """Whether two tokenizers may split text differently (same vocabulary = same ids -> no re-tokenising)."""
-    if base_tokenizer is None or value_tokenizer is None or base_tokenizer is value_tokenizer:
-        return False
-    return _vocab_of(base_tokenizer) != _vocab_of(value_tokenizer) or \
-        type(base_tokenizer).__name__ != type(value_tokenizer).__name__
 
 
 class IVLLogitsProcessor(_LogitsProcessorBase):
@@ -104,7 +93,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         if (value_tokenizer is None) != (base_tokenizer is None):
             raise ValueError("give both value_tokenizer and base_tokenizer (to re-tokenise for the value model), "
                              "or neither (both models share one tokenizer)")
-        self.retokenize = tokenizers_differ(base_tokenizer, value_tokenizer)
+        # Same vocabulary and class: the value model reads the base ids; else the text, re-tokenised.
+        self.retokenize = tokenizer_difference(base_tokenizer, value_tokenizer, exact=True) is not None
         if self.retokenize and vocab_map is None:
             raise ValueError("the base and value tokenizers differ but no vocab_map was given: pass "
                              "vocab_map=VocabMap.from_tokenizers(base_tokenizer, value_tokenizer) so value logits "
@@ -135,7 +125,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         self._restart()
 
     def _restart(self) -> None:
-        self._runner = ValueRunner(self.backbone, pad_id=fallback_input_id(self.value_model))
+        self._runner = DynamicRunner(self.backbone, pad_id=fallback_input_id(self.value_model))
         self._static = None   # (runner, decoder) while the static path runs this batch
         self._vocab_map = None
         self._translate = None
@@ -203,12 +193,12 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
 
         def build():
             runner = StaticRunner(self.backbone, self.value_model, size)
-            return runner, StaticDecoder([runner], lambda: (runner.decode(),), use_graph=graph,
+            return runner, StaticDecoder([runner], lambda hs: hs[0], use_graph=graph,
                                          graph_required=bool(self.cuda_graph))
 
         runner, decoder = reuse_or_build(self, "_static_kept", (B, size, graph, ids.device), build)
         self._static = (runner, decoder)
-        return runner.prefill(ids, mask)
+        return decoder.prefill([(ids, mask)])
 
     def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
         runner, decoder = self._static
@@ -219,7 +209,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             ids = torch.cat([ids, new], 1)
             mask = torch.cat([mask, torch.ones_like(new)], 1)
             return self._static_prefill(ids, mask, columns=2 * runner.max_len)
-        return decoder.step([self._translate(input_ids[:, -1:])])[0]
+        return decoder.step([self._translate(input_ids[:, -1:])])
 
     def _value_sequences(self, input_ids: torch.Tensor) -> list:
         """Re-tokenise each row's text (prompt without padding + generated tokens) with the value tokenizer."""

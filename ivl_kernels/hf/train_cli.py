@@ -11,7 +11,7 @@ from the ecosystem. What this module adds:
   the value model reads them through the vocabulary map when it has another vocabulary); the prompt's labels are
   ``-100``.
 - ``IVLDataCollator``: right padding, labels ``-100`` on prompt and padding.
-- ``IVLTrainer``: a ``Trainer`` whose checkpoints and final save hold the value network only (full model, or the
+- ``IVLTrainer`` (``ivl_kernels.hf.trainer``, re-exported here): a ``Trainer`` whose checkpoints and final save hold the value network only (full model, or the
   PEFT adapter) plus the value tokenizer and ``ivl_train.json`` (base, alpha, map...), never the base's weights,
   and which resumes into the value network.
 
@@ -22,15 +22,15 @@ OUT, and every ``OUT/checkpoint-N``, is a value-model directory: ``AutoModelForC
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-INFO_NAME = "ivl_train.json"
-MAP_NAME = "vocab_map.pt"
+from ..checkpoint_format import TRAINED_MAP as MAP_NAME  # the map saved beside the value network
+from .trainer import COMPLETE_NAME, INFO_NAME, IVLTrainer, mark_checkpoint_complete, write_info  # noqa: F401
+
 INFO_FORMAT = "ivl-kernels/trained-value"
 INFO_VERSION = 1
 
@@ -251,148 +251,7 @@ class IVLDataCollator:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the Trainer
-
-
-def _ivl_module(model):
-    """The ``IVLForCausalLM`` inside whatever wraps it (DDP, accelerate)."""
-    from .training import IVLForCausalLM
-
-    m = model
-    for _ in range(8):
-        if isinstance(m, IVLForCausalLM):
-            return m
-        m = getattr(m, "module", None)
-        if m is None:
-            break
-    raise TypeError(f"IVLTrainer trains an IVLForCausalLM, got {type(model).__name__}")
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _load_full_value_weights(value, checkpoint: str) -> None:
-    """Load ``value.save_pretrained`` weights (one safetensors file or an index of shards) into ``value``;
-    ``ValueError`` unless every parameter is either loaded or tied to one that is."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(checkpoint, "model.safetensors")
-    index = os.path.join(checkpoint, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        state = load_file(single, device="cpu")
-    elif os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(checkpoint, name), device="cpu"))
-    else:
-        raise ValueError(f"{checkpoint}: no value-network weights (model.safetensors) to resume from")
-    result = value.load_state_dict(state, strict=False)
-    own = value.state_dict()
-    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]  # tied weights are fine
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{checkpoint}: value weights do not match the value network (missing {missing[:5]}, "
-                         f"unexpected {list(result.unexpected_keys)[:5]})")
-
-
-@functools.lru_cache(maxsize=None)
-def _trainer_class():
-    from transformers import Trainer
-
-    class IVLTrainer(Trainer):
-        """``Trainer`` for ``IVLForCausalLM``: saves and resumes the value network only.
-
-        Checkpoints (``checkpoint-N``) and ``save_model`` write ``value_model.save_pretrained`` (the full value
-        model, or its PEFT adapter), ``value_tokenizer`` when given, and ``ivl_info`` (a dict, or a callable
-        ``global_step -> dict``) as ``ivl_train.json``, on the process that saves (rank 0) only. Resuming loads
-        those weights back into the value network; the optimizer, scheduler, RNG and data position are restored
-        by ``Trainer``.
-        """
-
-        def __init__(self, *args, value_tokenizer=None, ivl_info=None, vocab_map=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.value_tokenizer = value_tokenizer
-            self.ivl_info = ivl_info
-            self.vocab_map = vocab_map
-
-        def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-            from transformers.trainer import TRAINING_ARGS_NAME
-            import torch
-
-            from .._atomic import atomic_dir
-
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            if not self.args.should_save:
-                return
-            ivl = _ivl_module(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
-            kwargs = {}
-            if state_dict is not None:  # FSDP / DeepSpeed: the gathered state dict of the whole IVL module
-                prefix = "value_model."
-                kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            # Staged in a temporary sibling, then moved in: an interrupt leaves the previous files (or none).
-            with atomic_dir(output_dir) as tmp:
-                ivl.value_model.save_pretrained(tmp, **kwargs)
-                if self.value_tokenizer is not None:
-                    self.value_tokenizer.save_pretrained(tmp)
-                info = self.ivl_info(self.state.global_step) if callable(self.ivl_info) else self.ivl_info
-                if info is not None:
-                    write_info(tmp, info)
-                if self.vocab_map is not None:
-                    self.vocab_map.save(os.path.join(tmp, MAP_NAME))
-                torch.save(self.args, os.path.join(tmp, TRAINING_ARGS_NAME))
-
-        def _save_checkpoint(self, model, trial) -> None:
-            # Trainer writes a checkpoint file by file (weights, optimizer, RNG, trainer state) and may be
-            # interrupted anywhere: the completion marker, written last (after every process has written its part)
-            # and atomically, is what makes a checkpoint one to resume from (``checkpoint_problem``).
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-                run_dir = self._get_output_dir(trial=trial)
-                mark_checkpoint_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"),
-                                         self.state.global_step)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # pragma: no cover - not run in CI
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            ivl = _ivl_module(self.accelerator.unwrap_model(model if model is not None else self.model))
-            if _is_peft(ivl.value_model):
-                return super()._load_from_checkpoint(resume_from_checkpoint, ivl.value_model)
-            _load_full_value_weights(ivl.value_model, resume_from_checkpoint)
-
-    return IVLTrainer
-
-
-def __getattr__(name):  # ``from ivl_kernels.hf.train_cli import IVLTrainer`` without importing Trainer eagerly
-    if name == "IVLTrainer":
-        return _trainer_class()
-    raise AttributeError(name)
-
-
-def write_info(directory: str, info: dict) -> None:
-    with open(os.path.join(directory, INFO_NAME), "w") as f:
-        json.dump(info, f, indent=2, sort_keys=False)
-        f.write("\n")
-
-
-COMPLETE_NAME = "ivl_checkpoint_complete.json"
-
-
-def mark_checkpoint_complete(directory: str, global_step: int) -> None:
-    from .._atomic import atomic_file
-
-    with atomic_file(os.path.join(directory, COMPLETE_NAME)) as tmp:
-        with open(tmp, "w") as f:
-            json.dump({"global_step": int(global_step)}, f)
+# checkpoints written by the trainer (``ivl_kernels.hf.trainer.IVLTrainer``)
 
 
 def checkpoint_problem(directory: str) -> Optional[str]:
@@ -455,10 +314,10 @@ def _source(name: str) -> str:
 def _same_vocabulary(base_tok, value_tok) -> bool:
     """Whether the identity map is right: every id both tokenizers have is the same token in both (ids only one
     of them has, such as added special tokens past the shared vocabulary, are unmapped or never read)."""
-    from .checkpoint import tokenizer_id_difference
+    from ..checkpoint_format import tokenizer_difference
 
     try:
-        return tokenizer_id_difference(base_tok, value_tok) is None
+        return tokenizer_difference(base_tok, value_tok) is None
     except Exception:  # pragma: no cover - tokenizers without get_vocab
         return False
 
@@ -634,7 +493,7 @@ def _setup(args) -> dict:
 
     collator = IVLDataCollator(pad_token_id=_pad_id(base_tok), pad_to=args.max_length if args.pad_to_max_length
                                else None)
-    trainer = _trainer_class()(model=model, args=targs, train_dataset=ListDataset(examples),
+    trainer = IVLTrainer(model=model, args=targs, train_dataset=ListDataset(examples),
                                data_collator=collator, value_tokenizer=value_tok, ivl_info=info, vocab_map=vmap)
     return dict(trainer=trainer, resume=resume, info=info, vmap=vmap, examples=examples, dropped=dropped,
                 model=model)

@@ -7,7 +7,8 @@ with the L1 rows every position of ``input_ids`` (``l1_reduction="all"``, the de
 padding and the last position included) or the positions with a kept label (``"kept"``). Computed by
 ``fused_guided_cross_entropy`` from hidden states and LM head weights, so no ``[tokens, vocab]`` logits tensor
 exists on the fused backends. The base is frozen (``requires_grad=False``, so it records no autograd graph; eval
-mode always); gradients reach the value network only. Works in a plain PyTorch loop and with ``transformers.Trainer``.
+mode always); gradients reach the value network only. Works in a plain PyTorch loop and with ``transformers.Trainer``
+(``ivl_kernels.hf.trainer.IVLTrainer`` saves and resumes the value network only).
 
 Distributed training: the weights are read **through the modules**, so the parameter gathering of DDP, FSDP2
 (``fully_shard``), DeepSpeed ZeRO-3 and accelerate's offload hooks applies unchanged. ``forward`` calls each
@@ -35,7 +36,8 @@ from torch import nn
 from .._validate import check_alpha_float, check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
-from ._common import (BaseToValueIds, fallback_input_id, input_vocab_size, padded_positions, resolve_vocab_map,
+from ..guidance import BaseToValueIds
+from ._common import (fallback_input_id, input_vocab_size, padded_positions, resolve_vocab_map,
                       split_causal_lm, unwrap_causal_lm)
 
 try:

@@ -341,21 +341,16 @@ def guided_logits_torch(a: GuidedArgs, out: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # CUDA extension (csrc/guided_logits.cu): ivl_kernels::guided_logits_decode_
 # --------------------------------------------------------------------------------------------------------------
-_CUDA_FAKES_REGISTERED = False
-
-
+@_backends.when_cuda_extension_loads
 def _register_cuda_fakes() -> None:
-    """Fake (meta) implementation of the compiled op so ``torch.compile`` can trace through it."""
-    global _CUDA_FAKES_REGISTERED
-    if _CUDA_FAKES_REGISTERED:
-        return
+    """Fake (meta) implementation of the compiled op, so ``torch.compile`` can trace through it: registered
+    beside the op's wrapper, as soon as the extension that defines the op is loaded (``torch.library`` needs the
+    op to exist). It writes ``out`` in place and returns nothing, so the fake does nothing."""
 
     @torch.library.register_fake("ivl_kernels::guided_logits_decode_")
     def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
           alpha_scalar, fill, out) -> None:
         return None
-
-    _CUDA_FAKES_REGISTERED = True
 
 
 def _vector_aligned(t: torch.Tensor) -> bool:

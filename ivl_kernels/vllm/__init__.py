@@ -41,8 +41,7 @@ Tensor parallelism (``tensor_parallel_size=N``; tested with N = 2 on vLLM's CPU 
 
 from __future__ import annotations
 
-ARCHITECTURE = "IVLGuidedForCausalLM"
-MODEL_TYPE = "ivl_guided"
+from ..checkpoint_format import GUIDED_ARCHITECTURE as ARCHITECTURE, GUIDED_MODEL_TYPE as MODEL_TYPE
 
 
 def register() -> None:

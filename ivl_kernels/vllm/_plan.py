@@ -14,12 +14,9 @@ from typing import List, Optional
 
 import torch
 
-from ..hf.checkpoint import (GUIDED_ARCHITECTURE, GuidedSpec, _same_tokenizer_ids, has_tokenizer as _has_tokenizer,
-                              load_checkpoint_tokenizer,
-                              read_guided_checkpoint)
-
-# transformers config attributes that transform the logits after the LM head (not applied by the fused head).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+from ..checkpoint_format import (GUIDED_ARCHITECTURE, MAP_PATTERN, GuidedSpec, load_checkpoint_tokenizer,
+                                 looks_like_path, read_guided_checkpoint, tokenizer_difference_of)
+from ..guidance import fallback_id, logit_transform, resolve_suppress_from
 
 _TRANSFORMERS_PATH = ("serve this pair with the transformers path instead: "
                       "ivl_kernels.hf.IVLLogitsProcessor(value_model, vocab_map=..., base_tokenizer=..., "
@@ -54,19 +51,14 @@ def _checkpoint_directory(model_config) -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(model, revision=getattr(model_config, "revision", None),
-                                 allow_patterns=["*.json", "map_*.pt", "*.model", "*.txt"])
+                                 allow_patterns=["*.json", MAP_PATTERN, "*.model", "*.txt"])
     except Exception as exc:
         raise ValueError(f"guided checkpoint {model!r}: not a directory, and it cannot be fetched from the hub "
                          f"({type(exc).__name__}: {exc})") from None
 
 
-def _looks_local(ref: str) -> bool:
-    """A reference that can only be a local path (a hub id is ``name`` or ``org/name``)."""
-    return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1 or os.sep != "/" and os.sep in ref
-
-
 def _read_config(ref: str, role: str, directory: str, trust_remote_code: bool):
-    if _looks_local(ref) and not os.path.exists(ref):
+    if looks_like_path(ref) and not os.path.exists(ref):
         raise ValueError(f"guided checkpoint {directory}: the {role} model directory {ref!r} does not exist "
                          f"(references are relative to the checkpoint directory; re-run `ivl-kernels compose` if the "
                          f"models moved)")
@@ -106,8 +98,6 @@ def check_guided_config(vllm_config) -> GuidedPlan:
     for anything that could fail later (while serving), else the resolved plan the model is built from."""
     from vllm.model_executor.models import ModelRegistry
 
-    from ..hf._common import resolve_suppress_from
-
     model_config = vllm_config.model_config
     directory = _checkpoint_directory(model_config)
     spec = read_guided_checkpoint(directory)
@@ -146,11 +136,10 @@ def check_guided_config(vllm_config) -> GuidedPlan:
         size = getattr(text, "vocab_size", None)
         if not isinstance(size, int):
             raise ValueError(f"{where}: the {role} model's config ({ref!r}) has no vocab_size")
-        for attr in _LOGIT_TRANSFORMS:
-            v = getattr(text, attr, None)
-            if v is not None and not (attr != "final_logit_softcapping" and float(v) == 1.0):
-                raise ValueError(f"{where}: the {role} model ({ref!r}) has {attr}={v}, which transforms the logits "
-                                 f"after the LM head; the fused guided head does not apply it: not supported")
+        transform = logit_transform(text)
+        if transform is not None:
+            raise ValueError(f"{where}: the {role} model ({ref!r}) has {transform}; the fused guided head does not "
+                             f"apply it: not supported")
         mpe = getattr(text, "max_position_embeddings", None)
         if isinstance(max_len, int) and isinstance(mpe, int) and mpe < max_len:
             raise ValueError(f"{where}: the {role} model ({ref!r}) has max_position_embeddings={mpe}, below the "
@@ -158,7 +147,7 @@ def check_guided_config(vllm_config) -> GuidedPlan:
                              f"max_model_len={mpe} (or less)")
         pad = getattr(text, "pad_token_id", None)
         return ModelPlan(role=role, ref=ref, hf_config=cfg, vocab_size=size, alpha=float(alpha),
-                         fallback_id=int(pad) if isinstance(pad, int) and 0 <= pad < size else 0)
+                         fallback_id=fallback_id(pad, size))
 
     base = build("base", spec.base)
     Vb = base.vocab_size
@@ -197,8 +186,7 @@ def check_guided_config(vllm_config) -> GuidedPlan:
             if m.vocab_size > Vb:
                 raise ValueError(f"{where}: the {role} model's vocabulary ({m.vocab_size} ids) does not fit the base's "
                                  f"({Vb}) without a map: build one (`ivl-kernels map`) and compose with it")
-            diff = (_same_tokenizer_ids(base.ref, m.ref) if _has_tokenizer(base.ref) and _has_tokenizer(m.ref)
-                    else None)
+            diff = tokenizer_difference_of(base.ref, m.ref)
             if diff is not None:
                 raise ValueError(f"{where}: the base and the {role} model tokenise differently ({diff}) and the "
                                  f"checkpoint has no map for it: such a pair needs text re-tokenisation, which the "

@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from ..ops.guided_logits import fused_guided_logits
+from ..guidance import BaseToValueIds, TermHead, guided_logits, head_problem, suppress_ids_
 from ._plan import check_guided_config
 
 
@@ -35,11 +35,10 @@ def term_attr(i: int) -> str:
 
 def _head(sub: nn.Module, role: str):
     head = getattr(sub, "lm_head", None)
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"the {role} model ({type(sub).__name__}) has no lm_head weight the fused head can read")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"the {role} model's LM head has a bias, which the fused guided head does not apply")
+    problem = head_problem(head)
+    if problem is not None:
+        raise ValueError(f"the {role} model ({type(sub).__name__}): {problem}, which the fused guided head cannot "
+                         f"apply")
     lp = getattr(sub, "logits_processor", None)
     if lp is not None and (float(getattr(lp, "scale", 1.0)) != 1.0 or getattr(lp, "soft_cap", None) is not None):
         raise ValueError(f"the {role} model scales or soft-caps its logits, which the fused guided head does not apply")
@@ -87,9 +86,8 @@ class IVLGuidedForCausalLM(nn.Module):
         base_ids = torch.arange(Vb, device=device)
         for i, t in enumerate(plan.terms):
             vmap = None if t.vocab_map is None else t.vocab_map.to(device)
-            # Base id -> the id this model reads (BaseToValueIds): every base id gets an id inside its embedding.
-            src = base_ids if vmap is None else vmap.long()
-            ids_in = torch.where((src >= 0) & (src < t.vocab_size), src, torch.full_like(src, t.fallback_id))
+            # Base id -> the id this model reads: every base id gets an id inside its embedding.
+            ids_in = BaseToValueIds(vmap, t.vocab_size, t.fallback_id).table(Vb, device)
             self.register_buffer(f"_input_ids_{i}", ids_in, persistent=False)
             if self.tp > 1:  # the slice of the map for this rank's base ids (identity: -1 past the term's vocabulary)
                 full = vmap if vmap is not None else torch.where(base_ids < t.vocab_size, base_ids, -1).to(torch.int32)
@@ -130,15 +128,9 @@ class IVLGuidedForCausalLM(nn.Module):
         parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
         n = self.hi - self.lo
         base_w = self._heads[0].weight[:n]
-        out = None
-        for i, h in enumerate(parts[1:]):
-            w, vmap = self._term_weight(i), getattr(self, f"_map_{i}")
-            if out is None:
-                out = fused_guided_logits(h, w, base_hidden=parts[0], base_weight=base_w, vocab_map=vmap,
-                                          alpha=self.alphas[i], fill=self.fill, backend=self.backend)
-            else:
-                fused_guided_logits(h, w, base_logits=out, out=out, vocab_map=vmap, alpha=self.alphas[i],
-                                    fill=self.fill, backend=self.backend)
+        heads = [TermHead(self._term_weight(i), getattr(self, f"_map_{i}"), self.alphas[i])
+                 for i in range(len(self.alphas))]
+        out = guided_logits(parts[0], base_w, parts[1:], heads, fill=self.fill, backend=self.backend)
         if self.tp > 1:
             # One gather of the [M, Vb / tp] shards, as vLLM does for the base alone (None on ranks that get none).
             shard = out.new_full((out.shape[0], self.local_rows), float("-inf"))
@@ -147,9 +139,7 @@ class IVLGuidedForCausalLM(nn.Module):
             if out is None:
                 return None
             out = out[:, : self.vocab_size]
-        if self.suppress_from is not None:
-            out[:, self.suppress_from:] = float("-inf")
-        return out
+        return suppress_ids_(out, self.suppress_from)
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> Set[str]:
         """Each model loads its own checkpoint (the directory or hub id its reference resolves to) through vLLM's
