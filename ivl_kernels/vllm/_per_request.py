@@ -45,6 +45,7 @@ import re
 import weakref
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..ops.guided_logits import fused_guided_logits
@@ -127,9 +128,10 @@ class _Correction:
             self._maps[i] = False if m is None else m.to(device)
         return None if self._maps[i] is False else self._maps[i]
 
-    def apply(self, logits: torch.Tensor, delta: torch.Tensor) -> bool:
-        """``delta`` ``[M, T]`` float32 on the logits' device. False (nothing done) when the model's last rows do
-        not line up with ``logits``."""
+    def apply(self, logits: torch.Tensor, delta: torch.Tensor, active: Sequence[bool]) -> bool:
+        """``delta`` ``[M, T]`` float32 on the logits' device; ``active[i]``: whether any row changes term ``i``
+        (known on the host: no device sync per step). False (nothing done) when the model's last rows do not line
+        up with ``logits``."""
         model = self.model
         rows = getattr(model, "last_rows", None)
         if rows is None or rows.shape[0] != logits.shape[0] or delta.shape[0] != logits.shape[0]:
@@ -137,7 +139,6 @@ class _Correction:
         if logits.shape[1] != model.vocab_size:
             return False
         parts = torch.split(rows, model.hidden_sizes, dim=-1)
-        active = (delta != 0).any(dim=0).tolist()
         for i in range(self.n_terms):
             if not active[i]:
                 continue
@@ -208,6 +209,7 @@ def _v1_class():
             self.deltas: dict = {}  # batch index -> per-term delta (requests whose alphas differ only)
             self.batch_size = 0
             self._delta: Optional[torch.Tensor] = None  # [batch_size, T], None when every row is default
+            self._active: list = []
 
         def is_argmax_invariant(self) -> bool:
             return False  # it changes which token is greedy
@@ -238,13 +240,14 @@ def _v1_class():
             delta = torch.zeros((self.batch_size, type(self).n_terms), dtype=torch.float32)
             for i, d in live.items():
                 delta[i] = torch.tensor(d, dtype=torch.float32)
+            self._active = (delta != 0).any(dim=0).tolist()
             self._delta = delta.to(self.device)
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             if self._delta is None:
                 return logits
             corr = self.correction()
-            if corr is None or not corr.apply(logits, self._delta):
+            if corr is None or not corr.apply(logits, self._delta, self._active):
                 self._warn(f"rows did not line up ({logits.shape[0]} logits rows, batch {self.batch_size}); "
                            f"this step used the checkpoint's alphas")
             return logits
@@ -266,22 +269,23 @@ def _v2_class():
             _Core.__init__(self, vllm_config)
             n = int(req_states.max_num_reqs)
             self.table = torch.zeros((n, type(self).n_terms), dtype=torch.float32, device=req_states.device)
-            self.custom = [False] * n  # host-side: skip the step without touching the device when no row needs it
+            self.host = np.zeros((n, type(self).n_terms), dtype=np.float32)  # the table's host copy: per-step
+            # decisions (any custom row? which terms?) without a device sync
 
         def add_request(self, req_idx: int, sampling_params) -> bool:
             d = self.delta_for(sampling_params)
-            self.custom[req_idx] = d is not None
             # A recycled slot: overwrite the previous occupant's row either way.
-            self.table[req_idx] = torch.tensor(d if d is not None else [0.0] * type(self).n_terms,
-                                               dtype=torch.float32)
+            self.host[req_idx] = d if d is not None else 0.0
+            self.table[req_idx] = torch.from_numpy(self.host[req_idx])
             return d is not None
 
         def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
-            if not any(self.custom[int(s)] for s in ctx.idx_mapping_np):
+            active = (self.host[ctx.idx_mapping_np] != 0).any(axis=0).tolist()
+            if not any(active):
                 return logits
             corr = self.correction()
             delta = self.table[ctx.expanded_idx_mapping.long()]
-            if corr is None or not corr.apply(logits, delta):
+            if corr is None or not corr.apply(logits, delta, active):
                 self._warn(f"rows did not line up ({logits.shape[0]} logits rows); this step used the "
                            f"checkpoint's alphas")
             return logits
@@ -289,7 +293,8 @@ def _v2_class():
     return AlphaProcessorV2
 
 
-_BASES = {}
+_BASES: dict = {}    # runner -> its processor base class (built on first use: imports that runner's interface)
+_CLASSES: dict = {}  # (runner, n_terms) -> the class vLLM loads by name
 
 
 def _processor_class(runner: str, n_terms: int):
@@ -302,9 +307,6 @@ def _processor_class(runner: str, n_terms: int):
         cls = type(name, (base,), {"n_terms": n_terms, "__module__": _MODULE, "__qualname__": name})
         _CLASSES[key] = cls
     return _CLASSES[key]
-
-
-_CLASSES: dict = {}
 
 
 def __getattr__(name: str):
