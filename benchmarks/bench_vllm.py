@@ -188,7 +188,7 @@ def _alpha_rows(path: str, args) -> list:
             rows.append({"method": name, "batch": batch, "new_tokens": args.new, "seconds": secs,
                          "tokens_per_s": tps, "vs_one_alpha": tps / one})
     shutdown(llm)
-    del llm
+    llm = None  # the engine's last reference (not `del`: the timed closures above name it)
     gc.collect()
     return rows
 
@@ -231,7 +231,7 @@ def _spec_rows(paths: dict, args) -> list:
                 plain[batch] = (tokens, row["tokens_per_s"])
             rows.append(row)
         shutdown(llm)
-        del llm
+        llm = None  # the engine's last reference (not `del`: the timed closure above names it)
         gc.collect()
     return rows
 
