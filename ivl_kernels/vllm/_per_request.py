@@ -184,6 +184,19 @@ class _Core:
         delta = tuple(a - b for a, b in zip(alpha, corr.alphas.tolist()))
         return delta if any(d != 0.0 for d in delta) else None
 
+    def correct(self, logits: torch.Tensor, delta: torch.Tensor, active: Sequence[bool], where: str) -> None:
+        """Apply the correction; never raises (an exception here would stop the engine for every request)."""
+        corr = self.correction()
+        try:
+            done = corr is not None and corr.apply(logits, delta, active)
+        except Exception as exc:  # not expected: logged, and this step keeps the logits it has
+            logger.exception("ivl_kernels per-request alpha: the correction failed (%s)", where)
+            self._warn(f"the correction failed: {type(exc).__name__}: {exc}")
+            return
+        if not done:
+            self._warn(f"rows did not line up ({logits.shape[0]} logits rows, {where}); this step used the "
+                       f"checkpoint's alphas")
+
     def _warn(self, msg: str) -> None:
         if not self._warned:
             self._warned = True
@@ -246,10 +259,7 @@ def _v1_class():
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             if self._delta is None:
                 return logits
-            corr = self.correction()
-            if corr is None or not corr.apply(logits, self._delta, self._active):
-                self._warn(f"rows did not line up ({logits.shape[0]} logits rows, batch {self.batch_size}); "
-                           f"this step used the checkpoint's alphas")
+            self.correct(logits, self._delta, self._active, f"batch {self.batch_size}")
             return logits
 
     return AlphaProcessorV1
@@ -283,11 +293,8 @@ def _v2_class():
             active = (self.host[ctx.idx_mapping_np] != 0).any(axis=0).tolist()
             if not any(active):
                 return logits
-            corr = self.correction()
-            delta = self.table[ctx.expanded_idx_mapping.long()]
-            if corr is None or not corr.apply(logits, delta, active):
-                self._warn(f"rows did not line up ({logits.shape[0]} logits rows); this step used the "
-                           f"checkpoint's alphas")
+            self.correct(logits, self.table[ctx.expanded_idx_mapping.long()], active,
+                         f"{len(ctx.idx_mapping_np)} requests")
             return logits
 
     return AlphaProcessorV2

@@ -185,6 +185,10 @@ def test_v1_processor_follows_added_removed_moved_rows():
     model.last_rows = model.last_rows[:2]
     before = logits.clone()
     assert torch.equal(proc.apply(logits), before)
+    # An unexpected failure inside the correction is logged, never raised into the engine.
+    model.compute_logits(torch.randn(3, sum(model.hidden_sizes)))
+    model._term_weight = lambda i: (_ for _ in ()).throw(RuntimeError("boom"))
+    proc.apply(model.compute_logits(torch.randn(3, sum(model.hidden_sizes))))
 
 
 def test_v2_processor_maps_rows_to_slots_including_draft_rows():
