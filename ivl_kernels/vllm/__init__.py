@@ -15,13 +15,17 @@
   engine process starts: a missing model directory, an architecture vLLM lacks, a vocabulary that does not fit
   without a map, a pair that needs text re-tokenisation (tokenizers differ, no map), a term whose
   ``max_position_embeddings`` is below ``max_model_len``, quantization configs that differ between the base and a
-  term (vLLM would apply the base's to every model), pipeline parallelism, LoRA, speculative decoding: each is a
-  ``ValueError`` at load, never mid-serving.
+  term (vLLM would apply the base's to every model), pipeline parallelism, LoRA, speculative methods other than
+  ``draft_model`` (and a guided checkpoint as the draft): each is a ``ValueError`` at load, never mid-serving;
+* the per-request alpha logits processor (``ivl_kernels.vllm._per_request``) in the engine's
+  ``logits_processors``, added by the same hook.
 
-Semantics are ``ivl_kernels.hf.GuidedCausalLM``'s (tests/vllm checks greedy tokens are identical). ``alpha`` is
-per checkpoint: vLLM 0.32 calls ``model.compute_logits(hidden_states)`` with the selected rows only, without the
-requests' sampling parameters, so a per-request alpha (``SamplingParams.extra_args``) cannot reach the fused head;
-compose one checkpoint per alpha (they share the models' files, not their memory).
+Semantics are ``ivl_kernels.hf.GuidedCausalLM``'s (tests/vllm checks greedy tokens are identical). A request may
+set its own alphas, ``SamplingParams(extra_args={"ivl_alpha": [1.0, -0.5]})`` (``vllm_xargs`` in the OpenAI API):
+``compute_logits`` uses the checkpoint's and the logits processor corrects that request's rows in place with
+``fused_guided_logits`` and a per-row alpha; see ``_per_request`` for what returned logprobs, prompt logprobs and
+penalties then see. Draft-model speculative decoding verifies the drafts against the guided logits (the target's
+``compute_logits``), so its outputs are the guided distribution's.
 
 Tensor parallelism (``tensor_parallel_size=N``; tested with N = 2 on vLLM's CPU build):
 

@@ -93,6 +93,26 @@ def _quant(cfg):
     return q
 
 
+# Speculative methods tested with a guided target (tests/vllm/test_vllm_speculative.py): the drafter is its own
+# model and the target's verification reads compute_logits, i.e. the guided logits.
+_SPECULATIVE_METHODS = ("draft_model",)
+
+
+def _check_speculative(vllm_config, where: str) -> None:
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        return
+    method = getattr(spec, "method", None)
+    if method not in _SPECULATIVE_METHODS:
+        raise ValueError(f"{where}: speculative decoding method {method!r} is not supported by the guided "
+                         f"architecture (it reads the target's own hidden states or heads); use "
+                         f"speculative_config={{'method': 'draft_model', 'model': DRAFT, ...}}")
+    draft = getattr(spec, "draft_model_config", None)
+    if draft is not None and GUIDED_ARCHITECTURE in (getattr(draft, "architectures", None) or []):
+        raise ValueError(f"{where}: the draft model is itself a guided checkpoint; draft with a plain model (e.g. "
+                         f"the base, or a smaller model with the same vocabulary)")
+
+
 def check_guided_config(vllm_config) -> GuidedPlan:
     """Validate a guided checkpoint against the engine's configuration; ``ValueError`` with the reason and the fix
     for anything that could fail later (while serving), else the resolved plan the model is built from."""
@@ -112,8 +132,7 @@ def check_guided_config(vllm_config) -> GuidedPlan:
     if getattr(vllm_config, "lora_config", None) is not None:
         raise ValueError(f"{where}: LoRA adapters (enable_lora) are not supported by the guided architecture; merge "
                          f"an adapter into its model, or reference a PEFT adapter directory from the transformers path")
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        raise ValueError(f"{where}: speculative decoding is not supported by the guided architecture in this version")
+    _check_speculative(vllm_config, where)
     if getattr(model_config, "enable_prompt_embeds", False):
         raise ValueError(f"{where}: enable_prompt_embeds is not supported (each model embeds its own token ids)")
 
@@ -207,6 +226,13 @@ def verify_hook():
     class IVLGuidedVerify(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            check_guided_config(vllm_config)
+            plan = check_guided_config(vllm_config)
+            from ._per_request import enable_per_request_alpha
+
+            why_not = enable_per_request_alpha(vllm_config, len(plan.terms))
+            if why_not:
+                import logging
+
+                logging.getLogger(__name__).warning("guided checkpoint: %s", why_not)
 
     return IVLGuidedVerify

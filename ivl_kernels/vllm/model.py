@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..guidance import BaseToValueIds, TermHead, guided_logits, head_problem, suppress_ids_
+from . import _per_request
 from ._plan import check_guided_config
 
 
@@ -55,6 +56,8 @@ class IVLGuidedForCausalLM(nn.Module):
         plan = check_guided_config(vllm_config)
         self.plan = plan
         self._load_config = vllm_config.load_config
+        self.last_rows: Optional[torch.Tensor] = None  # compute_logits' last input (read by _per_request)
+        _per_request.register_model(self, vllm_config)
         self.base = init_vllm_registered_model(vllm_config, hf_config=plan.base.hf_config,
                                                prefix=maybe_prefix(prefix, "base"))
         # Sub-models are attributes named without digits (term_a, term_b, ...): vLLM reads the layer index as the
@@ -125,6 +128,8 @@ class IVLGuidedForCausalLM(nn.Module):
         return self._full_heads[i]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        # Per-request alpha: vLLM's logits processor (_per_request) corrects these rows' logits from them.
+        self.last_rows = hidden_states
         parts = torch.split(hidden_states, self.hidden_sizes, dim=-1)
         n = self.hi - self.lo
         base_w = self._heads[0].weight[:n]

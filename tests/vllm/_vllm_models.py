@@ -73,3 +73,22 @@ def save_models(root) -> dict:
             tok.save_pretrained(paths[name])
     paths["tok"] = tok
     return paths
+
+
+PROXY_ALPHAS = (1.0, -0.5, 0.3, 0.2, 0.4)
+
+
+def write_proxy(path, models, alphas):
+    """The ``proxy`` checkpoint's five terms with the given alphas (the per-request tests' separate
+    checkpoints)."""
+    from ivl_kernels.hf.checkpoint import write_guided_checkpoint
+    from ivl_kernels.vocab import VocabMap
+
+    small_map = VocabMap(random_map(BASE_VOCAB, SMALL_VOCAB, seed=3), BASE_VOCAB, SMALL_VOCAB)
+    big_map = VocabMap(random_map(BASE_VOCAB, BIG_VOCAB, seed=9), BASE_VOCAB, BIG_VOCAB)
+    models_and_maps = [(models["value"], None), (models["anti"], None), (models["small"], small_map),
+                       (models["small"], None), (models["big"], big_map)]
+    write_guided_checkpoint(path, models["base"], [
+        {"model": m, "alpha": float(a), **({"map": vmap} if vmap is not None else {})}
+        for (m, vmap), a in zip(models_and_maps, alphas)], suppress_ids_from=290)
+    return path

@@ -44,20 +44,12 @@ def checkpoints(models, tmp_path_factory):
     -0.5, a smaller vocabulary with a map, the same smaller vocabulary without a map (base ids >= 256 read its pad
     id), a larger vocabulary with a map; ids >= 290 suppressed)."""
     from ivl_kernels.hf.checkpoint import write_guided_checkpoint
-    from ivl_kernels.vocab import VocabMap
 
-    from _vllm_models import BASE_VOCAB, BIG_VOCAB, SMALL_VOCAB, random_map
+    from _vllm_models import PROXY_ALPHAS, write_proxy
 
     root = tmp_path_factory.mktemp("vllm_guided")
-    small_map = VocabMap(random_map(BASE_VOCAB, SMALL_VOCAB, seed=3), BASE_VOCAB, SMALL_VOCAB)
-    big_map = VocabMap(random_map(BASE_VOCAB, BIG_VOCAB, seed=9), BASE_VOCAB, BIG_VOCAB)
     out = {"one": str(root / "one"), "proxy": str(root / "proxy")}
     write_guided_checkpoint(out["one"], models["base"], [{"model": models["value"], "alpha": 0.7}])
-    write_guided_checkpoint(out["proxy"], models["base"], [
-        {"model": models["value"], "alpha": 1.0},
-        {"model": models["anti"], "alpha": -0.5},
-        {"model": models["small"], "alpha": 0.3, "map": small_map},
-        {"model": models["small"], "alpha": 0.2},
-        {"model": models["big"], "alpha": 0.4, "map": big_map},
-    ], suppress_ids_from=290)
+    write_proxy(out["proxy"], models, PROXY_ALPHAS)
     return out
+

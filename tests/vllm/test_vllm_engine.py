@@ -94,3 +94,23 @@ def test_bad_requests_do_not_kill_the_engine(proxy_llm, proxy_reference):
     ref_tokens, _ = reference(proxy_llm.llm_engine.model_config.model, high, NEW)
     assert [list(o.outputs[0].token_ids) for o in _generate(proxy_llm, high)] == ref_tokens
     assert [list(o.outputs[0].token_ids) for o in _generate(proxy_llm, ROWS)] == want
+
+
+def test_per_request_alpha_raw_logprobs_are_the_checkpoints(proxy_llm, models, checkpoints, tmp_path):
+    """vLLM's default logprobs_mode ("raw_logprobs") takes logprobs before logits processors: a request with its own
+    alphas samples from them, but its returned logprobs are the checkpoint's distribution (documented)."""
+    from ivl_kernels.hf import GuidedCausalLM
+
+    from _vllm_models import write_proxy
+
+    alpha = [0.0, 1.0, 0.0, 0.0, 1.5]
+    row = ROWS[1]
+    want, _ = reference(write_proxy(str(tmp_path / "alpha"), models, alpha), [row], NEW)
+    out = _generate(proxy_llm, [row], logprobs=2, extra_args={"ivl_alpha": alpha})[0].outputs[0]
+    assert list(out.token_ids) == want[0]
+    lm = GuidedCausalLM.from_pretrained(checkpoints["proxy"], backend="torch")
+    with torch.no_grad():
+        seq = torch.tensor([row + want[0]])
+        ref = torch.log_softmax(lm(seq).logits[0, len(row) - 1:-1].double(), dim=-1)  # [NEW, V]
+    worst = max(abs(lp.logprob - float(ref[t, tok])) for t, step in enumerate(out.logprobs) for tok, lp in step.items())
+    assert worst < 1e-4, worst

@@ -49,6 +49,8 @@ def _copy_model(models, name, tmp_path, fn):
 def test_a_good_checkpoint_passes(checkpoints):
     cfg = _config(checkpoints["proxy"])
     assert cfg.model_config.architecture == "IVLGuidedForCausalLM"
+    # The per-request alpha processor, for five terms (V1 runner: vLLM's CPU build has no Triton CPU backend).
+    assert cfg.model_config.logits_processors == ["ivl_kernels.vllm._per_request:AlphaProcessorV1_T5"]
     assert cfg.model_config.max_model_len == 256 and cfg.model_config.get_vocab_size() == 300
 
 
@@ -138,7 +140,17 @@ def test_lora_refused(checkpoints):
         _config(checkpoints["one"], enable_lora=True)
 
 
-def test_speculative_decoding_refused(checkpoints):
-    with pytest.raises(ValueError, match="speculative decoding"):
+def test_speculative_methods_other_than_a_draft_model_refused(checkpoints):
+    with pytest.raises(ValueError, match="speculative decoding method 'ngram' is not supported.*draft_model"):
         _config(checkpoints["one"], speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                          "prompt_lookup_max": 2})
+
+
+def test_draft_model_accepted_guided_draft_refused(checkpoints, models):
+    cfg = _config(checkpoints["one"], speculative_config={"method": "draft_model", "model": models["value"],
+                                                           "num_speculative_tokens": 2})
+    # V1 runner + speculative decoding: vLLM refuses custom logits processors, so none is added (see README).
+    assert cfg.speculative_config.method == "draft_model" and not cfg.model_config.logits_processors
+    with pytest.raises(ValueError, match="draft model is itself a guided checkpoint"):
+        _config(checkpoints["one"], speculative_config={"method": "draft_model", "model": checkpoints["one"],
+                                                         "num_speculative_tokens": 2})

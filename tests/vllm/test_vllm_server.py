@@ -91,3 +91,24 @@ def test_a_bad_request_is_refused_and_the_server_keeps_serving(server, checkpoin
                                      extra_body={"return_token_ids": True})
     assert list(resp.choices[0].token_ids) == want[0]
     assert proc.poll() is None
+
+
+def test_per_request_alpha_through_vllm_xargs(server, models, tmp_path):
+    from ivl_kernels.hf.checkpoint import write_guided_checkpoint
+
+    client, proc = server
+    rows = prompts([9], seed=33)
+    for alpha in (1.5, [0.0]):  # a number (one term), and a list that turns the term off
+        path = str(tmp_path / f"alpha_{alpha}")
+        a = alpha if isinstance(alpha, float) else alpha[0]
+        write_guided_checkpoint(path, models["base"], [{"model": models["value"], "alpha": a}])
+        want, _ = reference(path, rows, NEW)
+        resp = client.completions.create(model="guided", prompt=rows[0], max_tokens=NEW, temperature=0,
+                                         extra_body={"return_token_ids": True, "vllm_xargs": {"ivl_alpha": alpha}})
+        assert list(resp.choices[0].token_ids) == want[0], alpha
+    # Bad values: HTTP 400 naming the argument, for that request only.
+    for bad in ("0.5", [1.0, 2.0]):
+        with pytest.raises(openai.BadRequestError, match="ivl_alpha"):
+            client.completions.create(model="guided", prompt=rows[0], max_tokens=2,
+                                      extra_body={"vllm_xargs": {"ivl_alpha": bad}})
+    assert proc.poll() is None

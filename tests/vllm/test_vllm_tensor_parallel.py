@@ -17,14 +17,22 @@ NEW = 8
 
 
 @pytest.mark.slow
-def test_tp2_matches_guided_causal_lm(checkpoints, monkeypatch):
+def test_tp2_matches_guided_causal_lm(checkpoints, models, monkeypatch, tmp_path):
     from vllm import LLM, SamplingParams
+
+    from _vllm_models import write_proxy
 
     # vLLM's CPU build binds one OpenMP thread set per worker and finds one NUMA node here: bind them by hand.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function (test only)
     rows = prompts([3, 17, 41], seed=41) + prompts([2, 30], seed=42, prefix=prompts([40], seed=11)[0])
     want, logits = reference(checkpoints["proxy"], rows, NEW)
+    # Per-request alpha under TP (the processor corrects the gathered logits with the full heads and maps): one
+    # extra request, tokens checked against a checkpoint composed with its alphas.
+    alpha = [0.0, -1.0, 0.5, 0.0, 0.8]
+    extra = prompts([11], seed=43)
+    want_alpha, _ = reference(write_proxy(str(tmp_path / "alpha"), models, alpha), extra, NEW)
+    assert want_alpha != reference(checkpoints["proxy"], extra, NEW)[0]  # the alphas really change the tokens
     llm = LLM(model=checkpoints["proxy"], enforce_eager=True, tensor_parallel_size=2,
               distributed_executor_backend="mp", **ENGINE)
     try:
@@ -33,10 +41,13 @@ def test_tp2_matches_guided_causal_lm(checkpoints, monkeypatch):
 
         spans = sorted((w["lo"], w["hi"]) for w in llm.collective_rpc(worker_info))
         assert spans == [(0, 160), (160, 300)]
-        outs = llm.generate([{"prompt_token_ids": r} for r in rows],
-                            SamplingParams(max_tokens=NEW, temperature=0, logprobs=3), use_tqdm=False)
+        params = [SamplingParams(max_tokens=NEW, temperature=0, logprobs=3)] * len(rows) + [
+            SamplingParams(max_tokens=NEW, temperature=0, extra_args={"ivl_alpha": alpha})]
+        outs = llm.generate([{"prompt_token_ids": r} for r in rows + extra], params, use_tqdm=False)
     finally:
         shutdown(llm)
+    assert list(outs[-1].outputs[0].token_ids) == want_alpha[0]
+    outs = outs[:-1]
     assert [list(o.outputs[0].token_ids) for o in outs] == want
     worst = 0.0
     for r, o in enumerate(outs):

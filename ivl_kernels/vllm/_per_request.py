@@ -1,0 +1,351 @@
+"""Guidance strength per request on vLLM: ``SamplingParams(extra_args={"ivl_alpha": [1.0, -0.5]})``.
+
+vLLM 0.32 calls ``model.compute_logits(hidden_states)`` with the rows it samples from and nothing else (no request
+ids, no sampling parameters), so the guided head computes every row with the checkpoint's alphas. A request that
+sets its own alphas gets them from a vLLM *logits processor* (the one place that knows which row is which request):
+
+* ``compute_logits`` keeps a reference to the rows it was given (``model.last_rows``, ``[M, Hb + Hv_0 + ...]``:
+  the base's and every term's final hidden states side by side; no copy);
+* the processor, which vLLM calls on those same logits before it samples, adds for each term ``i``
+  ``(alpha_req[m, i] - alpha_ckpt[i]) * remap_i(term_i[m])`` in place with ``fused_guided_logits`` and a per-row
+  alpha tensor ``[M]`` (rows of requests without ``ivl_alpha`` get 0, i.e. stay exactly as computed). The result
+  is ``base + sum_i alpha_req[m, i] * remap_i(term_i[m])``: what a checkpoint composed with those alphas gives, up
+  to float32 rounding of the two-step sum (a few ulps). Ids the checkpoint suppresses stay ``-inf``.
+
+The processor class is added to the engine's ``logits_processors`` by the plugin's config hook
+(``enable_per_request_alpha``), so nothing is to be passed by the user. Its name carries the number of terms
+(``AlphaProcessorV1_T2``: the module's ``__getattr__`` builds it on demand), because vLLM validates each request
+with ``validate_params(sampling_params)`` in the front-end without any configuration: the class itself must know
+how many alphas a request may give. Invalid values are refused there, for that request only (``LLM.generate``
+raises; the OpenAI server answers 400); the engine never sees them.
+
+Semantics (also in the README's serving section):
+
+* sampled tokens, and returned logprobs with ``logprobs_mode="processed_logprobs"`` / ``"processed_logits"``,
+  follow the request's alphas;
+* returned logprobs in vLLM's default ``logprobs_mode="raw_logprobs"`` (and ``"raw_logits"``) are taken before
+  logits processors run: they are the checkpoint's alphas' distribution;
+* prompt logprobs (``prompt_logprobs=k``) are computed by ``compute_logits`` directly, bypassing processors: the
+  checkpoint's alphas;
+* both model runners: V1 (``update_state(BatchUpdate)`` / ``apply(logits)``; rows are batch indices) and V2
+  (``add_request(slot, params)`` / ``apply(logits, ctx)``; rows map to slots through
+  ``ctx.expanded_idx_mapping``, one row per draft token under speculative decoding). In V2 the processor runs
+  after the penalties: presence/frequency penalties are additive and commute with the correction, a repetition
+  penalty (multiplicative) is applied to the checkpoint-alpha logits before it;
+* vLLM's V1 runner refuses custom logits processors under speculative decoding: there the processor is not
+  installed and ``ivl_alpha`` is not available (a warning at load says so; requests get the checkpoint's alphas).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import re
+import weakref
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..ops.guided_logits import fused_guided_logits
+
+ALPHA_KEY = "ivl_alpha"
+_MODULE = __name__
+_CLASS_NAME = re.compile(r"^AlphaProcessor(V1|V2)_T([1-9][0-9]{0,3})$")
+
+logger = logging.getLogger(__name__)
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+def parse_alpha(extra_args, n_terms: int) -> Optional[Tuple[float, ...]]:
+    """The alphas a request asks for: ``None`` when it sets no ``ivl_alpha`` (the checkpoint's apply), else a
+    tuple of ``n_terms`` finite floats. ``ValueError`` naming the argument and what it must be otherwise.
+
+    Accepted: a list (or tuple) of ``n_terms`` real numbers, or a single real number when the checkpoint has one
+    term. ``0`` turns a term off. Not accepted: strings (also numeric ones), booleans, NaN, infinities, a wrong
+    length, a single number for a checkpoint of several terms (which term would it be for?)."""
+    if not extra_args or ALPHA_KEY not in extra_args:
+        return None
+    value = extra_args[ALPHA_KEY]
+    want = (f"a list of {n_terms} finite numbers (one per guidance term" + (", or a single number)" if n_terms == 1
+                                                                            else ")"))
+    where = f'extra_args["{ALPHA_KEY}"] (vllm_xargs in the OpenAI API)'
+    if value is None:
+        return None
+    if _is_real(value):
+        if n_terms != 1:
+            raise ValueError(f"{where}={value!r}: this guided checkpoint has {n_terms} terms; give {want}")
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}={value!r} ({type(value).__name__}): expected {want}")
+    if len(value) != n_terms:
+        raise ValueError(f"{where}={list(value)!r} has {len(value)} entries: expected {want}")
+    out = []
+    for i, v in enumerate(value):
+        if not _is_real(v):
+            raise ValueError(f"{where}[{i}]={v!r} ({type(v).__name__}): expected {want}")
+        f = float(v)
+        if not math.isfinite(f):
+            raise ValueError(f"{where}[{i}]={v!r}: expected {want}")
+        out.append(f)
+    return tuple(out)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# ---- the model side: where the processor finds the rows and the heads ----------------------------------------
+_MODELS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+def register_model(model, vllm_config) -> None:
+    """Called by ``IVLGuidedForCausalLM.__init__``: the processor built from the same ``vllm_config`` (same
+    worker process) finds its model here when it first applies."""
+    _MODELS[id(vllm_config)] = model
+    _MODELS[0] = model  # the latest one: the fallback when vLLM handed the processor a copy of the config
+
+
+def _find_model(vllm_config):
+    return _MODELS.get(id(vllm_config)) or _MODELS.get(0)
+
+
+class _Correction:
+    """Adds ``delta[m, i] * remap_i(term_i[m])`` to guided logits ``[M, Vb]`` in place (full vocabulary: under
+    tensor parallelism the logits are the gathered ones, the terms' heads the gathered heads)."""
+
+    def __init__(self, model):
+        self.model = model
+        plan = model.plan
+        self.alphas = torch.tensor(list(model.alphas), dtype=torch.float32)
+        self.n_terms = len(plan.terms)
+        self._maps = [None] * self.n_terms
+
+    def vocab_map(self, i: int, device):
+        if self._maps[i] is None:
+            m = self.model.plan.terms[i].vocab_map  # the full map (the model's own is sliced per rank under TP)
+            self._maps[i] = False if m is None else m.to(device)
+        return None if self._maps[i] is False else self._maps[i]
+
+    def apply(self, logits: torch.Tensor, delta: torch.Tensor, active: Sequence[bool]) -> bool:
+        """``delta`` ``[M, T]`` float32 on the logits' device; ``active[i]``: whether any row changes term ``i``
+        (known on the host: no device sync per step). False (nothing done) when the model's last rows do not line
+        up with ``logits``."""
+        model = self.model
+        rows = getattr(model, "last_rows", None)
+        if rows is None or rows.shape[0] != logits.shape[0] or delta.shape[0] != logits.shape[0]:
+            return False
+        if logits.shape[1] != model.vocab_size:
+            return False
+        parts = torch.split(rows, model.hidden_sizes, dim=-1)
+        for i in range(self.n_terms):
+            if not active[i]:
+                continue
+            fused_guided_logits(parts[i + 1], model._term_weight(i), base_logits=logits, out=logits,
+                                vocab_map=self.vocab_map(i, logits.device), alpha=delta[:, i].contiguous(),
+                                fill=model.fill, backend=model.backend)
+        return True
+
+
+class _Core:
+    """What both runners' processors share: the checkpoint, the request's alphas -> a delta row, the model."""
+
+    n_terms = 0
+
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        self._correction: Optional[_Correction] = None
+        self._warned = False
+
+    def correction(self) -> Optional[_Correction]:
+        if self._correction is None:
+            model = _find_model(self.vllm_config)
+            if model is None:
+                self._warn("no guided model was built in this process")
+                return None
+            self._correction = _Correction(model)
+        return self._correction
+
+    def delta_for(self, params) -> Optional[Tuple[float, ...]]:
+        """The per-term change a request asks for, or None for the checkpoint's alphas. Never raises: values
+        were validated in the front-end; anything else here is logged and ignored (the engine must keep
+        serving)."""
+        try:
+            alpha = parse_alpha(getattr(params, "extra_args", None), type(self).n_terms)
+        except ValueError as exc:
+            self._warn(f"ignored an unvalidated {ALPHA_KEY}: {exc}")
+            return None
+        if alpha is None:
+            return None
+        corr = self.correction()
+        if corr is None:
+            return None
+        delta = tuple(a - b for a, b in zip(alpha, corr.alphas.tolist()))
+        return delta if any(d != 0.0 for d in delta) else None
+
+    def correct(self, logits: torch.Tensor, delta: torch.Tensor, active: Sequence[bool], where: str) -> None:
+        """Apply the correction; never raises (an exception here would stop the engine for every request)."""
+        corr = self.correction()
+        try:
+            done = corr is not None and corr.apply(logits, delta, active)
+        except Exception as exc:  # not expected: logged, and this step keeps the logits it has
+            logger.exception("ivl_kernels per-request alpha: the correction failed (%s)", where)
+            self._warn(f"the correction failed: {type(exc).__name__}: {exc}")
+            return
+        if not done:
+            self._warn(f"rows did not line up ({logits.shape[0]} logits rows, {where}); this step used the "
+                       f"checkpoint's alphas")
+
+    def _warn(self, msg: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("ivl_kernels per-request alpha: %s", msg)
+
+
+def _validate(cls, sampling_params) -> None:
+    parse_alpha(getattr(sampling_params, "extra_args", None), cls.n_terms)
+
+
+# ---- model runner V1 (vllm.v1.sample.logits_processor) -----------------------------------------------------------
+def _v1_class():
+    from vllm.v1.sample.logits_processor.interface import LogitsProcessor, MoveDirectionality
+
+    class AlphaProcessorV1(_Core, LogitsProcessor):
+        """V1 interface: rows of ``apply(logits)`` are the persistent batch's indices ``0 .. batch_size - 1``."""
+
+        validate_params = classmethod(_validate)
+
+        def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+            _Core.__init__(self, vllm_config)
+            self.device = device
+            self.deltas: dict = {}  # batch index -> per-term delta (requests whose alphas differ only)
+            self.batch_size = 0
+            self._delta: Optional[torch.Tensor] = None  # [batch_size, T], None when every row is default
+            self._active: list = []
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes which token is greedy
+
+        def update_state(self, batch_update) -> None:
+            if batch_update is None:
+                return
+            # vLLM's documented order: removed, then added (may reuse an index), then moved.
+            for index in batch_update.removed:
+                self.deltas.pop(index, None)
+            for index, params, _prompt, _out in batch_update.added:
+                d = self.delta_for(params)
+                if d is None:
+                    self.deltas.pop(index, None)
+                else:
+                    self.deltas[index] = d
+            for a, b, direction in batch_update.moved:
+                da, db = self.deltas.pop(a, None), self.deltas.pop(b, None)
+                if da is not None:
+                    self.deltas[b] = da
+                if db is not None and direction == MoveDirectionality.SWAP:
+                    self.deltas[a] = db
+            self.batch_size = batch_update.batch_size
+            live = {i: d for i, d in self.deltas.items() if i < self.batch_size}
+            if not live:
+                self._delta = None
+                return
+            delta = torch.zeros((self.batch_size, type(self).n_terms), dtype=torch.float32)
+            for i, d in live.items():
+                delta[i] = torch.tensor(d, dtype=torch.float32)
+            self._active = (delta != 0).any(dim=0).tolist()
+            self._delta = delta.to(self.device)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if self._delta is None:
+                return logits
+            self.correct(logits, self._delta, self._active, f"batch {self.batch_size}")
+            return logits
+
+    return AlphaProcessorV1
+
+
+# ---- model runner V2 (vllm.v1.worker.gpu.sample.logits_processor) -----------------------------------------------
+def _v2_class():
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
+
+    class AlphaProcessorV2(_Core, LogitsProcessor):
+        """V2 interface: per-slot state set in ``add_request``; ``apply(logits, ctx)`` maps each row to its slot
+        with ``ctx.expanded_idx_mapping`` (several rows per request under speculative decoding)."""
+
+        validate_params = classmethod(_validate)
+
+        def __init__(self, vllm_config, req_states):
+            _Core.__init__(self, vllm_config)
+            n = int(req_states.max_num_reqs)
+            self.table = torch.zeros((n, type(self).n_terms), dtype=torch.float32, device=req_states.device)
+            self.host = np.zeros((n, type(self).n_terms), dtype=np.float32)  # the table's host copy: per-step
+            # decisions (any custom row? which terms?) without a device sync
+
+        def add_request(self, req_idx: int, sampling_params) -> bool:
+            d = self.delta_for(sampling_params)
+            # A recycled slot: overwrite the previous occupant's row either way.
+            self.host[req_idx] = d if d is not None else 0.0
+            self.table[req_idx] = torch.from_numpy(self.host[req_idx])
+            return d is not None
+
+        def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+            active = (self.host[ctx.idx_mapping_np] != 0).any(axis=0).tolist()
+            if not any(active):
+                return logits
+            self.correct(logits, self.table[ctx.expanded_idx_mapping.long()], active,
+                         f"{len(ctx.idx_mapping_np)} requests")
+            return logits
+
+    return AlphaProcessorV2
+
+
+_BASES: dict = {}    # runner -> its processor base class (built on first use: imports that runner's interface)
+_CLASSES: dict = {}  # (runner, n_terms) -> the class vLLM loads by name
+
+
+def _processor_class(runner: str, n_terms: int):
+    key = (runner, n_terms)
+    if key not in _CLASSES:
+        if runner not in _BASES:
+            _BASES[runner] = _v1_class() if runner == "V1" else _v2_class()
+        base = _BASES[runner]
+        name = f"AlphaProcessor{runner}_T{n_terms}"
+        cls = type(name, (base,), {"n_terms": n_terms, "__module__": _MODULE, "__qualname__": name})
+        _CLASSES[key] = cls
+    return _CLASSES[key]
+
+
+def __getattr__(name: str):
+    """``AlphaProcessorV1_T<n>`` / ``AlphaProcessorV2_T<n>``: the processor class for a checkpoint of ``n``
+    terms (vLLM loads it by this name in the front-end and in every worker)."""
+    m = _CLASS_NAME.match(name)
+    if m is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _processor_class(m.group(1), int(m.group(2)))
+
+
+def processor_fqcn(n_terms: int, v2: bool) -> str:
+    return f"{_MODULE}:AlphaProcessor{'V2' if v2 else 'V1'}_T{int(n_terms)}"
+
+
+def enable_per_request_alpha(vllm_config, n_terms: int) -> Optional[str]:
+    """The config hook's part (front-end, and again wherever vLLM rebuilds its configuration): add this
+    checkpoint's processor to ``model_config.logits_processors`` (once). Returns why it was not added, or None.
+
+    Not added under speculative decoding with the V1 model runner, which refuses every custom logits processor
+    then (``build_logitsprocs``: "Custom logits processors are not supported when speculative decoding is
+    enabled")."""
+    model_config = vllm_config.model_config
+    v2 = bool(vllm_config.use_v2_model_runner)
+    if getattr(vllm_config, "speculative_config", None) is not None and not v2:
+        return ("vLLM's V1 model runner refuses custom logits processors under speculative decoding: per-request "
+                f"alpha ({ALPHA_KEY}) is not available; requests get the checkpoint's alphas")
+    name = processor_fqcn(n_terms, v2)
+    current = list(model_config.logits_processors or [])
+    if name not in current:
+        model_config.logits_processors = current + [name]
+    return None
+
+
+__all__ = ["ALPHA_KEY", "parse_alpha", "register_model", "processor_fqcn", "enable_per_request_alpha"]
