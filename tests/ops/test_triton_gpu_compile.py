@@ -10,7 +10,9 @@ a copy of its rules). It does so by calling the real launchers (``launch_triton`
 driver for the target GPU, with each ``kernel[grid](...)`` turned into ``JITFunction.run(..., warmup=True)``:
 Triton's own launch path up to, but not including, the launch. The argument lists therefore cannot drift from
 the launchers. Each compiled kernel must fit the opt-in shared memory of its GPU and must not spill registers
-(``ptxas -v`` on the kernel's PTX, with the ptxas and flags Triton uses; results cached beside Triton's cache).
+(``ptxas -v`` on the kernel's PTX, with the ptxas and flags Triton uses; results cached beside Triton's cache),
+and each half-precision tile kernel must reach the tensor cores: ``wgmma`` on sm_90 for tiles of 64+ rows,
+``mma.sync`` otherwise (``expected_mma``).
 
 It runs in a subprocess because the test session has Triton in interpreter mode; the subprocess prints one row
 per compiled kernel: registers, shared memory, stack, spill stores/loads, and how many parameters the JIT turned
@@ -247,6 +249,23 @@ def ptxas_usage(ptx: str, cc: int) -> dict:
     return usage
 
 
+def mma_kind(ptx: str) -> str:
+    """The matrix instructions in ``ptx``: ``wgmma`` (Hopper's warpgroup MMA), ``mma`` (``mma.sync``, sm_80's
+    tensor cores), or ``-`` (none: FMA only)."""
+    if re.search(r"\bwgmma\.mma_async", ptx):
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "-"
+
+
+def expected_mma(r: dict) -> str:
+    """The matrix instruction a tile kernel must use: on sm_90 a half-precision dot over tiles of 64+ rows (a
+    warpgroup's MMA shape) must be ``wgmma``, smaller tiles ``mma.sync`` at least, and every half-precision dot on
+    sm_80 ``mma.sync``. ``None`` where nothing is required (no dot, or float32)."""
+    if r["kernel"] != "logits" or r["dtype"] == "fp32":
+        return None
+    return "wgmma" if r["cc"] >= 90 and (r["block_m"] or 0) >= 64 else "mma"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
@@ -303,7 +322,8 @@ def _run_job(item) -> list:
         compiled = compile_()
         assert compiled is not None and len(compiled.asm.get("cubin", b"")) > 0, kernel.__name__
         usage = ptxas_usage(compiled.asm["ptx"], job[-1])
-        rows.append(dict(kernel=KERNEL_NAMES.get(kernel.__name__, kernel.__name__),
+        rows.append(dict(kernel=KERNEL_NAMES.get(kernel.__name__, kernel.__name__), mma=mma_kind(compiled.asm["ptx"]),
+                         block_m=kwargs.get("BLOCK_M"),
                          variant=_describe(job, kwargs), dtype=job[1], cc=job[-1],
                          shared=compiled.metadata.shared, seconds=time.time() - t0,
                          spec=_specialisation(compiled, kernel), **usage))
@@ -333,7 +353,7 @@ def main() -> int:
         results = [r for rows in pool.map(_run_job, todo) for r in rows]
 
     head = f"{'kernel':9} {'variant':52} {'dtype':5} {'arch':6} {'regs':>4} {'shared':>7} {'stack':>5} " \
-           f"{'spill st/ld':>11} {'=1/d16/i32':>10} {'s':>5}"
+           f"{'spill st/ld':>11} {'mma':>5} {'=1/d16/i32':>10} {'s':>5}"
     print(f"triton {triton.__version__}, {len(results)} kernels compiled with the launch specialisation")
     print(head)
     failures = []
@@ -341,7 +361,7 @@ def main() -> int:
         spec = r["spec"]
         counts = "/".join(str(len(spec[k])) for k in ("unit", "div16", "i32"))
         print(f"{r['kernel']:9} {r['variant']:52} {r['dtype']:5} sm_{r['cc']:<3} {r['registers']:>4} "
-              f"{r['shared']:>7} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {counts:>10} "
+              f"{r['shared']:>7} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {r['mma']:>5} {counts:>10} "
               f"{r['seconds']:5.1f}")
         launch_spec = (("stride_vh_k", "vh_ptr") if r["kernel"] == "logits" else (None, "buf_ptr"))
         if (launch_spec[0] and launch_spec[0] not in spec["unit"]) or launch_spec[1] not in spec["div16"]:
@@ -352,11 +372,28 @@ def main() -> int:
             failures.append(f"shared memory {r['shared']} > {SHARED_MEMORY_LIMIT[r['cc']]}: {r}")
         if r["spill_stores"] or r["spill_loads"]:
             failures.append(f"register spills: {r}")
+        want = expected_mma(r)
+        if want == "wgmma" and r["mma"] != "wgmma" or want == "mma" and r["mma"] == "-":
+            # A half-precision tile that lowers without tensor cores runs at a fraction of the matrix rate.
+            failures.append(f"matrix instructions {r['mma']!r}, expected {want!r}: {r}")
     print(f"compiled {len(results)} kernel variants in {time.time() - t0:.0f} s ({workers} processes)")
     if failures:
         print("FAILED:\n" + "\n".join(failures))
         return 1
     return 0
+
+
+def test_mma_kind_reads_the_ptx_and_the_rule_rejects_fma_tiles():
+    wg = "wgmma.fence.sync.aligned;\n wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;"
+    assert mma_kind(wg) == "wgmma"
+    assert mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};") == "mma"
+    assert mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"
+    row = dict(kernel="logits", dtype="bf16", cc=90, block_m=64)
+    assert expected_mma(row) == "wgmma"
+    assert expected_mma({**row, "block_m": 16}) == "mma"
+    assert expected_mma({**row, "cc": 80}) == "mma"
+    assert expected_mma({**row, "dtype": "fp32"}) is None
+    assert expected_mma({**row, "kernel": "loss rows"}) is None
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
