@@ -54,13 +54,18 @@ def test_compiled_op_has_schema_and_fake():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     M, Hv, Vv, Vb = 2, 16, 30, 40
+    # A direct call on meta tensors dispatches to the registered fake (or a Meta kernel) and raises without one.
+    # make_fx alone would not notice a missing fake: recent torch infers one for ops that only mutate inputs.
+    meta = dict(device="meta")
+    out = torch.empty(M, Vb, **meta)
+    assert op(torch.empty(M, Hv, **meta), torch.empty(Vv, Hv, **meta), torch.empty(M, Vb, **meta), None, None,
+              torch.empty(Vb, dtype=torch.int32, **meta), None, 1.0, 0.0, out) is None
 
     def step(vh, vw, base, vocab_map, out):
         op(vh, vw, base, None, None, vocab_map, None, 1.0, 0.0, out)
         return out
 
-    # Tracing with fake tensors dispatches to the op's fake (meta) kernel only: without one registered this raises,
-    # and the traced graph must hold the op (what torch.compile would run).
+    # What torch.compile traces: the graph must hold the op itself (not a decomposition, not nothing).
     graph = make_fx(step, tracing_mode="fake")(torch.randn(M, Hv), torch.randn(Vv, Hv), torch.randn(M, Vb),
                                                torch.zeros(Vb, dtype=torch.int32), torch.empty(M, Vb))
     assert any("guided_logits_decode_" in str(n.target) for n in graph.graph.nodes), graph.code
