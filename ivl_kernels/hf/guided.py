@@ -21,10 +21,11 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from .._validate import check_alpha_float, check_int
 from ..guidance import BaseToValueIds, TermHead, guided_logits, resolve_suppress_from, suppress_ids_
 from ..ops.guided_logits import fused_guided_logits
+from ..ops.packed_heads import pack_head_weights
 from ._model_api import GuidedModelAPI, config_for, guided_config_of, loading_kwargs
 from ._common import (check_generate_kwargs, check_prompt_batch, decode_prompts, fallback_input_id,
                       infer_attention_mask, input_vocab_size, left_pad_rows, render_prompt, resolve_vocab_map,
-                      split_causal_lm)
+                      split_causal_lm, unwrap_causal_lm)
 from ._value_state import DynamicDecoder
 
 
@@ -157,6 +158,12 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
             head padded past the tokenizer, e.g. Qwen2.5's 152064 vs 151665) are never generated; it also
             serves ``stop_strings`` and the terms' ``prompt_template``.
         suppress_ids_from: ids ``>=`` this are never generated (logits ``-inf``); overrides the tokenizer's length.
+        pack_heads: copy the base's and the first term's LM heads into one buffer (``ivl.pack_head_weights``;
+            the models' head parameters become views of it, tied input embeddings stay tied), so that from
+            ``GEMM_MIN_ROWS`` rows (prefill, scoring, ``forward``, big batches) the fused head is one GEMM over
+            ``[X_b | alpha X_v]``. Needs the first term without a vocabulary map and both heads of one dtype on
+            one device. The sub-models' own ``save_pretrained`` refuses strided shared weights afterwards
+            (``GuidedCausalLM.save_pretrained`` writes references only and is unaffected). Default ``False``.
 
     Every model reads the same base token ids (translated through its map when it has one), after its own
     prompt when it has one. Models that tokenise differently need ``IVLLogitsProcessor`` with both tokenizers
@@ -165,8 +172,10 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
 
     def __init__(self, base_model: nn.Module, value_model: Union[nn.Module, Sequence[GuidanceTerm]], *,
                  alpha: float = 1.0, vocab_map=None, fill: float = 0.0, backend: str = "auto", tokenizer=None,
-                 suppress_ids_from: Optional[int] = None):
+                 suppress_ids_from: Optional[int] = None, pack_heads: bool = False):
         super().__init__()
+        if pack_heads not in (True, False):
+            raise TypeError(f"pack_heads must be True or False, got {pack_heads!r}")
         if isinstance(value_model, GuidanceTerm):
             terms = [value_model]
         elif isinstance(value_model, (list, tuple)):
@@ -199,7 +208,32 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
             self._prepared.append(PreparedTerm(
                 backbone, TermHead(weight, vmap, float(t.alpha)),
                 BaseToValueIds(vmap, input_vocab_size(t.model), fallback_input_id(t.model))))
+        if pack_heads:
+            self._pack_heads()
         self.config = config_for(self)  # from_pretrained replaces it with the checkpoint's own
+
+    def _pack_heads(self) -> None:
+        """The base head and the first term's head as views of one buffer (``pack_head_weights``), installed in
+        both models in place of their head parameters (and of input embeddings tied to them)."""
+        first = self._prepared[0].head
+        base_w, value_w = self._base_weight, first.weight
+        if first.vocab_map is not None:
+            raise ValueError(f"pack_heads=True needs the first guidance term without a vocabulary map (the packed "
+                             f"GEMM aligns value column b with base column b); {self._role(0)} has one")
+        if base_w.dtype != value_w.dtype or base_w.device != value_w.device:
+            raise ValueError(f"pack_heads=True needs both LM heads of one dtype on one device, got base "
+                             f"{base_w.dtype} on {base_w.device}, {self._role(0)} {value_w.dtype} on {value_w.device}")
+        new_base, new_value = pack_head_weights(base_w.detach(), value_w.detach())
+        params = []
+        for model, old, view in ((self.base_model, base_w, new_base), (self.terms[0].model, value_w, new_value)):
+            lm = unwrap_causal_lm(model)
+            param = nn.Parameter(view, requires_grad=old.requires_grad)
+            emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+            if emb is not None and getattr(emb, "weight", None) is old:
+                emb.weight = param  # tied: the embedding reads the same rows, now from the packed buffer
+            lm.get_output_embeddings().weight = param
+            params.append(param)
+        self._base_weight, self._prepared[0].head.weight = params
 
     def _role(self, i: int) -> str:
         return f"guidance term {i}" if len(self.terms) > 1 else "value"
@@ -591,12 +625,13 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, *model_args, backend: str = "auto", config=None,
-                        **model_kwargs) -> "GuidedCausalLM":
+                        pack_heads: bool = False, **model_kwargs) -> "GuidedCausalLM":
         """Load a guided checkpoint (``ivl-kernels compose`` / ``save_pretrained``): every model with
         ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
         PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it.
         ``AutoModelForCausalLM.from_pretrained(directory, ...)`` lands here (``config``: the checkpoint's config it
-        read; its bookkeeping arguments are dropped, ``gguf_file`` / ``quantization_config`` refused)."""
+        read; its bookkeeping arguments are dropped, ``gguf_file`` / ``quantization_config`` refused;
+        ``pack_heads``: as in the constructor)."""
         from ..vocab import VocabMap
         from .checkpoint import load_causal_lm, load_checkpoint_tokenizer, read_guided_checkpoint, resolve_for_loading
 
@@ -616,7 +651,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
             path = spec.map_path(t)
             terms.append(GuidanceTerm(model, t.alpha, None if path is None else VocabMap.load(path)))
         model = cls(base, terms, fill=spec.fill, backend=backend, tokenizer=tokenizer,
-                    suppress_ids_from=spec.suppress_ids_from)
+                    suppress_ids_from=spec.suppress_ids_from, pack_heads=pack_heads)
         model.config = guided_config_of(directory, config)
         return model
 
