@@ -14,23 +14,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 
+from ._lm_eval_tasks import (GEN, MC, MULTIPLE_CHOICE, ROLLING, STOP, generate_until, sample_args,  # noqa: E402
+                             write_tasks)
 from ._models import (CORPUS, guided_setup, reference_sequence_logits, reference_token_log_probs,  # noqa: E402
                       save_guided, train_bpe_tokenizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EOS = 290
-STOP = "fox"
-
-MC = [{"question": "the quick brown fox jumps over the", "choices": ["lazy dog", "value", "base model"], "label": 0},
-      {"question": "a value network learns to", "choices": ["steer the base model", "fox", "jumps"], "label": 0},
-      {"question": "guided decoding adds the value logits to", "choices": ["the base logits", "dog"], "label": 0},
-      {"question": "small models can guide", "choices": ["large models", "the story", "friends", "afternoon"],
-       "label": 0},
-      {"question": "the dog and the fox are", "choices": ["friends", "logits"], "label": 0}]
 PPL = [{"text": CORPUS[i]} for i in range(5)]
-GEN = [{"prompt": "the quick", "answer": "brown"}, {"prompt": "a value network", "answer": "learns"},
-       {"prompt": "the dog and", "answer": "the"}, {"prompt": "small models", "answer": "can"},
-       {"prompt": "guided", "answer": "decoding"}]
 
 
 def _tokenizer():
@@ -42,28 +33,8 @@ def _tokenizer():
 
 
 def _write_tasks(root):
-    """Three lm-eval YAML tasks reading local JSONL files (lm-eval cannot download datasets here)."""
-    tasks = os.path.join(root, "tasks")
-    os.makedirs(tasks)
-    specs = {
-        "ivl_mc": (MC, ["output_type: multiple_choice", 'doc_to_text: "{{question}}"',
-                        'doc_to_choice: "{{choices}}"', 'doc_to_target: "{{label}}"',
-                        "metric_list:\n  - metric: acc"]),
-        "ivl_ppl": (PPL, ["output_type: loglikelihood_rolling", 'doc_to_text: ""', 'doc_to_target: "{{text}}"',
-                          "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte"]),
-        "ivl_gen": (GEN, ["output_type: generate_until", 'doc_to_text: "{{prompt}}"', 'doc_to_target: "{{answer}}"',
-                          f'generation_kwargs:\n  until: ["{STOP}"]\n  max_gen_toks: 8\n  do_sample: false',
-                          "metric_list:\n  - metric: exact_match"]),
-    }
-    for name, (rows, lines) in specs.items():
-        data = os.path.join(root, f"{name}.jsonl")
-        with open(data, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        head = [f"task: {name}", "dataset_path: json", f"dataset_kwargs:\n  data_files:\n    test: {data}",
-                "test_split: test"]
-        with open(os.path.join(tasks, f"{name}.yaml"), "w") as f:
-            f.write("\n".join(head + lines) + "\n")
-    return tasks
+    return write_tasks(root, {"ivl_mc": (MC, MULTIPLE_CHOICE), "ivl_ppl": (PPL, ROLLING),
+                              "ivl_gen": (GEN, generate_until(STOP, 8))})
 
 
 def _guided_checkpoint(tmp_path, kind):
@@ -73,14 +44,6 @@ def _guided_checkpoint(tmp_path, kind):
     base.config.eos_token_id = base.generation_config.eos_token_id = EOS
     directory, _ = save_guided(tmp_path, lm, terms, base)
     return directory, tok, terms, base
-
-
-def _args(sample):
-    """``[(context, continuation | gen_kwargs), ...]`` of a logged sample: a list of tuples in process, a dict
-    ``{"gen_args_i": {"arg_0": ..., "arg_1": ...}}`` in the samples file."""
-    args = sample["arguments"]
-    args = args.values() if isinstance(args, dict) else args
-    return [tuple(a.values()) if isinstance(a, dict) else tuple(a) for a in args]
 
 
 def _check_samples(samples, tok, terms, base):
@@ -96,15 +59,15 @@ def _check_samples(samples, tok, terms, base):
 
     for s in samples["ivl_mc"]:
         got = [float(r[0]) for r in s["filtered_resps"]]
-        want = [loglik(c, x) for c, x in _args(s)]
+        want = [loglik(c, x) for c, x in sample_args(s)]
         assert got == pytest.approx(want, abs=2e-4, rel=1e-5)
     for s in samples["ivl_ppl"]:
-        (text,) = _args(s)[0][:1]
+        (text,) = sample_args(s)[0][:1]
         got = s["filtered_resps"][0]
         got = float(got[0] if isinstance(got, (list, tuple)) else got)
         assert got == pytest.approx(loglik("", text), abs=2e-4, rel=1e-5)
     for s in samples["ivl_gen"]:
-        context = _args(s)[0][0]
+        context = sample_args(s)[0][0]
         ids = torch.tensor(enc(context))
         for _ in range(8):  # greedy over the guided distribution, suppressed ids excluded, up to EOS
             nxt = int(reference_sequence_logits(base, terms, ids, suppress_from=limit)[-1].argmax())

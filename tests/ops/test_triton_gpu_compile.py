@@ -322,8 +322,8 @@ def _run_job(item) -> list:
         compiled = compile_()
         assert compiled is not None and len(compiled.asm.get("cubin", b"")) > 0, kernel.__name__
         usage = ptxas_usage(compiled.asm["ptx"], job[-1])
-        rows.append(dict(kernel=KERNEL_NAMES.get(kernel.__name__, kernel.__name__), mma=mma_kind(compiled.asm["ptx"]),
-                         block_m=kwargs.get("BLOCK_M"),
+        rows.append(dict(kernel=KERNEL_NAMES.get(kernel.__name__, kernel.__name__),
+                         mma=mma_kind(compiled.asm["ptx"]), block_m=kwargs.get("BLOCK_M"),
                          variant=_describe(job, kwargs), dtype=job[1], cc=job[-1],
                          shared=compiled.metadata.shared, seconds=time.time() - t0,
                          spec=_specialisation(compiled, kernel), **usage))
@@ -361,8 +361,8 @@ def main() -> int:
         spec = r["spec"]
         counts = "/".join(str(len(spec[k])) for k in ("unit", "div16", "i32"))
         print(f"{r['kernel']:9} {r['variant']:52} {r['dtype']:5} sm_{r['cc']:<3} {r['registers']:>4} "
-              f"{r['shared']:>7} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {r['mma']:>5} {counts:>10} "
-              f"{r['seconds']:5.1f}")
+              f"{r['shared']:>7} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {r['mma']:>5} "
+              f"{counts:>10} {r['seconds']:5.1f}")
         launch_spec = (("stride_vh_k", "vh_ptr") if r["kernel"] == "logits" else (None, "buf_ptr"))
         if (launch_spec[0] and launch_spec[0] not in spec["unit"]) or launch_spec[1] not in spec["div16"]:
             # The stand-ins are contiguous and aligned: a launch specialises both.

