@@ -55,6 +55,8 @@ LOGITS_COVERAGE = (("bf16", 90, "full"), ("bf16", 80, "rows"), ("fp32", 90, "row
                    ("fp16", 90, "spot"))
 LOSS_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "rows"), ("fp32", 90, 16384, "rows"),
                  ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
+TILES_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "spot"), ("fp32", 90, 16384, "spot"),
+                  ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
 
 
 def jobs() -> list:
@@ -77,6 +79,15 @@ def jobs() -> list:
                     out.append(("fwd", dtype, N, base, with_map, odd, with_l1, False, cc))
                     out.append(("bwd", dtype, N, base, with_map, odd, with_l1, False, cc))
                     out.append(("one", dtype, N, base, with_map, not odd, with_l1, False, cc))
+    # The loss's tile GEMMs (IVL_KERNELS_LOSS_GEMM=tiles; no L1 term: that stays on cuBLAS): every base mode and
+    # map / alpha combination in bf16 on sm_90, alternating elsewhere.
+    for dtype, cc, N, cover in TILES_COVERAGE:
+        for j, base in enumerate(BASE_MODES):
+            for with_map in ((False, True) if cover != "spot" else (j % 2 == 1,)):
+                odd = (j + with_map) % 2 == 1
+                for op in ("fwd", "bwd", "one"):
+                    out.append(("tiles:" + op, dtype, N, base, with_map, odd if op != "one" else not odd, False,
+                                False, cc))
     return out
 
 
@@ -90,7 +101,22 @@ def _launcher_call(job):
     from ivl_kernels.ops import guided_cross_entropy as gce
     from ivl_kernels.ops import guided_logits as gl
 
-    op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, _ = job
+    op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, cc = job
+    if op.startswith("tiles:"):
+        fn, args = _launcher_call((op[len("tiles:"):], *job[1:]))
+
+        def with_tiles(*a):
+            old = os.environ.get("IVL_KERNELS_LOSS_GEMM")
+            os.environ["IVL_KERNELS_LOSS_GEMM"] = "tiles"
+            try:
+                return fn(*a)
+            finally:
+                if old is None:
+                    del os.environ["IVL_KERNELS_LOSS_GEMM"]
+                else:
+                    os.environ["IVL_KERNELS_LOSS_GEMM"] = old
+
+        return with_tiles, args
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     Vb, Hb, Vv, Hv = QWEN["Vb"], QWEN["Hb"], QWEN["Vv"], QWEN["Hv"]
 
@@ -152,7 +178,7 @@ def _kernels():
     from ivl_kernels.ops import guided_logits as gl
 
     found = {}
-    for mod in (gl, gce._kernels):
+    for mod in (gl, gce._kernels, gce._tile_kernels):
         for v in vars(mod).values():
             if isinstance(v, JITFunction):
                 found[id(v)] = v
@@ -261,7 +287,7 @@ def expected_mma(r: dict) -> str:
     """The matrix instruction a tile kernel must use: on sm_90 a half-precision dot over tiles of 64+ rows (a
     warpgroup's MMA shape) must be ``wgmma``, smaller tiles ``mma.sync`` at least, and every half-precision dot on
     sm_80 ``mma.sync``. ``None`` where nothing is required (no dot, or float32)."""
-    if r["kernel"] != "logits" or r["dtype"] == "fp32":
+    if r["kernel"] not in TILE_KERNELS or r["dtype"] == "fp32":
         return None
     return "wgmma" if r["cc"] >= 90 and (r["block_m"] or 0) >= 64 else "mma"
 
@@ -269,7 +295,14 @@ def expected_mma(r: dict) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
-KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1"}
+KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1",
+                "_ce_logits_tile_kernel": "loss z", "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX",
+                "_ce_dw_tile_kernel": "loss dW"}
+# Kernels whose half-precision dots must reach the tensor cores (``expected_mma``).
+TILE_KERNELS = ("logits", "loss z", "loss dX", "loss dW")
+# A pointer every launch of the kernel passes 16-byte aligned (the stand-ins are): it must carry the hint.
+ALIGNED_POINTER = {"logits": "vh_ptr", "loss z": "xv_ptr", "loss lse": "part_ptr", "loss dX": "p_ptr",
+                   "loss dW": "p_ptr"}
 
 
 def _describe(job, kwargs) -> str:
@@ -278,9 +311,16 @@ def _describe(job, kwargs) -> str:
              "alpha[]" if alpha_tensor else "alpha=f"]
     if op != "logits":
         parts[0] = f"{op}:" + parts[0]
-        flags = [k.lower() for k in ("COMBINED", "WITH_L1", "SMOOTH", "STATS", "GRAD") if kwargs.get(k)]
+        flags = [k.lower() for k in ("COMBINED", "WITH_L1", "SMOOTH", "STATS", "GRAD", "FACTORS", "ACCUMULATE")
+                 if kwargs.get(k)] + ([f"mode{kwargs['MODE']}"] if "MODE" in kwargs else [])
         parts.append("+".join(flags))
-        parts.append(f"B{kwargs['BLOCK']} w{kwargs.get('num_warps')}")
+        if "BLOCK" in kwargs:
+            parts.append(f"B{kwargs['BLOCK']} w{kwargs.get('num_warps')}")
+        elif "BLOCK_R" in kwargs:
+            parts.append(f"R{kwargs['BLOCK_R']}xT{kwargs['BLOCK_T']}")
+        else:
+            parts.append("x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                         + f" w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}")
         return " ".join(parts)
     tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
     parts.append(f"{tiles} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
@@ -363,8 +403,8 @@ def main() -> int:
         print(f"{r['kernel']:9} {r['variant']:52} {r['dtype']:5} sm_{r['cc']:<3} {r['registers']:>4} "
               f"{r['shared']:>7} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {r['mma']:>5} "
               f"{counts:>10} {r['seconds']:5.1f}")
-        launch_spec = (("stride_vh_k", "vh_ptr") if r["kernel"] == "logits" else (None, "buf_ptr"))
-        if (launch_spec[0] and launch_spec[0] not in spec["unit"]) or launch_spec[1] not in spec["div16"]:
+        unit = "stride_vh_k" if r["kernel"] == "logits" else None
+        if (unit and unit not in spec["unit"]) or ALIGNED_POINTER.get(r["kernel"], "buf_ptr") not in spec["div16"]:
             # The stand-ins are contiguous and aligned: a launch specialises both.
             failures.append(f"not compiled with the launch specialisation: {r}")
         if r["shared"] > SHARED_MEMORY_LIMIT[r["cc"]]:

@@ -31,6 +31,7 @@ from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
 from ..packed_heads import packed_view
 from ._kernels import _ce_rows_kernel, _l1_rows_kernel
+from ._tiles import loss_gemm, tile_chunks, tiles_take
 
 # Chunk of logits per pass: big enough for cuBLAS to run the GEMMs at full rate (4096 rows of the qwen heads),
 # small enough to keep the loss's extra memory under 2 GiB with the float32 gradient accumulator.
@@ -107,6 +108,22 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     if N == 0 or (v_cols == 0 and not sep_l1):
         return stats, dvh, (acc_v.to(vw.dtype) if need_dvw else None)
 
+    def finish(dvh_scaled: bool) -> tuple:
+        if need_dvh and scale != 1.0 and not dvh_scaled:
+            dvh.mul_(scale)
+        if need_dvw and not identity and Vv > 0:
+            # Rows of unmapped columns are exactly 0 (the kernels wrote G = 0 there): clamping their index adds 0.
+            acc_v.index_put_((vocab_map.long().clamp(0, Vv - 1),), acc, accumulate=True)
+        return stats, dvh, (acc_v.to(vw.dtype) if need_dvw else None)
+
+    if loss_gemm() == "tiles" and tiles_take(with_l1, vh, w_cols, base_hidden, base_weight):
+        # Identity map: the value head's own rows; a map: the gathered rows (one per base column).
+        tile_chunks(vh, w_cols, Vv if identity else Vb, base_logits, base_hidden, base_weight,
+                    vocab_map, alpha_tensor, alpha_scalar, fill, target_local, Vb, Vv, smooth_self, smooth_all,
+                    stats=stats, lse=lse, g=g, dvh=dvh, acc=acc, scale=scale,
+                    chunk_rows=lambda per_row: chunk_rows(per_row, N, dev, fixed))
+        return finish(dvh_scaled=True)
+
     dummy = target_local
     cfg = _row_config(v_cols)
     # Packed heads (ops/packed_heads.py) in the combined case: one GEMM per chunk instead of a GEMM plus a second
@@ -169,12 +186,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
 
     for r0 in range(0, N, rows):
         one_chunk(r0, min(N, r0 + rows))
-    if need_dvh and scale != 1.0:
-        dvh.mul_(scale)
-    if need_dvw and not identity and Vv > 0:
-        # Rows of unmapped columns are exactly 0 (the kernel wrote G = 0 there): clamping their index adds zeros.
-        acc_v.index_put_((vocab_map.long().clamp(0, Vv - 1),), acc, accumulate=True)
-    return stats, dvh, (acc_v.to(vw.dtype) if need_dvw else None)
+    return finish(dvh_scaled=False)
 
 
 def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,

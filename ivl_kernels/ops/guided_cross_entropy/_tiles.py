@@ -1,0 +1,162 @@
+"""Launchers of the loss's tile GEMMs (``_tile_kernels.py``): the same chunks and results as the cuBLAS path of
+``_chunked.py``, three passes over each chunk of logits instead of six.
+
+Chosen with ``IVL_KERNELS_LOSS_GEMM=tiles`` (``cublas``, the default, keeps the cuBLAS GEMMs + row kernel):
+the default changes only after a GPU run shows the tiles faster (benchmarks/NOTES.md). Covers every case of
+the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last dimension is strided.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from ..._triton import interpreter_enabled, triton
+from .._gemm import addmm_into
+from ._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel, _ce_logits_tile_kernel
+
+LOSS_GEMMS = ("cublas", "tiles")
+
+
+def loss_gemm() -> str:
+    """The loss's GEMM path: ``IVL_KERNELS_LOSS_GEMM`` (``cublas`` when unset), read at each call."""
+    env = os.environ.get("IVL_KERNELS_LOSS_GEMM", "").strip() or "cublas"
+    if env not in LOSS_GEMMS:
+        raise ValueError(f"IVL_KERNELS_LOSS_GEMM must be one of {', '.join(LOSS_GEMMS)}; got {env!r}")
+    return env
+
+
+def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
+    """Whether the tile kernels take this call: no L1 term, unit stride along every GEMM operand's last dim."""
+    return not with_l1 and all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in operands)
+
+
+def _config(dtype: torch.dtype) -> dict:
+    """Tiles per kernel. ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``,
+    so that each of their steps uses one factor per row. Half precision: wgmma-sized tiles on sm_90 (128 x 256
+    x 64, 8 warps, as Triton's persistent-matmul tutorial), not yet tuned on a GPU; float32: smaller tiles
+    (exact float32 dots, no TF32, as torch's default matmul)."""
+    if interpreter_enabled():
+        return dict(logits=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4),
+                    dx=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4),
+                    dw=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), combine=dict(BLOCK_R=16, BLOCK_T=4))
+    if dtype == torch.float32:
+        return dict(logits=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+                    dx=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+                    dw=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+                    combine=dict(BLOCK_R=64, BLOCK_T=16))
+    return dict(logits=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                dw=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                combine=dict(BLOCK_R=64, BLOCK_T=16))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's: what the ahead-of-time compile test (meta tensors) and the interpreter plan for
+
+
+def dx_splits(row_tiles: int, h_tiles: int, col_tiles: int, device: torch.device) -> int:
+    """Vocabulary splits of ``dX``: enough programs for two waves over the SMs (a chunk has few row tiles and
+    ``Hv`` few hidden tiles), at most 8 and at most one per logits column tile."""
+    tiles = max(1, row_tiles * h_tiles)
+    return max(1, min(8, col_tiles, (2 * _sm_count(device)) // tiles))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for half operands
+
+
+def tile_chunks(vh, w_cols, v_val: int, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                alpha_scalar: float, fill: float, target_local, Vb: int, Vv: int, smooth_self: float,
+                smooth_all: float, *, stats, lse, g, dvh, acc, scale: float, chunk_rows) -> None:
+    """Runs every chunk of rows: fills ``stats [4, N]`` (when given: lse, target logit, sum z), writes
+    ``dvh [N, Hv]`` already multiplied by ``scale`` and accumulates ``acc [*, Hv]`` (float32, zeros on entry;
+    rows ``[0, Vg)``) when they are given, from the row weights ``g`` (``lse`` given: the two-pass backward)."""
+    N, Hv = vh.shape
+    dt, dev = vh.dtype, vh.device
+    grads = dvh is not None or acc is not None
+    Vg = min(v_val, Vb)
+    cfg = _config(dt)
+    tile_n = cfg["logits"]["BLOCK_N"]
+    T = triton.cdiv(Vb, tile_n)
+    mode = 0 if not grads else (1 if lse is None else 2)
+    esize = vh.element_size()
+    rows = chunk_rows((Vg * esize if mode else 0) + 3 * T * 4 + (8 * Hv * 4 if dvh is not None else 0))
+    Hb = base_hidden.shape[1] if base_hidden is not None else 0
+    dummy = target_local
+    smooth = smooth_all != 0.0
+    even_k = Hv % cfg["logits"]["BLOCK_K"] == 0 and Hb % cfg["logits"]["BLOCK_K"] == 0
+    flags = dict(HAS_MAP=vocab_map is not None, ALPHA_IS_TENSOR=alpha_tensor is not None, SMOOTH=smooth)
+    smap = vocab_map.stride(0) if vocab_map is not None else 0
+    vmap = vocab_map if vocab_map is not None else dummy
+    stats_arg = stats if stats is not None else torch.zeros((4, 1), dtype=torch.float32, device=dev)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        R = r1 - r0
+        xv = vh[r0:r1]
+        tgt = target_local[r0:r1]
+        alpha_c = alpha_tensor[r0:r1] if alpha_tensor is not None else dummy
+        g_c = g[r0:r1] if grads else dummy
+        part = torch.empty((3, T, R), dtype=torch.float32, device=dev) if mode != 2 else stats_arg
+        buf = torch.empty((R, Vg), dtype=dt, device=dev) if mode else stats_arg
+        st = stats_arg[:, r0:r1] if stats is not None else stats_arg
+        base_c = base_logits[r0:r1] if base_logits is not None else None
+        c = cfg["logits"]
+        grid = (triton.cdiv(R, c["BLOCK_M"]) * T,)
+        _ce_logits_tile_kernel[grid](
+            xv, w_cols, base_hidden[r0:r1] if base_hidden is not None else xv,
+            base_weight if base_weight is not None else w_cols, base_c if base_c is not None else dummy, vmap,
+            alpha_c, tgt, g_c, lse[r0:r1] if mode == 2 else dummy, buf, part, st,
+            R, Vb, v_val, Vv, Vg, Hv, Hb,
+            xv.stride(0), w_cols.stride(0), base_hidden.stride(0) if base_hidden is not None else 0,
+            base_weight.stride(0) if base_weight is not None else 0,
+            base_c.stride(0) if base_c is not None else 0, base_c.stride(1) if base_c is not None else 0,
+            smap, buf.stride(0) if mode else 0, part.stride(0), part.stride(1), st.stride(0),
+            alpha_scalar, fill, smooth_self, smooth_all, 1.0 / scale,
+            HAS_BASE_LOGITS=base_c is not None, HAS_BASE_HIDDEN=base_hidden is not None, MODE=mode,
+            V_PREC=_prec(dt), B_PREC=_prec(base_hidden.dtype if base_hidden is not None else dt), EVEN_K=even_k,
+            **flags, **c)
+        if mode != 2:
+            cc = cfg["combine"]
+            _ce_combine_kernel[(triton.cdiv(R, cc["BLOCK_R"]),)](
+                part, st, R, T, part.stride(0), part.stride(1), st.stride(0), SMOOTH=smooth, FACTORS=mode == 1,
+                **cc)
+        if mode == 2:
+            # lse known: the kernel wrote the finished gradient; the products are ordinary GEMMs.
+            if dvh is not None:
+                torch.mm(buf, w_cols[:Vg], out=dvh[r0:r1])
+                if scale != 1.0:
+                    dvh[r0:r1].mul_(scale)
+            if acc is not None:
+                addmm_into(acc[:Vg], buf.T, xv, alpha=scale)
+            continue
+        if mode == 0 or Vg == 0:
+            continue
+        args = (alpha_scalar, smooth_self, smooth_all, 1.0 / scale, scale)
+        if dvh is not None:
+            c = cfg["dx"]
+            row_tiles, h_tiles = triton.cdiv(R, c["BLOCK_M"]), triton.cdiv(Hv, c["BLOCK_N"])
+            splits = dx_splits(row_tiles, h_tiles, triton.cdiv(Vg, tile_n), dev)
+            per_split = triton.cdiv(triton.cdiv(Vg, splits), tile_n) * tile_n
+            splits = triton.cdiv(Vg, per_split) if Vg > 0 else 1
+            out = dvh[r0:r1] if splits == 1 else torch.empty((splits, R, Hv), dtype=torch.float32, device=dev)
+            _ce_dx_tile_kernel[(row_tiles * h_tiles, splits)](
+                buf, part, w_cols, vmap, alpha_c, tgt, g_c, out,
+                R, Vg, Vv, Hv, buf.stride(0), part.stride(1), w_cols.stride(0), smap,
+                out.stride(0) if splits > 1 else 0, out.stride(-2), per_split, *args,
+                PREC=_prec(dt), TILE_N=tile_n, **flags, **c)
+            if splits > 1:
+                dvh[r0:r1].copy_(out.sum(0))  # a fixed-order reduction: deterministic
+        if acc is not None:
+            c = cfg["dw"]
+            grid = (triton.cdiv(Vg, c["BLOCK_M"]) * triton.cdiv(Hv, c["BLOCK_N"]),)
+            _ce_dw_tile_kernel[grid](
+                buf, part, xv, vmap, alpha_c, tgt, g_c, acc,
+                R, Vg, Vv, Hv, buf.stride(0), part.stride(1), xv.stride(0), smap, acc.stride(0), *args,
+                ACCUMULATE=r0 > 0, PREC=_prec(dt), TILE_N=tile_n, **flags, **c)

@@ -1,0 +1,161 @@
+"""The loss's tile GEMMs (``IVL_KERNELS_LOSS_GEMM=tiles``, ``_tile_kernels.py``) against the fp64 oracle.
+
+Same error rule as ``test_guided_cross_entropy.py`` (ours within twice plain torch's error in the same dtype, plus
+a tolerance relative to the checked values). Each test asserts the tile path ran, in the modes it must: 1 (one
+pass: ``P``, factors, the dX / dW tile kernels) for "mean"/"sum" with gradients, 0 (statistics only, no
+``[rows, V]`` buffer) then 2 (``G`` from the known lse, then GEMMs) for "none". Under the interpreter the tiles
+are 16 x 32 (logits) and 16 x 16 (gradients), so the odd sizes below leave partial tiles on every edge, several
+logits column tiles per row (the factors), and ``dX`` split over the vocabulary (``dx_splits``).
+"""
+
+import pytest
+import torch
+
+import ivl_kernels as ivl
+from ivl_kernels.ops import guided_cross_entropy as gce
+from ivl_kernels.ops.guided_cross_entropy import _tiles
+from ivl_kernels.reference import guided_cross_entropy_naive
+from test_guided_cross_entropy import ATOL, CASES, HAS_GPU, _case, _check, _err, _make, _run, _to, needs_triton
+
+pytestmark = needs_triton
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+class _Modes:
+    """Stands in for the logits tile kernel: records each launch's ``MODE``, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.modes = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.modes.append(kwargs["MODE"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """The tile path on; yields the list of logits-kernel modes launched."""
+    monkeypatch.setenv("IVL_KERNELS_LOSS_GEMM", "tiles")
+    spy = _Modes(_tiles._ce_logits_tile_kernel)
+    monkeypatch.setattr(_tiles, "_ce_logits_tile_kernel", spy)
+    return spy.modes
+
+
+def _small_chunks(monkeypatch, kw, vw):
+    vb = kw["base_logits"].shape[-1] if "base_logits" in kw else (
+        kw["base_weight"].shape[0] if "base_weight" in kw else (
+            kw["vocab_map"].shape[0] if "vocab_map" in kw else vw.shape[0]))
+    # About 6 rows a chunk: chunk edges inside row tiles, dW accumulated across chunks.
+    monkeypatch.setitem(gce._chunked.CHUNK_BYTES, DEVICE, 6 * (4 * vb + 3 * 4 * ((vb + 31) // 32) + 8 * 4 * 32))
+    monkeypatch.setattr(gce._chunked, "ROW_ALIGN", 1)
+
+
+def _expected_modes(kw, grads=True):
+    if not grads:
+        return {0}
+    return {0, 2} if kw["reduction"] == "none" else {1}
+
+
+TILE_CASES = [pytest.param(c.values[0], id=c.id) for c in CASES if not c.values[0].get("l1_coef")] + [
+    _case("N40-valueonly-identity-evenK-mean", N=40, base="none", Hv=32),
+    _case("N21-hidden-evenK-wide_base-alpha_tensor-smooth-ignore-none", N=21, Hv=32, Hb=16, Vb=131, Vv=97,
+          alpha="tensor", smoothing=0.1, reduction="none", ignore=(3,)),
+    _case("N19-logits-strided-narrow_base-fill-mean", N=19, base="logits", noncontig=False, Vb=70, Vv=100, fill=0.7),
+    _case("N17-hidden-map-negative_alpha-smooth-sum", N=17, vmap="map", Vb=99, alpha=-1.5, smoothing=0.2,
+          reduction="sum", ignore=(0, 16)),
+    _case("N9-valueonly-map-wide_value-mean", N=9, base="none", vmap="map", Vb=45, Vv=120),
+]
+
+
+@pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_tiles_fp32_match_reference(case, chunks, tiles, monkeypatch):
+    vh, vw, target, kw = _make(**case, dtype=torch.float32)
+    if "base_logits" in kw and case["N"] == 19:
+        # Base logits as a column slice of a wider, transposed buffer: both strides not 1.
+        wide = torch.empty(kw["base_logits"].shape[1] + 7, case["N"], dtype=torch.float32, device=vh.device)
+        wide[2:2 + kw["base_logits"].shape[1]] = kw["base_logits"].T
+        kw["base_logits"] = wide[2:2 + kw["base_logits"].shape[1]].T
+    if chunks == "many_chunks":
+        _small_chunks(monkeypatch, kw, vw)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    assert tiles and set(tiles) == _expected_modes(kw), f"tile modes {tiles}"
+
+
+@pytest.mark.parametrize("case", [TILE_CASES[0], TILE_CASES[-4], TILE_CASES[-2]])
+def test_tiles_fp16_match_reference(case, tiles):
+    vh, vw, target, kw = _make(**case, dtype=torch.float16)
+    _check("triton", vh, vw, target, kw, torch.float16)
+    assert set(tiles) == _expected_modes(kw)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_tiles_dx_vocabulary_splits(splits, tiles, monkeypatch):
+    """``dX`` in one program per tile (written straight into the gradient) or split over the vocabulary (float32
+    slices added in order): both equal the oracle; a split count that does not divide the column tiles."""
+    seen = []
+    monkeypatch.setattr(_tiles, "dx_splits", lambda *a: seen.append(splits) or splits)
+    vh, vw, target, kw = _make(N=23, Hv=24, Vv=150, base="hidden", smoothing=0.1, alpha="tensor", ignore=(4,),
+                               dtype=torch.float32)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    assert seen and set(tiles) == {1}
+
+
+def test_tiles_statistics_only_when_nothing_needs_a_gradient(tiles):
+    """A forward without gradients (scoring, evaluation) writes no ``[rows, V]`` buffer: mode 0 only."""
+    vh, vw, target, kw = _make(N=13, base="hidden", vmap="map", Vb=111, reduction="none", dtype=torch.float32)
+    with torch.no_grad():
+        got = ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
+    ref = guided_cross_entropy_naive(vh.double(), vw.double(), target, **_to(kw, torch.float64),
+                                     dtype=torch.float64)
+    assert _err(got, ref) <= ATOL[torch.float32] * ref.abs().max().item() * 10
+    assert set(tiles) == {0}
+
+
+@pytest.mark.parametrize("which", ["value_hidden", "value_weight"])
+def test_tiles_gradient_of_one_input_only(which, tiles):
+    vh, vw, target, kw = _make(N=11, base="hidden", vmap="map", Vb=120, dtype=torch.float32)
+    ref_h, ref_w = vh.clone().requires_grad_(), vw.clone().requires_grad_()
+    guided_cross_entropy_naive(ref_h, ref_w, target, **kw).backward()
+    h, w = vh.clone().requires_grad_(which == "value_hidden"), vw.clone().requires_grad_(which == "value_weight")
+    ivl.fused_guided_cross_entropy(h, w, target, backend="triton", **kw).backward()
+    got, ref, other = (h.grad, ref_h.grad, w) if which == "value_hidden" else (w.grad, ref_w.grad, h)
+    assert other.grad is None
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert set(tiles) == {1}
+
+
+def test_tiles_packed_heads(tiles):
+    """Heads packed into one buffer (views with a row stride of Hb + Hv) go through the tiles as strided heads."""
+    vh, vw, target, kw = _make(N=15, Vb=97, Vv=97, base="hidden", dtype=torch.float32)
+    pb, pv = ivl.pack_head_weights(kw["base_weight"], vw)
+    ref = _run(lambda *a, **k: guided_cross_entropy_naive(*a, **k, dtype=torch.float64), vh.double(), vw.double(),
+               target, _to(kw, torch.float64))
+    got = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, pv, target,
+               dict(kw, base_weight=pb))
+    for o, r in zip(got, ref):
+        assert _err(o, r) <= 1e-5 * r.abs().max().item() + 1e-6
+    assert set(tiles) == {1}
+
+
+@pytest.mark.parametrize("why", ["l1_term", "column_major_value_head"])
+def test_tiles_fall_back_to_cublas_path(why, tiles):
+    """IVL's L1 term and a value head without unit stride along Hv stay on the cuBLAS path, still correct."""
+    if why == "l1_term":
+        vh, vw, target, kw = _make(N=9, base="hidden", l1_coef=0.5, dtype=torch.float32)
+    else:
+        vh, vw, target, kw = _make(N=9, base="logits", noncontig=True, dtype=torch.float32)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    assert tiles == []
+
+
+def test_unknown_loss_gemm_is_refused(monkeypatch):
+    monkeypatch.setenv("IVL_KERNELS_LOSS_GEMM", "cutlass")
+    vh, vw, target, kw = _make(N=5, base="hidden", dtype=torch.float32)
+    before = [t.clone() for t in (vh, vw, kw["base_hidden"], kw["base_weight"])]
+    with pytest.raises(ValueError, match="IVL_KERNELS_LOSS_GEMM must be one of cublas, tiles; got 'cutlass'"):
+        ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
+    for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
+        assert torch.equal(b, a)
