@@ -9,7 +9,9 @@ Two cases:
     F.linear_cross_entropy (chunked, when this torch has it), Liger-Kernel's LigerFusedLinearCrossEntropyLoss,
     cut-cross-entropy's linear_cross_entropy with its default gradient filtering (``filter_eps="high"``, i.e.
     bf16 eps / 32: backward skips blocks whose softmax is below it) and exact (``filter_eps=None``), ours.
-Ours is exact (no gradient filtering). Each head's logits have std ``LOGIT_STD`` = 3 over the vocabulary (a
+Ours runs as each backend, and its Triton path both with the cuBLAS GEMMs (default) and with the tile GEMMs
+(``IVL_KERNELS_LOSS_GEMM=tiles``: the row work inside the matrix kernels, three passes over each chunk of
+logits instead of six), set around each timed call. Ours is exact (no gradient filtering). Each head's logits have std ``LOGIT_STD`` = 3 over the vocabulary (a
 peaked softmax, as an LM's): what filtering skips depends on it. DESIGN's targets (N = 16384): guided loss
 memory under 1 % of naive eager's and faster than it; value-only within 1.1x of cut-cross-entropy, faster than
 Liger-Kernel and F.linear_cross_entropy.
@@ -31,6 +33,7 @@ reported, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import sys
@@ -157,7 +160,8 @@ def main(argv=None) -> int:
             return step(lambda: linear_cross_entropy(vh, vw, target, ignore_index=-100, filter_eps=eps))
         return make
 
-    def ours(backend, guided=True):
+    def ours(backend, guided=True, loss_gemm=None):
+        """``loss_gemm``: the Triton path's GEMMs (``IVL_KERNELS_LOSS_GEMM``), set around each timed call only."""
         def make():
             if backend == "triton" and not gpu:
                 raise _Unavailable("Triton on CPU runs only under the interpreter (not benchmarked)")
@@ -165,7 +169,11 @@ def main(argv=None) -> int:
                 raise _Unavailable(f"torch backend not timed on GPU above N={TORCH_BACKEND_MAX_N_GPU} "
                                    "(plain-torch loop, minutes): run --N 4096")
             base = dict(base_hidden=bh, base_weight=bw) if guided else {}
-            return step(lambda: ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **base))
+
+            def loss():
+                with _env("IVL_KERNELS_LOSS_GEMM", loss_gemm):
+                    return ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **base)
+            return step(loss)
         return make
 
     def ours_packed():
@@ -192,6 +200,7 @@ def main(argv=None) -> int:
         ("guided", "ivl fused_guided_cross_entropy [torch]", ours("torch")),
         ("guided", "ivl fused_guided_cross_entropy [triton]", ours("triton")),
         ("guided", "ivl fused_guided_cross_entropy [triton, packed heads]", ours_packed),
+        ("guided", "ivl fused_guided_cross_entropy [triton, tile GEMMs]", ours("triton", loss_gemm="tiles")),
         ("value-only", "naive eager (F.linear + F.cross_entropy)", lambda: step(naive_value)),
         ("value-only", "torch F.linear_cross_entropy", torch_lce),
         ("value-only", "Liger LigerFusedLinearCrossEntropyLoss", liger),
@@ -199,6 +208,8 @@ def main(argv=None) -> int:
         ("value-only", "cut-cross-entropy linear_cross_entropy [filter_eps=None, exact]", cce(None)),
         ("value-only", "ivl fused_guided_cross_entropy [torch]", ours("torch", guided=False)),
         ("value-only", "ivl fused_guided_cross_entropy [triton]", ours("triton", guided=False)),
+        ("value-only", "ivl fused_guided_cross_entropy [triton, tile GEMMs]",
+         ours("triton", guided=False, loss_gemm="tiles")),
     ]
     order = sorted(range(len(impls)), key=lambda i: impls[i][1].startswith("ivl"))  # peers first (stable)
     rows: list = [None] * len(impls)
@@ -294,6 +305,23 @@ def main(argv=None) -> int:
     except Exception as exc:
         print(f"plot skipped: {type(exc).__name__}: {exc}")
     return 0
+
+
+@contextlib.contextmanager
+def _env(name: str, value):
+    """``os.environ[name] = value`` inside (``None``: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _median_of_3_ms(fn) -> float:

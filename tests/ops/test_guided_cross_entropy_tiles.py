@@ -103,6 +103,19 @@ def test_tiles_dx_vocabulary_splits(splits, tiles, monkeypatch):
     assert seen and set(tiles) == {1}
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the GPU runs these tile sizes natively (test_tiles_half_on_gpu)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_tiles_gpu_tile_sizes_under_interpreter(dtype, tiles, monkeypatch):
+    """The GPU's tile configuration (128 x 128 x 64 for half precision, its vocabulary splits and factor tiles)
+    run by the interpreter: partial tiles on every edge, two logits column tiles per row, dX split in three."""
+    monkeypatch.setattr(_tiles, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_tiles, "dx_splits", lambda *a: 3)
+    vh, vw, target, kw = _make(N=150, Hv=72, Hb=64, Vv=300, Vb=333, smoothing=0.1, alpha="tensor", ignore=(5,),
+                               dtype=dtype)
+    _check("triton", vh, vw, target, kw, dtype)
+    assert set(tiles) == {1}
+
+
 def test_tiles_statistics_only_when_nothing_needs_a_gradient(tiles):
     """A forward without gradients (scoring, evaluation) writes no ``[rows, V]`` buffer: mode 0 only."""
     vh, vw, target, kw = _make(N=13, base="hidden", vmap="map", Vb=111, reduction="none", dtype=torch.float32)
@@ -159,3 +172,60 @@ def test_unknown_loss_gemm_is_refused(monkeypatch):
         ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
     for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
         assert torch.equal(b, a)
+
+
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="the compiled tile kernels (bf16/fp16, wgmma) need a GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", [
+    _case("gpu-N1000-hidden-map-smooth-ignore-mean", N=1000, Hv=128, Hb=96, Vv=3001, Vb=3500, vmap="map",
+          smoothing=0.1, ignore=(0, 7, 999)),
+    _case("gpu-N257-logits-identity-alpha_tensor-none", N=257, Hv=64, Vv=5003, Vb=5100, base="logits",
+          alpha="tensor", reduction="none"),
+    _case("gpu-N4133-valueonly-oddK-sum", N=4133, Hv=200, Vv=4099, base="none", reduction="sum"),
+])
+def test_tiles_half_on_gpu(case, dtype, tiles):
+    vh, vw, target, kw = _make(**case, dtype=dtype, device="cuda")
+    _check("triton", vh, vw, target, kw, dtype)
+    assert set(tiles) == _expected_modes(kw)
+
+
+@needs_gpu
+def test_tiles_bit_reproducible_on_gpu(tiles):
+    vh, vw, target, kw = _make(N=3000, Hv=256, Hb=128, Vv=8000, Vb=8000, smoothing=0.1, dtype=torch.bfloat16,
+                               device="cuda")
+    runs = [_run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, vw, target, kw)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("N", [8192, 32768])
+def test_tiles_memory_on_gpu_is_a_chunk_plus_accumulators(N, tiles):
+    V, H = 32000, 256
+    vh = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    vw = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / 16).requires_grad_()
+    bh = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    bw = torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / 16
+    t = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ivl.fused_guided_cross_entropy(vh, vw, t, base_hidden=bh, base_weight=bw, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # One chunk (P, the partials, dX's float32 splits), the float32 dW accumulator, the gradients: not N * V.
+    bound = gce._chunked.CHUNK_BYTES["cuda"] + V * H * 4 + 3 * (N * H + V * H) * 2 + 64 * N * 4 + (8 << 20)
+    assert extra <= bound, (extra, bound)
+    assert set(tiles) == {1}
+
+
+def test_dx_splits_fill_the_waves():
+    cpu = torch.device("cpu")  # planned for 132 SMs (an H100's) off a GPU
+    assert _tiles.dx_splits(30, 7, 1188, cpu) == 5      # qwen chunk: 210 programs -> 1050 of 1056 slots
+    assert _tiles.dx_splits(264, 1, 1188, cpu) == 1     # two full waves already
+    assert _tiles.dx_splits(1, 1, 3, cpu) == 3          # at most one split per column tile
+    assert _tiles.dx_splits(1, 1, 0, cpu) == 1
