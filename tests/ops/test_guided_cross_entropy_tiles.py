@@ -229,3 +229,30 @@ def test_dx_splits_fill_the_waves():
     assert _tiles.dx_splits(264, 1, 1188, cpu) == 1     # two full waves already
     assert _tiles.dx_splits(1, 1, 3, cpu) == 3          # at most one split per column tile
     assert _tiles.dx_splits(1, 1, 0, cpu) == 1
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the script times the kernels (gpu_session.sh bench-tiles)")
+def test_tuning_benchmark_checks_every_variant_under_the_interpreter(tmp_path):
+    """benchmarks/bench_loss_tiles.py without a GPU: every candidate tile configuration (the GPU's sizes) run by
+    the interpreter on a small chunk, equal to the cuBLAS path; nothing timed; CSV written."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "benchmarks", "bench_loss_tiles.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("loss_tiles_cpu_interpreter_*.csv")
+    rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        from bench_loss_tiles import VARIANTS
+    finally:
+        sys.path.remove(os.path.dirname(script))
+    assert {r["variant"] for r in rows if r["case"] == "value-only"} == set(VARIANTS)
+    for r in rows:
+        assert r["status"] == "interpreter: correctness only, not timed" and r["ms"] == "", r
+        assert float(r["rel_err"]) < 3e-3, r

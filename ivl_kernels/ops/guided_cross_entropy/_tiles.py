@@ -34,12 +34,26 @@ def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
     return not with_l1 and all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in operands)
 
 
+# Tile configurations replacing the defaults below, by kernel ("logits", "dx", "dw", "combine"): for
+# benchmarks/bench_loss_tiles.py, which times candidates on a GPU. Empty in normal use.
+CONFIG_OVERRIDE: dict = {}
+
+
 def _config(dtype: torch.dtype) -> dict:
+    cfg = {**_default_config(dtype), **CONFIG_OVERRIDE}
+    n = cfg["logits"]["BLOCK_N"]
+    if n % cfg["dx"]["BLOCK_K"] or n % cfg["dw"]["BLOCK_M"]:
+        raise ValueError(f"tile configuration: the logits tile's BLOCK_N ({n}) must be a multiple of dx's BLOCK_K "
+                         f"({cfg['dx']['BLOCK_K']}) and dw's BLOCK_M ({cfg['dw']['BLOCK_M']})")
+    return cfg
+
+
+def _default_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
     """Tiles per kernel. ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``,
     so that each of their steps uses one factor per row. Half precision: wgmma-sized tiles on sm_90 (128 x 256
     x 64, 8 warps, as Triton's persistent-matmul tutorial), not yet tuned on a GPU; float32: smaller tiles
     (exact float32 dots, no TF32, as torch's default matmul)."""
-    if interpreter_enabled():
+    if interpreter_enabled() if interpret is None else interpret:
         return dict(logits=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4),
                     dx=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4),
                     dw=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), combine=dict(BLOCK_R=16, BLOCK_T=4))
