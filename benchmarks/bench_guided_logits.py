@@ -49,7 +49,7 @@ import ivl_kernels as ivl  # noqa: E402
 from ivl_kernels import _backends  # noqa: E402
 from ivl_kernels._triton import interpreter_enabled  # noqa: E402
 from ivl_kernels._validate import validate_guided, validate_out  # noqa: E402
-from ivl_kernels.ops.guided_logits import _cuda_supports, _triton_supports  # noqa: E402
+from ivl_kernels.ops.guided_logits import GEMM_MIN_ROWS, _cuda_supports, _triton_supports  # noqa: E402
 from ivl_kernels.ops.packed_heads import pack_head_weights  # noqa: E402
 
 WORKLOADS = {
@@ -182,6 +182,19 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
         pb, pv = packed
         cands["ivl triton packed"] = lambda: ivl.fused_guided_logits(
             vh, pv, base_hidden=bh, base_weight=pb, alpha=ALPHA, fill=FILL, out=out, backend="triton")
+    if "ivl triton" in fused and M >= GEMM_MIN_ROWS:
+        # The head as one tile GEMM (IVL_KERNELS_GEMM=tiles): both heads as K segments, written once.
+        def tiles():
+            old = os.environ.get("IVL_KERNELS_GEMM")
+            os.environ["IVL_KERNELS_GEMM"] = "tiles"
+            try:
+                return fused["ivl triton"]()
+            finally:
+                if old is None:
+                    os.environ.pop("IVL_KERNELS_GEMM", None)
+                else:
+                    os.environ["IVL_KERNELS_GEMM"] = old
+        cands["ivl triton tile GEMM"] = tiles
     for impl, why in skipped:
         rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
         print_row(rows[-1])

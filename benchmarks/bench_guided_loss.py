@@ -10,7 +10,7 @@ Two cases:
     cut-cross-entropy's linear_cross_entropy with its default gradient filtering (``filter_eps="high"``, i.e.
     bf16 eps / 32: backward skips blocks whose softmax is below it) and exact (``filter_eps=None``), ours.
 Ours runs as each backend, and its Triton path both with the cuBLAS GEMMs (default) and with the tile GEMMs
-(``IVL_KERNELS_LOSS_GEMM=tiles``: the row work inside the matrix kernels, three passes over each chunk of
+(``IVL_KERNELS_GEMM=tiles``: the row work inside the matrix kernels, three passes over each chunk of
 logits instead of six), set around each timed call. Ours is exact (no gradient filtering). Each head's logits have std ``LOGIT_STD`` = 3 over the vocabulary (a
 peaked softmax, as an LM's): what filtering skips depends on it. DESIGN's targets (N = 16384): guided loss
 memory under 1 % of naive eager's and faster than it; value-only within 1.1x of cut-cross-entropy, faster than
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         return make
 
     def ours(backend, guided=True, loss_gemm=None):
-        """``loss_gemm``: the Triton path's GEMMs (``IVL_KERNELS_LOSS_GEMM``), set around each timed call only."""
+        """``loss_gemm``: the Triton path's GEMMs (``IVL_KERNELS_GEMM``), set around each timed call only."""
         def make():
             if backend == "triton" and not gpu:
                 raise _Unavailable("Triton on CPU runs only under the interpreter (not benchmarked)")
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             base = dict(base_hidden=bh, base_weight=bw) if guided else {}
 
             def loss():
-                with _env("IVL_KERNELS_LOSS_GEMM", loss_gemm):
+                with _env("IVL_KERNELS_GEMM", loss_gemm):
                     return ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **base)
             return step(loss)
         return make

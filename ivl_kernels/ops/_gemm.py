@@ -8,7 +8,22 @@ path and the tests take it.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+GEMM_KINDS = ("cublas", "tiles")
+
+
+def gemm_kind() -> str:
+    """The compute-bound paths' matrix kernels, ``IVL_KERNELS_GEMM`` read at each call: ``cublas`` (default: these
+    GEMMs, plus the loss's Triton row kernel) or ``tiles`` (Triton tile GEMMs with the row work in their epilogue
+    and prologue: ``ops/_tile_kernels.py``). Applies to the loss and to the guided head from ``GEMM_MIN_ROWS``
+    rows; the default moves to ``tiles`` only once a GPU run shows it faster (benchmarks/NOTES.md)."""
+    env = os.environ.get("IVL_KERNELS_GEMM", "").strip() or "cublas"
+    if env not in GEMM_KINDS:
+        raise ValueError(f"IVL_KERNELS_GEMM must be one of {', '.join(GEMM_KINDS)}; got {env!r}")
+    return env
 
 
 _OUT_DTYPE_BROKEN = []  # the error of a failed out_dtype GEMM on this torch, if one failed

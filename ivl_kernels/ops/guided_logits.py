@@ -25,7 +25,8 @@ from .._timing import back_to_back_ms
 from .._triton import interpreter_enabled, tl, triton
 from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
 from ._columns import gather_columns
-from ._gemm import addmm_into
+from ._gemm import addmm_into, gemm_kind
+from ._tile_kernels import _ce_logits_tile_kernel
 from .packed_heads import packed_view
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
@@ -161,8 +162,50 @@ def _triton_supports(a: GuidedArgs) -> str:
 
 def gemm_path(M: int, vocab_map: Optional[torch.Tensor], fill: float) -> bool:
     """Whether ``launch_triton`` hands these rows to ``launch_gemm``: compute-bound sizes, and a fill the GEMM
-    expresses (any fill with the identity map, whose unmapped ids are a tail of columns; 0 with a map)."""
-    return M >= GEMM_MIN_ROWS and (vocab_map is None or fill == 0.0)
+    expresses (any fill with the identity map, whose unmapped ids are a tail of columns; 0 with a map; any with
+    the tile GEMM, which applies the map in its epilogue)."""
+    return M >= GEMM_MIN_ROWS and (vocab_map is None or fill == 0.0 or gemm_kind() == "tiles")
+
+
+def _tiles_take(out: torch.Tensor, *operands: Optional[torch.Tensor]) -> bool:
+    return gemm_kind() == "tiles" and all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1
+                                          for t in (out, *operands))
+
+
+def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                  alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
+    """The head as one tile GEMM (``IVL_KERNELS_GEMM=tiles``; ``ops/_tile_kernels.py``, ``MODE`` 3): both heads
+    as two K segments of one float32 accumulator, base logits added in the epilogue, the map applied in the value
+    head's loads, ``out`` written once (it may be ``base_logits`` itself: each tile reads its base before it
+    writes). Half precision: 128 x 128 x 64 tiles, 8 warps, 3 stages (the loss's logits tile; not yet tuned)."""
+    M, Hv = value_hidden.shape
+    Vv, Vb = value_weight.shape[0], out.shape[1]
+    dt = value_hidden.dtype
+    if interpreter_enabled():
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4)
+    elif dt == torch.float32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    Hb = base_hidden.shape[1] if base_hidden is not None else 0
+    dummy = out
+    prec = {torch.float32: "ieee"}
+    _ce_logits_tile_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(Vb, cfg["BLOCK_N"]),)](
+        value_hidden, value_weight, base_hidden if base_hidden is not None else value_hidden,
+        base_weight if base_weight is not None else value_weight,
+        base_logits if base_logits is not None else dummy, vocab_map if vocab_map is not None else dummy,
+        alpha_tensor if alpha_tensor is not None else dummy, dummy, dummy, dummy, out, dummy, dummy,
+        M, Vb, Vb if vocab_map is not None else Vv, Vv, 0, Hv, Hb,
+        value_hidden.stride(0), value_weight.stride(0), base_hidden.stride(0) if base_hidden is not None else 0,
+        base_weight.stride(0) if base_weight is not None else 0,
+        base_logits.stride(0) if base_logits is not None else 0,
+        base_logits.stride(1) if base_logits is not None else 0,
+        vocab_map.stride(0) if vocab_map is not None else 0, out.stride(0), 0, 0, 0,
+        alpha_scalar, fill, 0.0, 0.0, 1.0,
+        HAS_BASE_LOGITS=base_logits is not None, HAS_BASE_HIDDEN=base_hidden is not None,
+        HAS_MAP=vocab_map is not None, ALPHA_IS_TENSOR=alpha_tensor is not None, SMOOTH=False, MODE=3,
+        V_PREC=prec.get(dt, "tf32"), B_PREC=prec.get(base_hidden.dtype if base_hidden is not None else dt, "tf32"),
+        EVEN_K=Hv % cfg["BLOCK_K"] == 0 and Hb % cfg["BLOCK_K"] == 0, **cfg)
 
 
 def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
@@ -175,8 +218,13 @@ def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weigh
         out[:, Vv:] = alpha * fill  (identity map: the base ids beyond the value vocabulary, added likewise)
         out += X_b @ W_b^T          (base hidden states)
 
-    A map costs one gather of the value head per call (``[Vb, Hv]``).
+    A map costs one gather of the value head per call (``[Vb, Hv]``). With ``IVL_KERNELS_GEMM=tiles``: one tile
+    GEMM instead (``_launch_tiles``), any map and fill.
     """
+    if _tiles_take(out, value_hidden, value_weight, base_hidden, base_weight):
+        _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                      alpha_scalar, fill, out)
+        return
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     if base_hidden is not None and vocab_map is None and base_hidden.dtype == dt:

@@ -1,4 +1,4 @@
-"""The loss's tile GEMMs (``IVL_KERNELS_LOSS_GEMM=tiles``, ``_tile_kernels.py``) against the fp64 oracle.
+"""The loss's tile GEMMs (``IVL_KERNELS_GEMM=tiles``, ``_tile_kernels.py``) against the fp64 oracle.
 
 Same error rule as ``test_guided_cross_entropy.py`` (ours within twice plain torch's error in the same dtype, plus
 a tolerance relative to the checked values). Each test asserts the tile path ran, in the modes it must: 1 (one
@@ -37,7 +37,7 @@ class _Modes:
 @pytest.fixture
 def tiles(monkeypatch):
     """The tile path on; yields the list of logits-kernel modes launched."""
-    monkeypatch.setenv("IVL_KERNELS_LOSS_GEMM", "tiles")
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "tiles")
     spy = _Modes(_tiles._ce_logits_tile_kernel)
     monkeypatch.setattr(_tiles, "_ce_logits_tile_kernel", spy)
     return spy.modes
@@ -165,10 +165,10 @@ def test_tiles_fall_back_to_cublas_path(why, tiles):
 
 
 def test_unknown_loss_gemm_is_refused(monkeypatch):
-    monkeypatch.setenv("IVL_KERNELS_LOSS_GEMM", "cutlass")
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "cutlass")
     vh, vw, target, kw = _make(N=5, base="hidden", dtype=torch.float32)
     before = [t.clone() for t in (vh, vw, kw["base_hidden"], kw["base_weight"])]
-    with pytest.raises(ValueError, match="IVL_KERNELS_LOSS_GEMM must be one of cublas, tiles; got 'cutlass'"):
+    with pytest.raises(ValueError, match="IVL_KERNELS_GEMM must be one of cublas, tiles; got 'cutlass'"):
         ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
     for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
         assert torch.equal(b, a)

@@ -161,3 +161,45 @@ def test_packed_heads_under_torch_compile(backend, device):
     ref = guided_logits_naive(vh, vw, base_hidden=bh, base_weight=bw, alpha=0.5, dtype=torch.float64)
     assert_guided_close(got, ref, guided_logits_naive(vh, vw, base_hidden=bh, base_weight=bw, alpha=0.5),
                         torch.float32, "compiled, packed")
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("base_mode", ["logits", "logits-in-place", "hidden"])
+@pytest.mark.parametrize("map_kind,Vv", [("identity", 80), ("identity", 110), ("injective", 80),
+                                         ("many_to_one", 80)], ids=["identity-Vv<Vb", "identity-Vv>Vb",
+                                                                    "injective", "many_to_one"])
+def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map_kind, Vv, monkeypatch):
+    """``IVL_KERNELS_GEMM=tiles``: the head from ``GEMM_MIN_ROWS`` rows as one tile GEMM (both heads as K
+    segments, base logits in the epilogue, the map in the loads, a nonzero fill with a map), written once; in
+    place on the base logits too."""
+    _skip_unsupported(backend, device, dtype)
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "tiles")
+    calls = []
+    real = gl._launch_tiles
+    monkeypatch.setattr(gl, "_launch_tiles", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    Vb, Hv, Hb = 97, 24, 40
+    vh = torch.randn(M_GEMM, Hv, device=device).to(dtype)
+    vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
+    vmap = make_map(map_kind, Vb, Vv, device)
+    alpha = torch.rand(M_GEMM, device=device) * 2 - 0.5
+    fill = -1.5
+    kw = {}
+    if base_mode.startswith("logits"):
+        kw["base_logits"] = torch.randn(M_GEMM, Vb, device=device).to(dtype)
+    elif base_mode == "hidden":
+        kw["base_hidden"] = torch.randn(M_GEMM, Hb, device=device).to(dtype)
+        kw["base_weight"] = (torch.randn(Vb, Hb, device=device) / math.sqrt(Hb)).to(dtype)
+    ref = guided_logits_naive(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, dtype=torch.float64, **kw)
+    plain = guided_logits_naive(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, dtype=dtype, **kw)
+    if base_mode == "logits-in-place":
+        out = kw["base_logits"]
+        got = ivl.fused_guided_logits(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, out=out, backend=backend,
+                                      **kw)
+        assert got is out
+    else:
+        out_dtype = kw["base_logits"].dtype if "base_logits" in kw else torch.float32
+        out = torch.full(ref.shape, float("nan"), dtype=out_dtype, device=device)
+        ivl.fused_guided_logits(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, out=out, backend=backend, **kw)
+    assert calls, "the tile GEMM did not run"
+    assert_guided_close(out, ref, plain, dtype, f"tiles {base_mode} {map_kind} Vv={Vv}")

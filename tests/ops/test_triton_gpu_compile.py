@@ -79,7 +79,7 @@ def jobs() -> list:
                     out.append(("fwd", dtype, N, base, with_map, odd, with_l1, False, cc))
                     out.append(("bwd", dtype, N, base, with_map, odd, with_l1, False, cc))
                     out.append(("one", dtype, N, base, with_map, not odd, with_l1, False, cc))
-    # The loss's tile GEMMs (IVL_KERNELS_LOSS_GEMM=tiles; no L1 term: that stays on cuBLAS): every base mode and
+    # The tile GEMMs (IVL_KERNELS_GEMM=tiles): the loss's (no L1 term: that stays on cuBLAS), every base mode and
     # map / alpha combination in bf16 on sm_90, alternating elsewhere.
     for dtype, cc, N, cover in TILES_COVERAGE:
         for j, base in enumerate(BASE_MODES):
@@ -88,6 +88,10 @@ def jobs() -> list:
                 for op in ("fwd", "bwd", "one"):
                     out.append(("tiles:" + op, dtype, N, base, with_map, odd if op != "one" else not odd, False,
                                 False, cc))
+        # The guided head from GEMM_MIN_ROWS rows as one tile GEMM (MODE 3), at the prefill size.
+        for j, base in enumerate(("logits", "hidden")):
+            for with_map in ((False, True) if cover != "spot" else (j % 2 == 1,)):
+                out.append(("tiles:logits", dtype, 512, base, with_map, (j + with_map) % 2 == 1, False, False, cc))
     return out
 
 
@@ -106,15 +110,15 @@ def _launcher_call(job):
         fn, args = _launcher_call((op[len("tiles:"):], *job[1:]))
 
         def with_tiles(*a):
-            old = os.environ.get("IVL_KERNELS_LOSS_GEMM")
-            os.environ["IVL_KERNELS_LOSS_GEMM"] = "tiles"
+            old = os.environ.get("IVL_KERNELS_GEMM")
+            os.environ["IVL_KERNELS_GEMM"] = "tiles"
             try:
                 return fn(*a)
             finally:
                 if old is None:
-                    del os.environ["IVL_KERNELS_LOSS_GEMM"]
+                    del os.environ["IVL_KERNELS_GEMM"]
                 else:
-                    os.environ["IVL_KERNELS_LOSS_GEMM"] = old
+                    os.environ["IVL_KERNELS_GEMM"] = old
 
         return with_tiles, args
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -175,10 +179,11 @@ def _kernels():
     from triton.runtime.jit import JITFunction
 
     from ivl_kernels.ops import guided_cross_entropy as gce
+    from ivl_kernels.ops import _tile_kernels as tile_kernels
     from ivl_kernels.ops import guided_logits as gl
 
     found = {}
-    for mod in (gl, gce._kernels, gce._tile_kernels):
+    for mod in (gl, gce._kernels, tile_kernels):
         for v in vars(mod).values():
             if isinstance(v, JITFunction):
                 found[id(v)] = v
@@ -296,18 +301,18 @@ def expected_mma(r: dict) -> str:
 # Driver
 # --------------------------------------------------------------------------------------------------------------
 KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1",
-                "_ce_logits_tile_kernel": "loss z", "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX",
+                "_ce_logits_tile_kernel": "tile z", "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX",
                 "_ce_dw_tile_kernel": "loss dW"}
 # Kernels whose half-precision dots must reach the tensor cores (``expected_mma``).
-TILE_KERNELS = ("logits", "loss z", "loss dX", "loss dW")
+TILE_KERNELS = ("logits", "tile z", "loss dX", "loss dW")
 # A pointer every launch of the kernel passes 16-byte aligned (the stand-ins are): it must carry the hint.
-ALIGNED_POINTER = {"logits": "vh_ptr", "loss z": "xv_ptr", "loss lse": "part_ptr", "loss dX": "p_ptr",
+ALIGNED_POINTER = {"logits": "vh_ptr", "tile z": "xv_ptr", "loss lse": "part_ptr", "loss dX": "p_ptr",
                    "loss dW": "p_ptr"}
 
 
 def _describe(job, kwargs) -> str:
     op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, cc = job
-    parts = [f"{'M' if op == 'logits' else 'N'}={rows}", f"base={base}", "map" if with_map else "no-map",
+    parts = [f"{'M' if op.endswith('logits') else 'N'}={rows}", f"base={base}", "map" if with_map else "no-map",
              "alpha[]" if alpha_tensor else "alpha=f"]
     if op != "logits":
         parts[0] = f"{op}:" + parts[0]

@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 
 from ..._triton import interpreter_enabled, triton
-from .._gemm import addmm_into
+from .._gemm import addmm_into, gemm_kind
 from ..packed_heads import packed_view
 from ._kernels import _ce_rows_kernel, _l1_rows_kernel
-from ._tiles import loss_gemm, tile_chunks, tiles_take
+from ._tiles import tile_chunks, tiles_take
 
 # Chunk of logits per pass: big enough for cuBLAS to run the GEMMs at full rate (4096 rows of the qwen heads),
 # small enough to keep the loss's extra memory under 2 GiB with the float32 gradient accumulator.
@@ -80,8 +80,11 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     identity = vocab_map is None
     v_min = min(Vb, Vv)
     combined = identity and base_hidden is not None and not with_l1 and v_min > 0
+    tiles = gemm_kind() == "tiles" and tiles_take(with_l1, vh, vw, base_hidden, base_weight)
     if identity:
         w_cols, v_val = vw, (v_min if combined else Vv)
+    elif tiles:
+        w_cols, v_val = vw, Vb  # the tile kernels read the value head through the map: nothing gathered
     else:
         # Value rows gathered into base-column order: the value GEMM's column b is value row map[b]. Clamped, so
         # an entry changed after its range check cannot address outside the head (the kernel drops it).
@@ -90,14 +93,15 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     v_cols = Vb if combined else max(Vb, v_val)
     esize = vh.element_size()
     per_row = esize * ((Vb if base_hidden is not None else 0) + (0 if combined else v_val) + (Vv if sep_l1 else 0))
-    fixed = 0 if identity else w_cols.numel() * esize + (Vv * Hv * 4 if need_dvw else 0)
+    fixed = 0 if identity else (0 if tiles else w_cols.numel() * esize) + (Vv * Hv * 4 if need_dvw else 0)
     rows = chunk_rows(per_row, N, dev, fixed)
 
     stats = torch.zeros((4, N), dtype=torch.float32, device=dev) if want_stats else None
     if stats is not None:
         stats[0].fill_(float("-inf"))
     dvh = torch.zeros((N, Hv), dtype=dt, device=dev) if need_dvh else None
-    acc = torch.zeros((w_cols.shape[0], Hv), dtype=torch.float32, device=dev) if need_dvw else None
+    acc = torch.zeros((Vb if tiles and not identity else w_cols.shape[0], Hv), dtype=torch.float32,
+                      device=dev) if need_dvw else None
     acc_v = acc if identity else (torch.zeros((Vv, Hv), dtype=torch.float32, device=dev) if need_dvw else None)
     scale = 1.0
     if grads and dt == torch.float16 and N > 0 and dev.type != "meta":
@@ -116,9 +120,8 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
             acc_v.index_put_((vocab_map.long().clamp(0, Vv - 1),), acc, accumulate=True)
         return stats, dvh, (acc_v.to(vw.dtype) if need_dvw else None)
 
-    if loss_gemm() == "tiles" and tiles_take(with_l1, vh, w_cols, base_hidden, base_weight):
-        # Identity map: the value head's own rows; a map: the gathered rows (one per base column).
-        tile_chunks(vh, w_cols, Vv if identity else Vb, base_logits, base_hidden, base_weight,
+    if tiles:
+        tile_chunks(vh, vw, Vv if identity else Vb, base_logits, base_hidden, base_weight,
                     vocab_map, alpha_tensor, alpha_scalar, fill, target_local, Vb, Vv, smooth_self, smooth_all,
                     stats=stats, lse=lse, g=g, dvh=dvh, acc=acc, scale=scale,
                     chunk_rows=lambda per_row: chunk_rows(per_row, N, dev, fixed))

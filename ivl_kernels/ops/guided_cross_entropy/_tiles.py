@@ -1,32 +1,23 @@
-"""Launchers of the loss's tile GEMMs (``_tile_kernels.py``): the same chunks and results as the cuBLAS path of
-``_chunked.py``, three passes over each chunk of logits instead of six.
+"""Launchers of the loss's tile GEMMs (``ops/_tile_kernels.py``): the same chunks and results as the cuBLAS path
+of ``_chunked.py``, three passes over each chunk of logits instead of six.
 
-Chosen with ``IVL_KERNELS_LOSS_GEMM=tiles`` (``cublas``, the default, keeps the cuBLAS GEMMs + row kernel):
-the default changes only after a GPU run shows the tiles faster (benchmarks/NOTES.md). Covers every case of
-the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last dimension is strided.
+Chosen with ``IVL_KERNELS_GEMM=tiles`` (``ops/_gemm.gemm_kind``; ``cublas``, the default, keeps the cuBLAS
+GEMMs + row kernel): the default changes only after a GPU run shows the tiles faster (benchmarks/NOTES.md).
+Covers every case of the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last
+dimension is strided. A map is applied in the kernels' loads (no gathered copy of the value head); ``d value
+weight`` accumulates per base column and is folded through the map once, at the end, as on the cuBLAS path.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
-from ._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel, _ce_logits_tile_kernel
-
-LOSS_GEMMS = ("cublas", "tiles")
-
-
-def loss_gemm() -> str:
-    """The loss's GEMM path: ``IVL_KERNELS_LOSS_GEMM`` (``cublas`` when unset), read at each call."""
-    env = os.environ.get("IVL_KERNELS_LOSS_GEMM", "").strip() or "cublas"
-    if env not in LOSS_GEMMS:
-        raise ValueError(f"IVL_KERNELS_LOSS_GEMM must be one of {', '.join(LOSS_GEMMS)}; got {env!r}")
-    return env
+from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel, _ce_logits_tile_kernel
 
 
 def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
@@ -52,14 +43,15 @@ def _default_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dic
     """Tiles per kernel. ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``,
     so that each of their steps uses one factor per row. Half precision: wgmma-sized tiles on sm_90 (128 x 256
     x 64, 8 warps, as Triton's persistent-matmul tutorial), not yet tuned on a GPU; float32: smaller tiles
-    (exact float32 dots, no TF32, as torch's default matmul)."""
+    (exact float32 dots, no TF32, as torch's default matmul), ``maxnreg=255`` on z and dX: without it ptxas capped some
+    float32 variants at 80-128 registers and spilled (sm_80, Triton 3.6 and 3.8)."""
     if interpreter_enabled() if interpret is None else interpret:
         return dict(logits=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4),
                     dx=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4),
                     dw=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), combine=dict(BLOCK_R=16, BLOCK_T=4))
     if dtype == torch.float32:
-        return dict(logits=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
-                    dx=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+        return dict(logits=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255),
+                    dx=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255),
                     dw=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
                     combine=dict(BLOCK_R=64, BLOCK_T=16))
     return dict(logits=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -92,12 +84,14 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for half operands
 
 
-def tile_chunks(vh, w_cols, v_val: int, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                 alpha_scalar: float, fill: float, target_local, Vb: int, Vv: int, smooth_self: float,
                 smooth_all: float, *, stats, lse, g, dvh, acc, scale: float, chunk_rows) -> None:
     """Runs every chunk of rows: fills ``stats [4, N]`` (when given: lse, target logit, sum z), writes
     ``dvh [N, Hv]`` already multiplied by ``scale`` and accumulates ``acc [*, Hv]`` (float32, zeros on entry;
-    rows ``[0, Vg)``) when they are given, from the row weights ``g`` (``lse`` given: the two-pass backward)."""
+    rows ``[0, Vg)``, one per value column: with a map, one per base column) when they are given, from the row
+    weights ``g`` (``lse`` given: the two-pass backward). ``v_val``: the value columns (``Vv``, or ``Vb`` with a
+    map, whose entries pick the rows of ``vw``)."""
     N, Hv = vh.shape
     dt, dev = vh.dtype, vh.device
     grads = dvh is not None or acc is not None
@@ -116,6 +110,15 @@ def tile_chunks(vh, w_cols, v_val: int, base_logits, base_hidden, base_weight, v
     smap = vocab_map.stride(0) if vocab_map is not None else 0
     vmap = vocab_map if vocab_map is not None else dummy
     stats_arg = stats if stats is not None else torch.zeros((4, 1), dtype=torch.float32, device=dev)
+
+    @functools.lru_cache(maxsize=None)
+    def w_cols():
+        # The two-pass backward's dX is a cuBLAS GEMM: it needs the value head in column order (gathered once).
+        if vocab_map is None:
+            return vw
+        idx = vocab_map.long()
+        valid = (idx >= 0) & (idx < Vv)
+        return vw.index_select(0, idx.clamp(0, max(Vv - 1, 0))).mul_(valid[:, None].to(vw.dtype))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         R = r1 - r0
@@ -130,11 +133,11 @@ def tile_chunks(vh, w_cols, v_val: int, base_logits, base_hidden, base_weight, v
         c = cfg["logits"]
         grid = (triton.cdiv(R, c["BLOCK_M"]) * T,)
         _ce_logits_tile_kernel[grid](
-            xv, w_cols, base_hidden[r0:r1] if base_hidden is not None else xv,
-            base_weight if base_weight is not None else w_cols, base_c if base_c is not None else dummy, vmap,
+            xv, vw, base_hidden[r0:r1] if base_hidden is not None else xv,
+            base_weight if base_weight is not None else vw, base_c if base_c is not None else dummy, vmap,
             alpha_c, tgt, g_c, lse[r0:r1] if mode == 2 else dummy, buf, part, st,
             R, Vb, v_val, Vv, Vg, Hv, Hb,
-            xv.stride(0), w_cols.stride(0), base_hidden.stride(0) if base_hidden is not None else 0,
+            xv.stride(0), vw.stride(0), base_hidden.stride(0) if base_hidden is not None else 0,
             base_weight.stride(0) if base_weight is not None else 0,
             base_c.stride(0) if base_c is not None else 0, base_c.stride(1) if base_c is not None else 0,
             smap, buf.stride(0) if mode else 0, part.stride(0), part.stride(1), st.stride(0),
@@ -150,7 +153,7 @@ def tile_chunks(vh, w_cols, v_val: int, base_logits, base_hidden, base_weight, v
         if mode == 2:
             # lse known: the kernel wrote the finished gradient; the products are ordinary GEMMs.
             if dvh is not None:
-                torch.mm(buf, w_cols[:Vg], out=dvh[r0:r1])
+                torch.mm(buf, w_cols()[:Vg], out=dvh[r0:r1])
                 if scale != 1.0:
                     dvh[r0:r1].mul_(scale)
             if acc is not None:
@@ -167,8 +170,8 @@ def tile_chunks(vh, w_cols, v_val: int, base_logits, base_hidden, base_weight, v
             splits = triton.cdiv(Vg, per_split) if Vg > 0 else 1
             out = dvh[r0:r1] if splits == 1 else torch.empty((splits, R, Hv), dtype=torch.float32, device=dev)
             _ce_dx_tile_kernel[(row_tiles * h_tiles, splits)](
-                buf, part, w_cols, vmap, alpha_c, tgt, g_c, out,
-                R, Vg, Vv, Hv, buf.stride(0), part.stride(1), w_cols.stride(0), smap,
+                buf, part, vw, vmap, alpha_c, tgt, g_c, out,
+                R, Vg, Vv, Hv, buf.stride(0), part.stride(1), vw.stride(0), smap,
                 out.stride(0) if splits > 1 else 0, out.stride(-2), per_split, *args,
                 PREC=_prec(dt), TILE_N=tile_n, **flags, **c)
             if splits > 1:

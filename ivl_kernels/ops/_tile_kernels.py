@@ -1,4 +1,5 @@
-"""The loss's tile GEMMs (``IVL_KERNELS_LOSS_GEMM=tiles``): the row work moved into the matrix kernels.
+"""Tile GEMMs with the row work in their epilogue and prologue (``IVL_KERNELS_GEMM=tiles``): the loss's matrix
+kernels, and its logits kernel alone (``MODE`` 3) for the guided head from ``GEMM_MIN_ROWS`` rows.
 
 The cuBLAS path (``_chunked.py``) makes six passes over each chunk of ``[rows, V]`` logits: the GEMM writes them,
 the row kernel reads them twice and writes ``G`` over them, the two gradient GEMMs read ``G``. These kernels make
@@ -13,7 +14,12 @@ three: the logits kernel writes, the two gradient kernels read.
    - 0: nothing else (statistics only: scoring, the forward of ``"none"``: no ``[rows, V]`` buffer at all);
    - 1: ``P = exp(z - m_tile)`` in the input dtype (values in ``(0, 1]``: rounded like the final ``G``, better
      than rounding ``z``, whose absolute error the exponential would multiply);
-   - 2 (``lse`` known: the backward of the two-pass losses): the finished gradient ``G`` (then ordinary GEMMs).
+   - 2 (``lse`` known: the backward of the two-pass losses): the finished gradient ``G`` (then ordinary GEMMs);
+   - 3 (the guided head, ``fused_guided_logits``): ``z`` itself into ``out [M, Vb]``, written once (no beta = 1
+     read-back of a first GEMM's output), no partials.
+
+   With a map, the value-head rows are gathered through it in the loads (``W[map[b]]``; an entry outside
+   ``[0, Vv)`` loads nothing and reads as unmapped): no gathered copy of the head.
 
 2. ``_ce_combine_kernel``: the partials of a row into its log-sum-exp, and each tile's factor
    ``f = exp(m_tile - lse)`` (written over ``m``), so that ``softmax = P * f``.
@@ -34,18 +40,30 @@ slices, added in a fixed order), so results are bit-reproducible like the cuBLAS
 
 from __future__ import annotations
 
-from ..._triton import tl, triton
+from .._triton import tl, triton
 
 
 @triton.jit
 def _valid_cols(map_ptr, cols, Vval, Vv, stride_map, HAS_MAP: tl.constexpr):
     """Columns that carry a value logit: below ``Vval`` and, with a map, mapped to a value id in ``[0, Vv)``
     (``-1``, or an entry changed after its range check, reads as unmapped)."""
+    valid, _row = _mapped_cols(map_ptr, cols, Vval, Vv, stride_map, HAS_MAP)
+    return valid
+
+
+@triton.jit
+def _mapped_cols(map_ptr, cols, Vval, Vv, stride_map, HAS_MAP: tl.constexpr):
+    """``(valid, row)``: which columns carry a value logit (``_valid_cols``) and the value-head row of each
+    (``map[b]``, or ``b``; 0 where not valid, never outside the head), int64."""
     in_v = cols < Vval
     if HAS_MAP:
         idx = tl.load(map_ptr + cols.to(tl.int64) * stride_map, mask=in_v, other=-1)
-        in_v = in_v & (idx >= 0) & (idx < Vv)
-    return in_v
+        valid = in_v & (idx >= 0) & (idx < Vv)
+        row = tl.where(valid, idx, 0).to(tl.int64)
+    else:
+        valid = in_v
+        row = tl.where(valid, cols, 0).to(tl.int64)
+    return valid, row
 
 
 @triton.jit
@@ -85,9 +103,10 @@ def _ce_logits_tile_kernel(
     cols64 = cols.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    valid, w_row = _mapped_cols(map_ptr, cols, Vval, Vv, stride_map, HAS_MAP)
     x_ptrs = xv_ptr + rows64[:, None] * stride_xv + ks[None, :]
-    w_ptrs = wv_ptr + cols64[None, :] * stride_wv + ks[:, None]
-    w_rows = cols < Vval
+    w_ptrs = wv_ptr + w_row[None, :] * stride_wv + ks[:, None]
+    w_rows = valid
     for k0 in range(0, Hv, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
@@ -98,7 +117,6 @@ def _ce_logits_tile_kernel(
         acc = tl.dot(x, w, acc, input_precision=V_PREC)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    valid = _valid_cols(map_ptr, cols, Vval, Vv, stride_map, HAS_MAP)
     alpha = _row_alpha(alpha_ptr, rows, row_ok, alpha_scalar, ALPHA_IS_TENSOR)
     # One accumulator for both heads: the value part scaled first, the base GEMM accumulates on top of it.
     acc = tl.where(valid[None, :], acc, fill) * alpha[:, None]
@@ -120,10 +138,24 @@ def _ce_logits_tile_kernel(
     if HAS_BASE_LOGITS:
         acc += tl.load(base_ptr + rows64[:, None] * stride_base_m + cols64[None, :] * stride_base_v,
                        mask=row_ok[:, None] & in_b[None, :], other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + rows64[:, None] * ld_out + cols64[None, :]
+    if MODE == 3:
+        # The guided head: out may be the base logits themselves (this program read its tile above).
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & in_b[None, :])
+    else:
+        _ce_logits_epilogue(acc, rows, cols, row_ok, in_b, valid, alpha, pid_n, tgt_ptr, g_ptr, lse_ptr, out_ptrs,
+                            part_ptr, stats_ptr, Vg, stride_part_k, stride_part_t, stride_stats, smooth_self,
+                            smooth_all, inv_scale, SMOOTH, MODE, BLOCK_N)
+
+
+@triton.jit
+def _ce_logits_epilogue(acc, rows, cols, row_ok, in_b, valid, alpha, pid_n, tgt_ptr, g_ptr, lse_ptr, out_ptrs,
+                        part_ptr, stats_ptr, Vg, stride_part_k, stride_part_t, stride_stats, smooth_self,
+                        smooth_all, inv_scale, SMOOTH: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The loss's epilogue of one logits tile (``MODE`` 0, 1, 2; see the module docstring)."""
     z = tl.where(in_b[None, :], acc, float("-inf"))
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     hit = cols[None, :] == t[:, None]
-    out_ptrs = out_ptr + rows64[:, None] * ld_out + cols64[None, :]
     out_mask = row_ok[:, None] & (cols < Vg)[None, :]
     if MODE == 2:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -132,7 +164,7 @@ def _ce_logits_tile_kernel(
         if SMOOTH:
             dz -= smooth_all
         grad = tl.where(valid[None, :] & in_b[None, :], ga[:, None] * dz, 0.0)
-        tl.store(out_ptrs, grad.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, grad.to(out_ptrs.dtype.element_ty), mask=out_mask)
     else:
         m = tl.max(z, axis=1)
         # A row that has only -inf here (no base column) keeps sum 0: subtracting 0 avoids -inf - -inf.
@@ -147,7 +179,7 @@ def _ce_logits_tile_kernel(
         here = row_ok & (t >= pid_n * BLOCK_N) & (t < pid_n * BLOCK_N + BLOCK_N)
         tl.store(stats_ptr + stride_stats + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=here)
         if MODE == 1:
-            tl.store(out_ptrs, p.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_ptrs, p.to(out_ptrs.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -241,9 +273,9 @@ def _ce_dx_tile_kernel(
         p = tl.load(p_ptr + rows64[:, None] * ld_p + cols64[None, :], mask=row_ok[:, None] & in_c[None, :],
                     other=0.0)
         f = tl.load(fac_ptr + (c0 // TILE_N) * stride_fac_t + rows, mask=row_ok, other=0.0)
-        valid = _valid_cols(map_ptr, cols, c_hi, Vv, stride_map, HAS_MAP)
+        valid, w_row = _mapped_cols(map_ptr, cols, c_hi, Vv, stride_map, HAS_MAP)
         grad = _grad_from_p(p, f, ga, t, cols, valid, smooth_self, smooth_all, SMOOTH, True)
-        w = tl.load(w_ptr + cols64[:, None] * stride_w + hs[None, :], mask=in_c[:, None] & (hs < Hv)[None, :],
+        w = tl.load(w_ptr + w_row[:, None] * stride_w + hs[None, :], mask=valid[:, None] & (hs < Hv)[None, :],
                     other=0.0)
         acc = tl.dot(grad.to(w_ptr.dtype.element_ty), w, acc, input_precision=PREC)
     out = out_ptr + split.to(tl.int64) * stride_out_s + rows64[:, None] * ld_out + hs[None, :]
