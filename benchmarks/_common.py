@@ -12,6 +12,7 @@ Timing, in milliseconds:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
@@ -55,6 +56,23 @@ def environment(device: torch.device) -> dict:
     except Exception as exc:  # the benchmark still reports the peers
         env["ivl_kernels"] = f"import failed: {exc}"
     return env
+
+
+@contextlib.contextmanager
+def env_var(name: str, value):
+    """``os.environ[name] = value`` inside (``None``: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def print_environment(env: dict) -> None:

@@ -40,10 +40,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (Stopped, add_output_args, floor_bandwidth_gbs, matrix_tflops, cuda_context_error, environment, format_table,  # noqa: E402
-                     output_options,
-                     plot_bars, print_environment, stop_on_sigterm, time_gpu_graph, time_launch_loop, time_ms,
-                     write_csv)
+from _common import (Stopped, add_output_args, cuda_context_error, env_var, environment,  # noqa: E402
+                     floor_bandwidth_gbs, format_table, matrix_tflops, output_options, plot_bars, print_environment,
+                     stop_on_sigterm, time_gpu_graph, time_launch_loop, time_ms, write_csv)
 
 import ivl_kernels as ivl  # noqa: E402
 from ivl_kernels import _backends  # noqa: E402
@@ -183,18 +182,15 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
         cands["ivl triton packed"] = lambda: ivl.fused_guided_logits(
             vh, pv, base_hidden=bh, base_weight=pb, alpha=ALPHA, fill=FILL, out=out, backend="triton")
     if "ivl triton" in fused and M >= GEMM_MIN_ROWS:
-        # The head as one tile GEMM (IVL_KERNELS_GEMM=tiles): both heads as K segments, written once.
-        def tiles():
-            old = os.environ.get("IVL_KERNELS_GEMM")
-            os.environ["IVL_KERNELS_GEMM"] = "tiles"
-            try:
-                return fused["ivl triton"]()
-            finally:
-                if old is None:
-                    os.environ.pop("IVL_KERNELS_GEMM", None)
-                else:
-                    os.environ["IVL_KERNELS_GEMM"] = old
-        cands["ivl triton tile GEMM"] = tiles
+        # The default ("ivl triton") lets IVL_KERNELS_GEMM=auto choose per shape class; each kind forced too: the
+        # cuBLAS GEMMs, and the head as one tile GEMM (both heads as K segments, written once).
+        def forced(kind):
+            def run():
+                with env_var("IVL_KERNELS_GEMM", kind):
+                    return fused["ivl triton"]()
+            return run
+        cands["ivl triton cuBLAS GEMMs"] = forced("cublas")
+        cands["ivl triton tile GEMM"] = forced("tiles")
     for impl, why in skipped:
         rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
         print_row(rows[-1])

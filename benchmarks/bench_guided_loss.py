@@ -33,7 +33,6 @@ reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import os
 import sys
@@ -42,7 +41,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Stopped, add_output_args, output_options, cuda_context_error, environment, format_table, matrix_tflops,  # noqa: E402
-                     print_environment, save_figure, stop_on_sigterm, time_ms, write_csv)
+                     env_var, print_environment, save_figure, stop_on_sigterm, time_ms, write_csv)
 
 # The torch backend of ours is timed on a GPU only up to this many tokens (see the module docstring).
 TORCH_BACKEND_MAX_N_GPU = 4096
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
             base = dict(base_hidden=bh, base_weight=bw) if guided else {}
 
             def loss():
-                with _env("IVL_KERNELS_GEMM", loss_gemm):
+                with env_var("IVL_KERNELS_GEMM", loss_gemm):
                     return ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **base)
             return step(loss)
         return make
@@ -200,6 +199,7 @@ def main(argv=None) -> int:
         ("guided", "ivl fused_guided_cross_entropy [torch]", ours("torch")),
         ("guided", "ivl fused_guided_cross_entropy [triton]", ours("triton")),
         ("guided", "ivl fused_guided_cross_entropy [triton, packed heads]", ours_packed),
+        ("guided", "ivl fused_guided_cross_entropy [triton, cuBLAS GEMMs]", ours("triton", loss_gemm="cublas")),
         ("guided", "ivl fused_guided_cross_entropy [triton, tile GEMMs]", ours("triton", loss_gemm="tiles")),
         ("value-only", "naive eager (F.linear + F.cross_entropy)", lambda: step(naive_value)),
         ("value-only", "torch F.linear_cross_entropy", torch_lce),
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
         ("value-only", "cut-cross-entropy linear_cross_entropy [filter_eps=None, exact]", cce(None)),
         ("value-only", "ivl fused_guided_cross_entropy [torch]", ours("torch", guided=False)),
         ("value-only", "ivl fused_guided_cross_entropy [triton]", ours("triton", guided=False)),
+        ("value-only", "ivl fused_guided_cross_entropy [triton, cuBLAS GEMMs]",
+         ours("triton", guided=False, loss_gemm="cublas")),
         ("value-only", "ivl fused_guided_cross_entropy [triton, tile GEMMs]",
          ours("triton", guided=False, loss_gemm="tiles")),
     ]
@@ -305,23 +307,6 @@ def main(argv=None) -> int:
     except Exception as exc:
         print(f"plot skipped: {type(exc).__name__}: {exc}")
     return 0
-
-
-@contextlib.contextmanager
-def _env(name: str, value):
-    """``os.environ[name] = value`` inside (``None``: leave it as it is)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _median_of_3_ms(fn) -> float:

@@ -104,12 +104,8 @@ def main(argv=None) -> int:
     def chunk(case, gemm):
         base = (bh, bw) if case == "guided" else (None, None)
         vb = Vb if case == "guided" else Vv
-        os.environ["IVL_KERNELS_GEMM"] = gemm
-        try:
-            return _chunked.chunked_loss(vh, vw, None, *base, None, None, 1.0, 0.0, target, vb, False, 1.0, 0.0, 0.0,
-                                         want_stats=True, g=g, need_dvh=True, need_dvw=True)
-        finally:
-            os.environ.pop("IVL_KERNELS_GEMM", None)
+        return _chunked.chunked_loss(vh, vw, None, *base, None, None, 1.0, 0.0, target, vb, False, 1.0, 0.0, 0.0,
+                                     want_stats=True, g=g, need_dvh=True, need_dvw=True, kind=gemm)
 
     def rel(a, b):
         a, b = a.double(), b.double()

@@ -9,21 +9,46 @@ path and the tests take it.
 from __future__ import annotations
 
 import os
+from typing import Callable, Mapping
 
 import torch
 
-GEMM_KINDS = ("cublas", "tiles")
+from ._measured import Measured, fastest
+
+GEMM_KINDS = ("auto", "cublas", "tiles")
 
 
 def gemm_kind() -> str:
-    """The compute-bound paths' matrix kernels, ``IVL_KERNELS_GEMM`` read at each call: ``cublas`` (default: these
-    GEMMs, plus the loss's Triton row kernel) or ``tiles`` (Triton tile GEMMs with the row work in their epilogue
-    and prologue: ``ops/_tile_kernels.py``). Applies to the loss and to the guided head from ``GEMM_MIN_ROWS``
-    rows; the default moves to ``tiles`` only once a GPU run shows it faster (benchmarks/NOTES.md)."""
-    env = os.environ.get("IVL_KERNELS_GEMM", "").strip() or "cublas"
+    """The compute-bound paths' matrix kernels, ``IVL_KERNELS_GEMM`` read at each call: ``auto`` (the default:
+    per shape class on this GPU, the faster of the two that agree, measured once; ``measured_kind``),
+    ``cublas`` (these GEMMs, plus the loss's Triton row kernel) or ``tiles`` (Triton tile GEMMs with the row
+    work in their epilogue and prologue: ``ops/_tile_kernels.py``). Applies to the loss and to the guided head
+    from ``GEMM_MIN_ROWS`` rows."""
+    env = os.environ.get("IVL_KERNELS_GEMM", "").strip() or "auto"
     if env not in GEMM_KINDS:
         raise ValueError(f"IVL_KERNELS_GEMM must be one of {', '.join(GEMM_KINDS)}; got {env!r}")
     return env
+
+
+# ``auto``'s choices: cuBLAS where nothing may be measured (a capture, tracing, deterministic algorithms), so that
+# those calls, and every later call of their shape class, take the path that needs no measurement to be trusted.
+GEMM = Measured(fallback="cublas")
+
+
+def can_time(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be timed against each other (CUDA events): a GPU."""
+    return device.type == "cuda"
+
+
+def measured_kind(device: torch.device, key: tuple, candidates: Mapping[str, Callable[[], object]],
+                  agree: Callable[[object, object], bool]) -> str:
+    """``auto``'s kind for this shape class (``key``) on ``device``: ``"cublas"`` or ``"tiles"``, the faster of
+    ``candidates`` (scratch runs of the call's first rows) whose result agrees with cuBLAS's, measured by the
+    class's first eager call and cached (``_measured``); ``"cublas"`` off a GPU."""
+    if not can_time(device):
+        return "cublas"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return GEMM.choose((index, *key), lambda: fastest(candidates, "cublas", agree=agree))
 
 
 _OUT_DTYPE_BROKEN = []  # the error of a failed out_dtype GEMM on this torch, if one failed

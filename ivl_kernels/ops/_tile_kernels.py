@@ -1,4 +1,4 @@
-"""Tile GEMMs with the row work in their epilogue and prologue (``IVL_KERNELS_GEMM=tiles``): the loss's matrix
+"""Tile GEMMs with the row work in their epilogue and prologue (``IVL_KERNELS_GEMM``): the loss's matrix
 kernels, and its logits kernel alone (``MODE`` 3) for the guided head from ``GEMM_MIN_ROWS`` rows.
 
 The cuBLAS path (``_chunked.py``) makes six passes over each chunk of ``[rows, V]`` logits: the GEMM writes them,
@@ -74,6 +74,27 @@ def _row_alpha(alpha_ptr, rows, ok, alpha_scalar, ALPHA_IS_TENSOR: tl.constexpr)
 
 
 @triton.jit
+def _k_segment(acc, x_ptr, stride_x, rows64, row_ok, w_ptr, stride_w, w_row, w_ok, K, PREC: tl.constexpr,
+               EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + X[rows, :K] . W[w_row, :K]^T``: one K segment of the logits accumulator (rows not ``row_ok`` and
+    columns not ``w_ok`` load zeros). ``EVEN_K`` (``BLOCK_K`` divides ``K``): no mask along K."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows64[:, None] * stride_x + ks[None, :]
+    w_ptrs = w_ptr + w_row[None, :] * stride_w + ks[:, None]
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=w_ok[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & (ks[None, :] + k0 < K), other=0.0)
+            w = tl.load(w_ptrs, mask=w_ok[None, :] & (ks[:, None] + k0 < K), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PREC)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _ce_logits_tile_kernel(
     xv_ptr, wv_ptr, xb_ptr, wb_ptr, base_ptr, map_ptr, alpha_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr, part_ptr,
     stats_ptr,
@@ -97,43 +118,20 @@ def _ce_logits_tile_kernel(
     pid_n = pid // num_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < R
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     valid, w_row = _mapped_cols(map_ptr, cols, Vval, Vv, stride_map, HAS_MAP)
-    x_ptrs = xv_ptr + rows64[:, None] * stride_xv + ks[None, :]
-    w_ptrs = wv_ptr + w_row[None, :] * stride_wv + ks[:, None]
-    w_rows = valid
-    for k0 in range(0, Hv, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=w_rows[None, :], other=0.0)
-        else:
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & (ks[None, :] + k0 < Hv), other=0.0)
-            w = tl.load(w_ptrs, mask=w_rows[None, :] & (ks[:, None] + k0 < Hv), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=V_PREC)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _k_segment(acc, xv_ptr, stride_xv, rows64, row_ok, wv_ptr, stride_wv, w_row, valid, Hv, V_PREC, EVEN_K,
+                     BLOCK_K)
     alpha = _row_alpha(alpha_ptr, rows, row_ok, alpha_scalar, ALPHA_IS_TENSOR)
     # One accumulator for both heads: the value part scaled first, the base GEMM accumulates on top of it.
     acc = tl.where(valid[None, :], acc, fill) * alpha[:, None]
     if HAS_BASE_HIDDEN:
-        xb_ptrs = xb_ptr + rows64[:, None] * stride_xb + ks[None, :]
-        wb_ptrs = wb_ptr + cols64[None, :] * stride_wb + ks[:, None]
-        b_rows = cols < Vb
-        for k0 in range(0, Hb, BLOCK_K):
-            if EVEN_K:
-                xb = tl.load(xb_ptrs, mask=row_ok[:, None], other=0.0)
-                wb = tl.load(wb_ptrs, mask=b_rows[None, :], other=0.0)
-            else:
-                xb = tl.load(xb_ptrs, mask=row_ok[:, None] & (ks[None, :] + k0 < Hb), other=0.0)
-                wb = tl.load(wb_ptrs, mask=b_rows[None, :] & (ks[:, None] + k0 < Hb), other=0.0)
-            acc = tl.dot(xb, wb, acc, input_precision=B_PREC)
-            xb_ptrs += BLOCK_K
-            wb_ptrs += BLOCK_K
+        acc = _k_segment(acc, xb_ptr, stride_xb, rows64, row_ok, wb_ptr, stride_wb, cols64, cols < Vb, Hb, B_PREC,
+                         EVEN_K, BLOCK_K)
     in_b = cols < Vb
     if HAS_BASE_LOGITS:
         acc += tl.load(base_ptr + rows64[:, None] * stride_base_m + cols64[None, :] * stride_base_v,

@@ -10,43 +10,44 @@ Backends: ``triton`` (any M: below ``GEMM_MIN_ROWS`` rows one launch over a grid
 memory-bound like decoding; from ``GEMM_MIN_ROWS`` rows, where the work is compute-bound, the heads as cuBLAS
 GEMMs accumulated into ``out``: the base head written, the value head added with ``beta = 1``), ``cuda`` (the compiled
 decode kernel of ``csrc/``, M <= 16; ``auto`` takes it where it measured faster on this device: see
-``_ROUTE``), ``torch`` (``guided_logits_torch``: plain PyTorch, chunked over rows).
+``ROUTE``), ``torch`` (``guided_logits_torch``: plain PyTorch, chunked over rows).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 
 from .. import _backends
-from .._timing import back_to_back_ms
 from .._triton import interpreter_enabled, tl, triton
 from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_guided, validate_out
 from ._columns import gather_columns
-from ._gemm import addmm_into, gemm_kind
+from ._gemm import addmm_into, gemm_kind, measured_kind
+from ._measured import Measured, fastest, rtol_for, tensors_agree
 from ._tile_kernels import _ce_logits_tile_kernel
 from .packed_heads import packed_view
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
 CUDA_MAX_ROWS = 16
 
-# backend="auto" between the CUDA kernel and Triton (M <= CUDA_MAX_ROWS): measured, not tabled. The H100 and the
-# H200 disagree (H100: CUDA faster at M = 1 and, for eager calls with base logits, up to M = 3; H200: Triton 0.315
-# ms against CUDA's 0.342 ms at M = 1), so the first eager call of each shape class on each device times both
-# kernels on its own inputs (back-to-back calls: the host launch path counts where it bounds the loop) and the
-# choice is cached for the process, like Triton's autotuner. A shape first seen inside a CUDA-graph capture or
-# while torch.compile traces is not measured there: it gets Triton, recorded, so eager and captured calls of that
-# shape always run the same kernel (identical numbers).
-_ROUTE: dict = {}
-_ROUTE_LOCK = threading.Lock()
+# backend="auto" between the CUDA kernel and Triton (M <= CUDA_MAX_ROWS): measured, not tabled (``_measured``).
+# The H100 and the H200 disagree (H100: CUDA faster at M = 1 and, for eager calls with base logits, up to M = 3;
+# H200: Triton 0.315 ms against CUDA's 0.342 ms at M = 1), so the first eager call of each shape class on each
+# device times both kernels on its own inputs (back-to-back calls: the host launch path counts where it bounds the
+# loop). A shape first seen inside a CUDA-graph capture or while torch.compile traces gets Triton, recorded, so
+# eager and captured calls of that shape always run the same kernel (identical numbers).
+ROUTE = Measured(fallback="triton")
 ROUTE_CALLS = 20
 
 # From this many rows (serving batches, prefill, scoring) the head is compute-bound: the Triton tiles reached a
 # third of the H200's matrix rate there (M = 128: 0.736 ms against 0.38 ms for the two heads in cuBLAS), so the
-# heads run as cuBLAS GEMMs accumulated into ``out`` (``launch_gemm``).
+# heads run as cuBLAS GEMMs accumulated into ``out``, or as one tile GEMM with the heads as K segments
+# (``launch_gemm``: ``IVL_KERNELS_GEMM``, measured per shape class by default).
 GEMM_MIN_ROWS = 128
+# ``auto`` times the head's two GEMM kinds on at most this many rows of a call (scratch: ~0.3 GB at the qwen
+# vocabulary in float32); from here the head is compute-bound at a steady rate per row.
+HEAD_MEASURE_ROWS = 512
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,18 +164,58 @@ def _triton_supports(a: GuidedArgs) -> str:
 def gemm_path(M: int, vocab_map: Optional[torch.Tensor], fill: float) -> bool:
     """Whether ``launch_triton`` hands these rows to ``launch_gemm``: compute-bound sizes, and a fill the GEMM
     expresses (any fill with the identity map, whose unmapped ids are a tail of columns; 0 with a map; any with
-    the tile GEMM, which applies the map in its epilogue)."""
+    the tile GEMM forced by ``IVL_KERNELS_GEMM=tiles``, which applies the map in its loads: ``auto`` does not
+    measure a class only one kind can compute, and the row-tile kernel takes it)."""
     return M >= GEMM_MIN_ROWS and (vocab_map is None or fill == 0.0 or gemm_kind() == "tiles")
 
 
-def _tiles_take(out: torch.Tensor, *operands: Optional[torch.Tensor]) -> bool:
-    return gemm_kind() == "tiles" and all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1
-                                          for t in (out, *operands))
+def _tiles_fit(out: torch.Tensor, *operands: Optional[torch.Tensor]) -> bool:
+    return all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (out, *operands))
+
+
+def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+               alpha_scalar: float, fill: float, out: torch.Tensor) -> str:
+    """``"cublas"`` or ``"tiles"`` for the head from ``GEMM_MIN_ROWS`` rows: ``IVL_KERNELS_GEMM``, and for
+    ``auto`` the measured choice of this shape class (``_gemm.measured_kind``), timed on the call's first
+    ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an in-place call is measured in place, on a copy of its base
+    logits). A map with a non-zero fill has only the tile GEMM (``gemm_path``)."""
+    kind = gemm_kind()
+    if not _tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
+        return "cublas"
+    if kind != "auto" or (vocab_map is not None and fill != 0.0):
+        return "tiles" if kind != "cublas" else "cublas"
+    M = value_hidden.shape[0]
+    in_place = base_logits is not None and out.data_ptr() == base_logits.data_ptr()
+    dt, Hb = value_hidden.dtype, base_hidden.shape[1] if base_hidden is not None else 0
+    packed = base_hidden is not None and vocab_map is None and base_hidden.dtype == dt and packed_view(
+        base_weight, value_weight, min(out.shape[1], value_weight.shape[0])) is not None
+    key = ("head", min(triton.next_power_of_2(M), HEAD_MEASURE_ROWS), dt, out.dtype, out.shape[1],
+           tuple(value_weight.shape), Hb, base_hidden.dtype if base_hidden is not None else None,
+           base_logits.dtype if base_logits is not None else None, in_place, packed, vocab_map is not None,
+           alpha_tensor is not None)
+
+    def candidate(launch):
+        def run():
+            r = min(M, HEAD_MEASURE_ROWS)
+            rows = lambda t: t[:r] if t is not None else None  # noqa: E731
+            if in_place:
+                scratch = base_logits[:r].clone()
+                base = scratch
+            else:
+                scratch, base = torch.empty((r, out.shape[1]), dtype=out.dtype, device=out.device), rows(base_logits)
+            launch(value_hidden[:r], value_weight, base, rows(base_hidden), base_weight, vocab_map,
+                   rows(alpha_tensor), alpha_scalar, fill, scratch)
+            return scratch
+        return run
+
+    rtol = rtol_for(out.dtype)
+    return measured_kind(out.device, key, {"cublas": candidate(_launch_cublas), "tiles": candidate(_launch_tiles)},
+                         agree=lambda x, y: tensors_agree(x, y, rtol))
 
 
 def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                   alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
-    """The head as one tile GEMM (``IVL_KERNELS_GEMM=tiles``; ``ops/_tile_kernels.py``, ``MODE`` 3): both heads
+    """The head as one tile GEMM (``_head_kind``; ``ops/_tile_kernels.py``, ``MODE`` 3): both heads
     as two K segments of one float32 accumulator, base logits added in the epilogue, the map applied in the value
     head's loads, ``out`` written once (it may be ``base_logits`` itself: each tile reads its base before it
     writes). Half precision: 128 x 128 x 64 tiles, 8 warps, 3 stages (the loss's logits tile; not yet tuned)."""
@@ -218,13 +259,18 @@ def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weigh
         out[:, Vv:] = alpha * fill  (identity map: the base ids beyond the value vocabulary, added likewise)
         out += X_b @ W_b^T          (base hidden states)
 
-    A map costs one gather of the value head per call (``[Vb, Hv]``). With ``IVL_KERNELS_GEMM=tiles``: one tile
-    GEMM instead (``_launch_tiles``), any map and fill.
+    A map costs one gather of the value head per call (``[Vb, Hv]``). Or one tile GEMM instead
+    (``_launch_tiles``, any map and fill): see ``_head_kind``.
     """
-    if _tiles_take(out, value_hidden, value_weight, base_hidden, base_weight):
-        _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+    kind = _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                       alpha_scalar, fill, out)
-        return
+    launch = _launch_tiles if kind == "tiles" else _launch_cublas
+    launch(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, alpha_scalar,
+           fill, out)
+
+
+def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                   alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     if base_hidden is not None and vocab_map is None and base_hidden.dtype == dt:
@@ -421,33 +467,27 @@ def _route_key(a: GuidedArgs) -> tuple:
 
 
 def _measure_route(a: GuidedArgs) -> str:
-    """``"cuda"`` or ``"triton"``: the faster on this device for this call's shapes (into a scratch output, so an
-    in-place call's logits are not touched)."""
-    scratch = torch.empty((a.M, a.Vb), dtype=a.out_dtype, device=a.device)
+    """``"cuda"`` or ``"triton"``: the faster on this device for this call's shapes, of those that agree with
+    Triton (each into its own scratch output, so an in-place call's logits are not touched)."""
     alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None
     alpha_scalar = 0.0 if alpha_tensor is not None else a.alpha
-    try:
-        with torch.no_grad():
-            ms = {which: back_to_back_ms(lambda: _run(which, a, alpha_tensor, alpha_scalar, scratch), ROUTE_CALLS)
-                  for which in ("triton", "cuda")}
-    except RuntimeError:
-        return "triton"  # a kernel that cannot run here is not chosen
-    return "cuda" if ms["cuda"] < ms["triton"] else "triton"
+    scratch = {which: torch.empty((a.M, a.Vb), dtype=a.out_dtype, device=a.device) for which in ("triton", "cuda")}
+
+    def candidate(which):
+        def run():
+            _run(which, a, alpha_tensor, alpha_scalar, scratch[which])
+            return scratch[which]
+        return run
+
+    rtol = rtol_for(a.out_dtype)
+    return fastest({which: candidate(which) for which in scratch}, "triton", calls=ROUTE_CALLS,
+                   agree=lambda x, y: tensors_agree(x, y, rtol))
 
 
 def _cuda_preferred(a: GuidedArgs) -> bool:
     """Whether ``auto`` takes the CUDA kernel over Triton for this call: the cached measurement of its shape
-    class on this device (made now if this is the first eager call of the class; see ``_ROUTE``)."""
-    key = _route_key(a)
-    with _ROUTE_LOCK:
-        choice = _ROUTE.get(key)
-    if choice is None:
-        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-            choice = "triton"
-        else:
-            choice = _measure_route(a)
-        with _ROUTE_LOCK:
-            choice = _ROUTE.setdefault(key, choice)
+    class on this device (made now if this is the first eager call of the class; see ``ROUTE``)."""
+    choice = ROUTE.choose(_route_key(a), lambda: _measure_route(a))
     return choice == "cuda"
 
 

@@ -15,7 +15,8 @@ import ivl_kernels as ivl
 from ivl_kernels.ops import guided_cross_entropy as gce
 from ivl_kernels.ops.guided_cross_entropy import _tiles
 from ivl_kernels.reference import guided_cross_entropy_naive
-from test_guided_cross_entropy import ATOL, CASES, HAS_GPU, _case, _check, _err, _make, _run, _to, needs_triton
+from test_guided_cross_entropy import (ATOL, CASES, HAS_GPU, _case, _check, _err, _make, _run, _to,
+                                      guided_loss_extra_memory, needs_triton)
 
 pytestmark = needs_triton
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -168,7 +169,7 @@ def test_unknown_loss_gemm_is_refused(monkeypatch):
     monkeypatch.setenv("IVL_KERNELS_GEMM", "cutlass")
     vh, vw, target, kw = _make(N=5, base="hidden", dtype=torch.float32)
     before = [t.clone() for t in (vh, vw, kw["base_hidden"], kw["base_weight"])]
-    with pytest.raises(ValueError, match="IVL_KERNELS_GEMM must be one of cublas, tiles; got 'cutlass'"):
+    with pytest.raises(ValueError, match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles; got 'cutlass'"):
         ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
     for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
         assert torch.equal(b, a)
@@ -205,20 +206,7 @@ def test_tiles_bit_reproducible_on_gpu(tiles):
 @needs_gpu
 @pytest.mark.parametrize("N", [8192, 32768])
 def test_tiles_memory_on_gpu_is_a_chunk_plus_accumulators(N, tiles):
-    V, H = 32000, 256
-    vh = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    vw = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / 16).requires_grad_()
-    bh = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-    bw = torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / 16
-    t = torch.randint(0, V, (N,), device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ivl.fused_guided_cross_entropy(vh, vw, t, base_hidden=bh, base_weight=bw, backend="triton").backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    # One chunk (P, the partials, dX's float32 splits), the float32 dW accumulator, the gradients: not N * V.
-    bound = gce._chunked.CHUNK_BYTES["cuda"] + V * H * 4 + 3 * (N * H + V * H) * 2 + 64 * N * 4 + (8 << 20)
+    extra, bound = guided_loss_extra_memory(N)
     assert extra <= bound, (extra, bound)
     assert set(tiles) == {1}
 

@@ -15,6 +15,7 @@ import torch
 import ivl_kernels as ivl
 from ivl_kernels import _backends
 from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
+from ivl_kernels.ops._measured import Measured
 from ivl_kernels.ops.guided_logits import CUDA_MAX_ROWS
 from ivl_kernels.reference import guided_logits_naive
 
@@ -244,7 +245,7 @@ def fake_route(monkeypatch):
     monkeypatch.delenv("IVL_KERNELS_BACKEND", raising=False)
     monkeypatch.setattr(_backends, "cuda_usable", lambda d: (True, ""))
     monkeypatch.setattr(_backends, "triton_usable", lambda d: (True, ""))
-    monkeypatch.setattr(gl, "_ROUTE", {})
+    monkeypatch.setattr(gl, "ROUTE", Measured(fallback="triton"))
     state = dict(capturing=False, ms={"cuda": 0.3, "triton": 0.2}, measured=[])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -314,7 +315,7 @@ def test_auto_backend_on_gpu_picks_fused():
     if _backends.cuda_extension() is None:
         assert picks[0] == "triton"
     else:
-        assert gl._ROUTE[gl._route_key(a)] == picks[0]
+        assert gl.ROUTE.choices[gl._route_key(a)] == picks[0]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

@@ -23,12 +23,14 @@ a map, the gathered value head; never ``[N, V]``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from ..._triton import interpreter_enabled, triton
-from .._gemm import addmm_into, gemm_kind
+from .._gemm import addmm_into, gemm_kind, measured_kind
+from .._measured import rtol_for, tensors_agree
 from ..packed_heads import packed_view
 from ._kernels import _ce_rows_kernel, _l1_rows_kernel
 from ._tiles import tile_chunks, tiles_take
@@ -62,13 +64,15 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
                  fill: float, target_local: torch.Tensor, Vb: int, with_l1: bool, smooth_self: float,
                  smooth_all: float, l1_scale: float, *, want_stats: bool, lse: Optional[torch.Tensor] = None,
                  g: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None, need_dvh: bool = False,
-                 need_dvw: bool = False) -> tuple:
+                 need_dvw: bool = False, kind: Optional[str] = None) -> tuple:
     """``(stats [4, N] fp32 or None, d value_hidden [N, Hv] or None, d value_weight [Vv, Hv] or None)``.
 
     ``stats`` = (this shard's lse, target logit, sum_b z, sum_v |value logit|) per row, when ``want_stats``;
     otherwise ``lse [N]`` must be given. Gradients (input dtype, float32 accumulation) use the row weights
-    ``g [N]`` (cross-entropy) and ``h [N]`` (L1; ``None``: ``g``), float32.
+    ``g [N]`` (cross-entropy) and ``h [N]`` (L1; ``None``: ``g``), float32. ``kind``: the matrix kernels,
+    ``"cublas"`` or ``"tiles"`` (``None``: ``IVL_KERNELS_GEMM``, and for ``auto`` the measured choice).
     """
+    args = locals().copy()
     N, Hv = vh.shape
     Vv = vw.shape[0]
     dt, dev = vh.dtype, vh.device
@@ -80,7 +84,10 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     identity = vocab_map is None
     v_min = min(Vb, Vv)
     combined = identity and base_hidden is not None and not with_l1 and v_min > 0
-    tiles = gemm_kind() == "tiles" and tiles_take(with_l1, vh, vw, base_hidden, base_weight)
+    kind = kind or gemm_kind()
+    tiles = kind != "cublas" and tiles_take(with_l1, vh, vw, base_hidden, base_weight)
+    if tiles and kind == "auto":
+        tiles = _measured_kind(args) == "tiles"
     if identity:
         w_cols, v_val = vw, (v_min if combined else Vv)
     elif tiles:
@@ -190,6 +197,29 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     for r0 in range(0, N, rows):
         one_chunk(r0, min(N, r0 + rows))
     return finish(dvh_scaled=False)
+
+
+# ``auto`` times the loss's two kinds on at most this many rows of a call (about one chunk of the qwen heads).
+LOSS_MEASURE_ROWS = 4096
+
+
+def _measured_kind(args: dict) -> str:
+    """``auto``'s kind for this ``chunked_loss`` call (``_gemm.measured_kind``): both kinds run on the call's first
+    ``LOSS_MEASURE_ROWS`` rows (its own scratch results; every output compared), before this call allocates
+    anything, so the measurement adds no more than one more result of those rows to the call's peak memory."""
+    vh, base_hidden, vocab_map = args["vh"], args["base_hidden"], args["vocab_map"]
+    N = vh.shape[0]
+    r = min(N, LOSS_MEASURE_ROWS)
+    rows = {"vh", "base_logits", "base_hidden", "alpha_tensor", "target_local", "lse", "g", "h"}
+    sub = {k: (v[:r] if k in rows and v is not None else v) for k, v in args.items()}
+    key = ("loss", triton.next_power_of_2(r), vh.dtype, tuple(args["vw"].shape), args["Vb"],
+           base_hidden.shape[1] if base_hidden is not None else (-1 if args["base_logits"] is not None else 0),
+           vocab_map is not None, args["alpha_tensor"] is not None, args["smooth_all"] != 0.0, args["want_stats"],
+           args["need_dvh"], args["need_dvw"])
+    rtol = rtol_for(vh.dtype)
+    candidates = {kind: functools.partial(chunked_loss, **{**sub, "kind": kind}) for kind in ("cublas", "tiles")}
+    return measured_kind(vh.device, key, candidates,
+                         agree=lambda x, y: all(tensors_agree(a, b, rtol) for a, b in zip(x, y)))
 
 
 def launch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,

@@ -1,8 +1,9 @@
 """Launchers of the loss's tile GEMMs (``ops/_tile_kernels.py``): the same chunks and results as the cuBLAS path
 of ``_chunked.py``, three passes over each chunk of logits instead of six.
 
-Chosen with ``IVL_KERNELS_GEMM=tiles`` (``ops/_gemm.gemm_kind``; ``cublas``, the default, keeps the cuBLAS
-GEMMs + row kernel): the default changes only after a GPU run shows the tiles faster (benchmarks/NOTES.md).
+Chosen by ``IVL_KERNELS_GEMM`` (``ops/_gemm.gemm_kind``): ``tiles`` forces them, ``cublas`` the cuBLAS GEMMs +
+row kernel, ``auto`` (the default) measures both per shape class on the GPU and keeps the faster of those that
+agree with cuBLAS (``_chunked._measured_kind``).
 Covers every case of the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last
 dimension is strided. A map is applied in the kernels' loads (no gathered copy of the value head); ``d value
 weight`` accumulates per base column and is folded through the map once, at the end, as on the cuBLAS path.
@@ -41,8 +42,9 @@ def _config(dtype: torch.dtype) -> dict:
 
 def _default_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
     """Tiles per kernel. ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``,
-    so that each of their steps uses one factor per row. Half precision: wgmma-sized tiles on sm_90 (128 x 256
-    x 64, 8 warps, as Triton's persistent-matmul tutorial), not yet tuned on a GPU; float32: smaller tiles
+    so that each of their steps uses one factor per row. Half precision: wgmma-sized tiles on sm_90 (128 x 128
+    x 64, 8 warps, 3 stages: 128 x 256 spilled), not yet tuned on a GPU (candidates: benchmarks/bench_loss_tiles.py);
+    float32: smaller tiles
     (exact float32 dots, no TF32, as torch's default matmul), ``maxnreg=255`` on z and dX: without it ptxas capped some
     float32 variants at 80-128 registers and spilled (sm_80, Triton 3.6 and 3.8)."""
     if interpreter_enabled() if interpret is None else interpret:
