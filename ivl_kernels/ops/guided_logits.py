@@ -8,7 +8,7 @@ in the same loop. No ``[M, Vv]`` intermediate exists on the fused backends.
 
 Backends: ``triton`` (any M: below ``GEMM_MIN_ROWS`` rows one launch over a grid of vocabulary tiles x row tiles,
 memory-bound like decoding; from ``GEMM_MIN_ROWS`` rows, where the work is compute-bound, the heads as cuBLAS
-GEMMs accumulated into ``out``: the base head written, the value head added with ``beta = 1``), ``cuda`` (the compiled
+GEMMs accumulated into ``out`` or as one tile GEMM, whichever ``_head_kind`` picks), ``cuda`` (the compiled
 decode kernel of ``csrc/``, M <= 16; ``auto`` takes it where it measured faster on this device: see
 ``ROUTE``), ``torch`` (``guided_logits_torch``: plain PyTorch, chunked over rows).
 """
@@ -43,7 +43,7 @@ ROUTE_CALLS = 20
 # From this many rows (serving batches, prefill, scoring) the head is compute-bound: the Triton tiles reached a
 # third of the H200's matrix rate there (M = 128: 0.736 ms against 0.38 ms for the two heads in cuBLAS), so the
 # heads run as cuBLAS GEMMs accumulated into ``out``, or as one tile GEMM with the heads as K segments
-# (``launch_gemm``: ``IVL_KERNELS_GEMM``, measured per shape class by default).
+# (``_head_kind``: ``IVL_KERNELS_GEMM``, measured per shape class by default).
 GEMM_MIN_ROWS = 128
 # ``auto`` times the head's two GEMM kinds on at most this many rows of a call (scratch: ~0.3 GB at the qwen
 # vocabulary in float32); from here the head is compute-bound at a steady rate per row.
@@ -161,40 +161,38 @@ def _triton_supports(a: GuidedArgs) -> str:
     return _backends.triton_dtype_problem(dtypes)
 
 
-def gemm_path(M: int, vocab_map: Optional[torch.Tensor], fill: float) -> bool:
-    """Whether ``launch_triton`` hands these rows to ``launch_gemm``: compute-bound sizes, and a fill the GEMM
-    expresses (any fill with the identity map, whose unmapped ids are a tail of columns; 0 with a map; any with
-    the tile GEMM forced by ``IVL_KERNELS_GEMM=tiles``, which applies the map in its loads: ``auto`` does not
-    measure a class only one kind can compute, and the row-tile kernel takes it)."""
-    return M >= GEMM_MIN_ROWS and (vocab_map is None or fill == 0.0 or gemm_kind() == "tiles")
-
-
 def _tiles_fit(out: torch.Tensor, *operands: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (out, *operands))
 
 
 def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                alpha_scalar: float, fill: float, out: torch.Tensor) -> str:
-    """``"cublas"`` or ``"tiles"`` for the head from ``GEMM_MIN_ROWS`` rows: ``IVL_KERNELS_GEMM``, and for
-    ``auto`` the measured choice of this shape class (``_gemm.measured_kind``), timed on the call's first
-    ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an in-place call is measured in place, on a copy of its base
-    logits). A map with a non-zero fill has only the tile GEMM (``gemm_path``)."""
+    """How the ``triton`` backend computes the head: ``"rows"`` (the row-tile kernel: below ``GEMM_MIN_ROWS``
+    rows, where the head is memory-bound), else ``"cublas"`` (GEMMs: any fill with the identity map, whose
+    unmapped ids are a tail of columns, fill 0 with a map) or ``"tiles"`` (one tile GEMM, the map in its loads:
+    any map and fill; unit-stride operands). ``IVL_KERNELS_GEMM`` forces a GEMM kind; ``auto`` measures the
+    class's candidates (``_gemm.measured_kind``) on the call's first ``HEAD_MEASURE_ROWS`` rows into scratch
+    outputs (an in-place call in place, on a copy of its base logits), against cuBLAS, or the row-tile kernel
+    where cuBLAS cannot express the fill."""
+    M, Vv = value_hidden.shape[0], value_weight.shape[0]
+    if M < GEMM_MIN_ROWS or Vv == 0:
+        return "rows"
     kind = gemm_kind()
-    if not _tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
-        return "cublas"
-    if kind != "auto" or (vocab_map is not None and fill != 0.0):
-        return "tiles" if kind != "cublas" else "cublas"
-    M = value_hidden.shape[0]
+    reference = "cublas" if vocab_map is None or fill == 0.0 else "rows"
+    if kind == "cublas" or not _tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
+        return reference
+    if kind == "tiles":
+        return "tiles"
     in_place = base_logits is not None and out.data_ptr() == base_logits.data_ptr()
     dt, Hb = value_hidden.dtype, base_hidden.shape[1] if base_hidden is not None else 0
     packed = base_hidden is not None and vocab_map is None and base_hidden.dtype == dt and packed_view(
-        base_weight, value_weight, min(out.shape[1], value_weight.shape[0])) is not None
+        base_weight, value_weight, min(out.shape[1], Vv)) is not None
     key = ("head", min(triton.next_power_of_2(M), HEAD_MEASURE_ROWS), dt, out.dtype, out.shape[1],
            tuple(value_weight.shape), Hb, base_hidden.dtype if base_hidden is not None else None,
            base_logits.dtype if base_logits is not None else None, in_place, packed, vocab_map is not None,
-           alpha_tensor is not None)
+           fill != 0.0, alpha_tensor is not None)
 
-    def candidate(launch):
+    def candidate(which):
         def run():
             r = min(M, HEAD_MEASURE_ROWS)
             rows = lambda t: t[:r] if t is not None else None  # noqa: E731
@@ -203,14 +201,24 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
                 base = scratch
             else:
                 scratch, base = torch.empty((r, out.shape[1]), dtype=out.dtype, device=out.device), rows(base_logits)
-            launch(value_hidden[:r], value_weight, base, rows(base_hidden), base_weight, vocab_map,
-                   rows(alpha_tensor), alpha_scalar, fill, scratch)
+            _launch_head(which, value_hidden[:r], value_weight, base, rows(base_hidden), base_weight, vocab_map,
+                         rows(alpha_tensor), alpha_scalar, fill, scratch)
             return scratch
         return run
 
     rtol = rtol_for(out.dtype)
-    return measured_kind(out.device, key, {"cublas": candidate(_launch_cublas), "tiles": candidate(_launch_tiles)},
-                         agree=lambda x, y: tensors_agree(x, y, rtol))
+    choice = measured_kind(out.device, key, {reference: candidate(reference), "tiles": candidate("tiles")},
+                           agree=lambda x, y: tensors_agree(x, y, rtol))
+    return choice if choice == "tiles" else reference
+
+
+def _launch_head(which: str, *args) -> None:
+    if which == "tiles":
+        _launch_tiles(*args)
+    elif which == "cublas":
+        _launch_cublas(*args)
+    else:
+        _launch_rows(*args)
 
 
 def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
@@ -249,8 +257,8 @@ def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_wei
         EVEN_K=Hv % cfg["BLOCK_K"] == 0 and Hb % cfg["BLOCK_K"] == 0, **cfg)
 
 
-def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
+def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                   alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
     """The head as GEMMs into ``out [M, Vb]`` (float32 accumulation, one rounding to ``out``'s dtype per GEMM):
 
         out  = (alpha * X_v) @ W^T  (W = value_weight[:Vb], or its rows gathered through the map, zero rows
@@ -259,18 +267,8 @@ def launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weigh
         out[:, Vv:] = alpha * fill  (identity map: the base ids beyond the value vocabulary, added likewise)
         out += X_b @ W_b^T          (base hidden states)
 
-    A map costs one gather of the value head per call (``[Vb, Hv]``). Or one tile GEMM instead
-    (``_launch_tiles``, any map and fill): see ``_head_kind``.
+    A map costs one gather of the value head per call (``[Vb, Hv]``).
     """
-    kind = _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                      alpha_scalar, fill, out)
-    launch = _launch_tiles if kind == "tiles" else _launch_cublas
-    launch(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, alpha_scalar,
-           fill, out)
-
-
-def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                   alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     if base_hidden is not None and vocab_map is None and base_hidden.dtype == dt:
@@ -336,16 +334,20 @@ def _launch_packed(value_hidden, base_hidden, base_weight, wcat, alpha_tensor, a
 def launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
                   alpha_tensor, alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
     """Run the ``triton`` backend: all tensors already validated and flattened (``[M, Hv]``, ``[M, Vb]``...);
-    from ``GEMM_MIN_ROWS`` rows, ``launch_gemm``."""
+    the row-tile kernel, or from ``GEMM_MIN_ROWS`` rows a GEMM kind (``_head_kind``)."""
+    if value_hidden.shape[0] == 0 or out.shape[1] == 0:
+        return
+    args = (value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, alpha_scalar,
+            fill, out)
+    _launch_head(_head_kind(*args), *args)
+
+
+def _launch_rows(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                 alpha_tensor, alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
+    """The row-tile kernel ``_guided_logits_kernel``: one launch over vocabulary tiles x row tiles."""
     M, Hv = value_hidden.shape
     Vv = value_weight.shape[0]
     Vb = out.shape[1]
-    if M == 0 or Vb == 0:
-        return
-    if gemm_path(M, vocab_map, fill) and Vv > 0:
-        launch_gemm(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                    alpha_scalar, fill, out)
-        return
     base_mode = 1 if base_logits is not None else (2 if base_hidden is not None else 0)
     Hb = base_hidden.shape[1] if base_hidden is not None else 0
     dummy = value_hidden

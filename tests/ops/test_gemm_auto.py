@@ -115,6 +115,26 @@ def test_nothing_is_measured_where_it_must_not_be(why, monkeypatch):
     assert choice.choose("k2", lambda: measured.append(1) or "tiles") == "tiles" and measured == [1]
 
 
+@needs_triton
+@pytest.mark.parametrize("forced", ["cublas", "tiles"])
+def test_a_forced_kind_that_cannot_compute_the_call_gives_way(forced, monkeypatch):
+    """A map with a nonzero fill: cuBLAS cannot express it (the row-tile kernel runs); tiles need unit-stride
+    operands (a strided value head: the reference runs). Never a wrong path."""
+    monkeypatch.setenv("IVL_KERNELS_GEMM", forced)
+    M, Vb, Vv, Hv = gl.GEMM_MIN_ROWS, 50, 40, 16
+    vh = torch.randn(M, Hv, device=DEVICE)
+    vw = torch.randn(Hv, Vv, device=DEVICE).T / 4 if forced == "tiles" else torch.randn(Vv, Hv, device=DEVICE) / 4
+    bl = torch.randn(M, Vb, device=DEVICE)
+    kw = dict(base_logits=bl, vocab_map=make_map("many_to_one", Vb, Vv, DEVICE), fill=-1.5)
+    ran = []
+    for name in ("_launch_cublas", "_launch_tiles", "_launch_rows"):
+        monkeypatch.setattr(gl, name, lambda *a, _n=name, _f=getattr(gl, name): (ran.append(_n), _f(*a)))
+    out = ivl.fused_guided_logits(vh, vw, backend="triton", **kw)
+    ref = guided_logits_naive(vh, vw, dtype=torch.float64, **kw)
+    assert_guided_close(out, ref, guided_logits_naive(vh, vw, **kw), torch.float32, forced)
+    assert ran == ["_launch_rows"]
+
+
 def test_auto_is_cublas_off_a_gpu(monkeypatch):
     monkeypatch.delenv("IVL_KERNELS_GEMM", raising=False)
     assert _gemm.gemm_kind() == "auto"
@@ -134,10 +154,10 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_gemm, "GEMM", Measured(fallback="cublas"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    state = dict(ms={"cublas": 1.0, "tiles": 0.5}, timed=[], ran=[], corrupt=False)
+    state = dict(ms={"cublas": 1.0, "rows": 3.0, "tiles": 0.5}, timed=[], ran=[], corrupt=False)
     frames = []
     real_loss, real_chunks = _chunked.chunked_loss, _chunked.tile_chunks
-    real_cublas, real_tiles = gl._launch_cublas, gl._launch_tiles
+    real_cublas, real_tiles, real_rows = gl._launch_cublas, gl._launch_tiles, gl._launch_rows
 
     def chunked_loss(*a, **k):
         frames.append("cublas")
@@ -169,6 +189,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_chunked, "tile_chunks", tile_chunks)
     monkeypatch.setattr(gl, "_launch_cublas", launch("cublas", real_cublas))
     monkeypatch.setattr(gl, "_launch_tiles", launch("tiles", real_tiles))
+    monkeypatch.setattr(gl, "_launch_rows", launch("rows", real_rows))
     monkeypatch.setattr(_measured, "time_ms", time_ms)
     return state
 
@@ -223,15 +244,19 @@ def test_loss_measures_on_its_first_rows_and_keys_the_row_bucket(fake_gpu, monke
 
 @needs_triton
 @pytest.mark.parametrize("base_mode", ["logits", "logits-in-place", "hidden"])
-@pytest.mark.parametrize("faster", ["tiles", "cublas"])
-def test_head_runs_the_faster_kind_and_writes_once(fake_gpu, base_mode, faster):
-    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 2.0} if faster == "cublas" else {"cublas": 1.0, "tiles": 0.5}
+@pytest.mark.parametrize("fill", [0.0, -1.5], ids=["fill0", "fill-1.5"])
+@pytest.mark.parametrize("faster", ["tiles", "reference"])
+def test_head_runs_the_faster_kind_and_writes_once(fake_gpu, base_mode, fill, faster):
+    """With a map, cuBLAS expresses fill 0 only: a nonzero fill measures the row-tile kernel against the tiles."""
+    reference = "cublas" if fill == 0.0 else "rows"
+    fake_gpu["ms"] = {reference: 1.0, "tiles": 2.0 if faster == "reference" else 0.5}
+    faster = reference if faster == "reference" else faster
     M, Vb, Vv, Hv, Hb = gl.GEMM_MIN_ROWS + 5, 70, 60, 24, 40
     d = dict(device=DEVICE)
     vh = torch.randn(M, Hv, **d)
     vw = torch.randn(Vv, Hv, **d) / math.sqrt(Hv)
     vmap = make_map("many_to_one", Vb, Vv, DEVICE)
-    kw = dict(vocab_map=vmap, alpha=torch.rand(M, **d) * 2 - 0.5)
+    kw = dict(vocab_map=vmap, alpha=torch.rand(M, **d) * 2 - 0.5, fill=fill)
     if base_mode.startswith("logits"):
         kw["base_logits"] = torch.randn(M, Vb, **d)
     else:
@@ -242,10 +267,10 @@ def test_head_runs_the_faster_kind_and_writes_once(fake_gpu, base_mode, faster):
     assert ivl.fused_guided_logits(vh, vw, out=out, backend="triton", **kw) is out
     # Guided once: the measurement ran on copies, in place on them for an in-place call.
     assert_guided_close(out, ref, plain, torch.float32, f"auto {base_mode}")
-    assert fake_gpu["timed"] == ["cublas", "tiles"], fake_gpu["timed"]
-    assert fake_gpu["ran"] == ["cublas", "tiles", "cublas", "tiles", faster], fake_gpu["ran"]
+    assert fake_gpu["timed"] == [reference, "tiles"], fake_gpu["timed"]
+    assert fake_gpu["ran"] == [reference, "tiles", reference, "tiles", faster], fake_gpu["ran"]
     key = next(iter(_gemm.GEMM.choices))
-    assert key[1:3] == ("head", 256) and key[10] == (base_mode == "logits-in-place")
+    assert key[1:3] == ("head", 256) and key[10] == (base_mode == "logits-in-place") and key[13] == (fill != 0)
 
 
 @needs_triton
