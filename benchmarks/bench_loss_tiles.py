@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (add_output_args, environment, format_table, output_options, plot_bars,  # noqa: E402
                      print_environment, write_csv)
 
-KERNELS = {"_ce_logits_tile_kernel": "z", "_ce_combine_kernel": "lse", "_ce_dx_tile_kernel": "dX",
-           "_ce_dw_tile_kernel": "dW"}
+KERNELS = {"_ce_logits_tile_kernel": "z", "_ce_logits_tma_kernel": "z", "_ce_combine_kernel": "lse",
+           "_ce_dx_tile_kernel": "dX", "_ce_dw_tile_kernel": "dW"}
 LOGIT_STD = 3.0  # as bench_guided_loss.py: a peaked softmax
 
 
@@ -43,6 +43,9 @@ def _tiles(m, n, k, w, s):
 # multiple of dX's BLOCK_K and dW's BLOCK_M).
 VARIANTS = {
     "default": {},
+    # TMA descriptors and a persistent grid (_tile_launch: a candidate, sm_90, no map).
+    "z TMA persistent": {"logits": {**_tiles(128, 128, 64, 8, 3), "tma": True}},
+    "z TMA persistent 4 stages": {"logits": {**_tiles(128, 128, 64, 8, 4), "tma": True}},
     "z 4 stages": {"logits": _tiles(128, 128, 64, 8, 4)},
     "z 64x128 4 warps": {"logits": _tiles(64, 128, 64, 4, 4)},
     "z k32 5 stages": {"logits": _tiles(128, 128, 32, 8, 5)},

@@ -132,6 +132,63 @@ def _ce_logits_tile_kernel(
     if HAS_BASE_HIDDEN:
         acc = _k_segment(acc, xb_ptr, stride_xb, rows64, row_ok, wb_ptr, stride_wb, cols64, cols < Vb, Hb, B_PREC,
                          EVEN_K, BLOCK_K)
+    _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr,
+                      part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k, stride_part_t,
+                      stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS, SMOOTH, MODE, BLOCK_N)
+
+
+@triton.jit
+def _ce_logits_tma_kernel(
+    xv_desc, wv_desc, xb_desc, wb_desc, base_ptr, alpha_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr, part_ptr, stats_ptr,
+    R, Vb, Vval, Vg, Hv, Hb, stride_base_m, stride_base_v, ld_out, stride_part_k, stride_part_t, stride_stats,
+    alpha_scalar, fill, smooth_self, smooth_all, inv_scale,
+    HAS_BASE_LOGITS: tl.constexpr, HAS_BASE_HIDDEN: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr,
+    SMOOTH: tl.constexpr, MODE: tl.constexpr, V_PREC: tl.constexpr, B_PREC: tl.constexpr, FLATTEN: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_ce_logits_tile_kernel`` without a map, for Hopper: the operands come through tensor descriptors (TMA:
+    no address arithmetic or masks in registers, out-of-range rows and K read as zeros) and the grid is
+    persistent, ``NUM_PROGRAMS`` programs (one per SM) walking the tiles in the same order (row tiles fastest).
+    ``FLATTEN`` (one K segment: no base hidden states): the tile loop and the K loop are one pipelined loop, so
+    the next tile's first loads are in flight during this tile's epilogue. A candidate (``_tile_launch``): bf16
+    on sm_90 it compiles to TMA loads and wgmma, 126-254 registers, no spills, 98-131 KB of shared memory (the
+    ahead-of-time compile test checks it); not yet timed on a GPU."""
+    num_m = tl.cdiv(R, BLOCK_M)
+    num_tiles = num_m * tl.cdiv(Vb, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m = tile % num_m
+        pid_n = tile // num_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < R
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(tl.cdiv(Hv, BLOCK_K)):
+            x = xv_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            w = wv_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, input_precision=V_PREC)
+        valid = cols < Vval
+        alpha = _row_alpha(alpha_ptr, rows, row_ok, alpha_scalar, ALPHA_IS_TENSOR)
+        acc = tl.where(valid[None, :], acc, fill) * alpha[:, None]
+        if HAS_BASE_HIDDEN:
+            for ki in range(tl.cdiv(Hb, BLOCK_K)):
+                x = xb_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+                w = wb_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+                acc = tl.dot(x, w.T, acc, input_precision=B_PREC)
+        _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr,
+                          part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k,
+                          stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS, SMOOTH,
+                          MODE, BLOCK_N)
+
+
+@triton.jit
+def _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr,
+                      part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k,
+                      stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS: tl.constexpr,
+                      SMOOTH: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A logits tile's end, shared by both logits kernels: the base logits added, then the head's store
+    (``MODE`` 3) or the loss's epilogue."""
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
     in_b = cols < Vb
     if HAS_BASE_LOGITS:
         acc += tl.load(base_ptr + rows64[:, None] * stride_base_m + cols64[None, :] * stride_base_v,

@@ -25,7 +25,7 @@ from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_gui
 from ._columns import gather_columns
 from ._gemm import addmm_into, gemm_kind, measured_kind
 from ._measured import Measured, fastest, rtol_for, tensors_agree
-from ._tile_kernels import _ce_logits_tile_kernel
+from ._tile_launch import launch_logits, logits_config
 from .packed_heads import packed_view
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
@@ -226,35 +226,16 @@ def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_wei
     """The head as one tile GEMM (``_head_kind``; ``ops/_tile_kernels.py``, ``MODE`` 3): both heads
     as two K segments of one float32 accumulator, base logits added in the epilogue, the map applied in the value
     head's loads, ``out`` written once (it may be ``base_logits`` itself: each tile reads its base before it
-    writes). Half precision: 128 x 128 x 64 tiles, 8 warps, 3 stages (the loss's logits tile; not yet tuned)."""
+    writes). The loss's logits tiles (``logits_config``); on Hopper without a map, TMA and a persistent grid."""
     M, Hv = value_hidden.shape
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
-    if interpreter_enabled():
-        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4)
-    elif dt == torch.float32:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    Hb = base_hidden.shape[1] if base_hidden is not None else 0
-    dummy = out
     prec = {torch.float32: "ieee"}
-    _ce_logits_tile_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(Vb, cfg["BLOCK_N"]),)](
-        value_hidden, value_weight, base_hidden if base_hidden is not None else value_hidden,
-        base_weight if base_weight is not None else value_weight,
-        base_logits if base_logits is not None else dummy, vocab_map if vocab_map is not None else dummy,
-        alpha_tensor if alpha_tensor is not None else dummy, dummy, dummy, dummy, out, dummy, dummy,
-        M, Vb, Vb if vocab_map is not None else Vv, Vv, 0, Hv, Hb,
-        value_hidden.stride(0), value_weight.stride(0), base_hidden.stride(0) if base_hidden is not None else 0,
-        base_weight.stride(0) if base_weight is not None else 0,
-        base_logits.stride(0) if base_logits is not None else 0,
-        base_logits.stride(1) if base_logits is not None else 0,
-        vocab_map.stride(0) if vocab_map is not None else 0, out.stride(0), 0, 0, 0,
-        alpha_scalar, fill, 0.0, 0.0, 1.0,
-        HAS_BASE_LOGITS=base_logits is not None, HAS_BASE_HIDDEN=base_hidden is not None,
-        HAS_MAP=vocab_map is not None, ALPHA_IS_TENSOR=alpha_tensor is not None, SMOOTH=False, MODE=3,
-        V_PREC=prec.get(dt, "tf32"), B_PREC=prec.get(base_hidden.dtype if base_hidden is not None else dt, "tf32"),
-        EVEN_K=Hv % cfg["BLOCK_K"] == 0 and Hb % cfg["BLOCK_K"] == 0, **cfg)
+    launch_logits(logits_config(dt), value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map, alpha_tensor,
+                  out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0,
+                  ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
+                  inv_scale=1.0, mode=3, v_prec=prec.get(dt, "tf32"),
+                  b_prec=prec.get(base_hidden.dtype if base_hidden is not None else dt, "tf32"))
 
 
 def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,

@@ -13,8 +13,10 @@ import torch
 
 import ivl_kernels as ivl
 from ivl_kernels.ops import guided_cross_entropy as gce
+from ivl_kernels.ops import _tile_launch
 from ivl_kernels.ops.guided_cross_entropy import _tiles
 from ivl_kernels.reference import guided_cross_entropy_naive
+from _kernel_spy import KernelSpy
 from test_guided_cross_entropy import (ATOL, CASES, HAS_GPU, _case, _check, _err, _make, _run, _to,
                                       guided_loss_extra_memory, needs_triton)
 
@@ -22,26 +24,20 @@ pytestmark = needs_triton
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
-class _Modes:
-    """Stands in for the logits tile kernel: records each launch's ``MODE``, then launches the real one."""
-
-    def __init__(self, kernel):
-        self.kernel, self.modes = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.modes.append(kwargs["MODE"])
-            return self.kernel[grid](*args, **kwargs)
-        return launch
+@pytest.fixture
+def tile_kernels():
+    """The names of the logits kernels launched (filled by ``tiles``)."""
+    return []
 
 
 @pytest.fixture
-def tiles(monkeypatch):
-    """The tile path on; yields the list of logits-kernel modes launched."""
+def tiles(monkeypatch, tile_kernels):
+    """The tile path on; yields the list of logits-kernel modes launched (either logits kernel)."""
     monkeypatch.setenv("IVL_KERNELS_GEMM", "tiles")
-    spy = _Modes(_tiles._ce_logits_tile_kernel)
-    monkeypatch.setattr(_tiles, "_ce_logits_tile_kernel", spy)
-    return spy.modes
+    modes = []
+    for name in ("_ce_logits_tile_kernel", "_ce_logits_tma_kernel"):
+        monkeypatch.setattr(_tile_launch, name, KernelSpy(getattr(_tile_launch, name), tile_kernels, modes))
+    return modes
 
 
 def _small_chunks(monkeypatch, kw, vw):
@@ -83,6 +79,24 @@ def test_tiles_fp32_match_reference(case, chunks, tiles, monkeypatch):
         _small_chunks(monkeypatch, kw, vw)
     _check("triton", vh, vw, target, kw, torch.float32)
     assert tiles and set(tiles) == _expected_modes(kw), f"tile modes {tiles}"
+
+
+TMA_CASES = [c for c in TILE_CASES if c.values[0].get("vmap", "identity") == "identity"]
+
+
+@pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
+@pytest.mark.parametrize("case", TMA_CASES)
+def test_tma_kernel_matches_reference(case, chunks, tiles, tile_kernels, monkeypatch):
+    """The logits kernel reading through tensor descriptors on a persistent grid (``_tile_launch.TMA``; the
+    interpreter runs it): every mode, base term and row chunking of the pointer kernel's cases without a map;
+    each operand a descriptor can address (the strided base logits are read by pointer in both kernels)."""
+    monkeypatch.setattr(_tile_launch, "TMA", True)
+    monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 3)  # a few programs, each walking several tiles
+    vh, vw, target, kw = _make(**case, dtype=torch.float32)
+    if chunks == "many_chunks":
+        _small_chunks(monkeypatch, kw, vw)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    assert set(tiles) == _expected_modes(kw) and set(tile_kernels) == {"_ce_logits_tma_kernel"}, tile_kernels
 
 
 @pytest.mark.parametrize("case", [TILE_CASES[0], TILE_CASES[-4], TILE_CASES[-2]])

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import ivl_kernels as ivl
+from ivl_kernels.ops import _tile_launch
 from ivl_kernels.ops import guided_logits as gl
 from ivl_kernels.ops.packed_heads import pack_head_weights, packed_view
 from ivl_kernels.reference import guided_logits_naive
 
+from _kernel_spy import KernelSpy
 from test_guided_logits import BACKENDS, _skip_unsupported, assert_guided_close, make_map
 
 TRITON = [p for p in BACKENDS if p.values[0] == "triton"]
@@ -169,15 +171,20 @@ def test_packed_heads_under_torch_compile(backend, device):
 @pytest.mark.parametrize("map_kind,Vv", [("identity", 80), ("identity", 110), ("injective", 80),
                                          ("many_to_one", 80)], ids=["identity-Vv<Vb", "identity-Vv>Vb",
                                                                     "injective", "many_to_one"])
-def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map_kind, Vv, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map_kind, Vv, tma, monkeypatch):
     """``IVL_KERNELS_GEMM=tiles``: the head from ``GEMM_MIN_ROWS`` rows as one tile GEMM (both heads as K
     segments, base logits in the epilogue, the map in the loads, a nonzero fill with a map), written once; in
-    place on the base logits too."""
+    place on the base logits too. ``tma``: through tensor descriptors on a persistent grid where there is no map
+    (``_tile_launch.TMA``; with a map the pointer kernel runs)."""
     _skip_unsupported(backend, device, dtype)
     monkeypatch.setenv("IVL_KERNELS_GEMM", "tiles")
+    monkeypatch.setattr(_tile_launch, "TMA", tma)
+    monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 5)
     calls = []
-    real = gl._launch_tiles
-    monkeypatch.setattr(gl, "_launch_tiles", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    for name in ("_ce_logits_tile_kernel", "_ce_logits_tma_kernel"):
+        real = getattr(_tile_launch, name)
+        monkeypatch.setattr(_tile_launch, name, KernelSpy(real, calls))
     Vb, Hv, Hb = 97, 24, 40
     vh = torch.randn(M_GEMM, Hv, device=device).to(dtype)
     vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
@@ -201,5 +208,7 @@ def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map
         out_dtype = kw["base_logits"].dtype if "base_logits" in kw else torch.float32
         out = torch.full(ref.shape, float("nan"), dtype=out_dtype, device=device)
         ivl.fused_guided_logits(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, out=out, backend=backend, **kw)
-    assert calls, "the tile GEMM did not run"
+    want = "_ce_logits_tma_kernel" if tma and map_kind == "identity" else "_ce_logits_tile_kernel"
+    assert calls == [want], calls
     assert_guided_close(out, ref, plain, dtype, f"tiles {base_mode} {map_kind} Vv={Vv}")
+

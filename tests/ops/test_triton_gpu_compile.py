@@ -60,6 +60,9 @@ LOSS_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "rows"), ("fp3
                  ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
 TILES_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "spot"), ("fp32", 90, 16384, "spot"),
                   ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
+# The TMA + persistent logits kernel (``_tile_launch``, a candidate: benchmarks/bench_loss_tiles.py): sm_90, no map,
+# in the benchmark's dtype (float16 spilled 4 bytes in one epilogue: the loss's one-pass mode with base hidden states).
+TMA_COVERAGE = (("bf16", 90, 16384),)
 
 
 def jobs() -> list:
@@ -95,6 +98,12 @@ def jobs() -> list:
         for j, base in enumerate(("logits", "hidden")):
             for with_map in ((False, True) if cover != "spot" else (j % 2 == 1,)):
                 out.append(("tiles:logits", dtype, 512, base, with_map, (j + with_map) % 2 == 1, False, False, cc))
+    for dtype, cc, N in TMA_COVERAGE:
+        for j, base in enumerate(BASE_MODES):
+            for op in ("fwd", "bwd", "one"):
+                out.append(("tiles-tma:" + op, dtype, N, base, False, (j + (op == "one")) % 2 == 1, False, False, cc))
+        for j, base in enumerate(("logits", "hidden")):
+            out.append(("tiles-tma:logits", dtype, 512, base, False, j % 2 == 1, False, False, cc))
     return out
 
 
@@ -109,15 +118,20 @@ def _launcher_call(job):
     from ivl_kernels.ops import guided_logits as gl
 
     op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, cc = job
-    if op.startswith("tiles:"):
-        fn, args = _launcher_call((op[len("tiles:"):], *job[1:]))
+    if op.startswith(("tiles:", "tiles-tma:")):
+        from ivl_kernels.ops import _tile_launch
+
+        kind, inner = op.split(":", 1)
+        fn, args = _launcher_call((inner, *job[1:]))
 
         def with_tiles(*a):
-            old = os.environ.get("IVL_KERNELS_GEMM")
+            old, old_tma = os.environ.get("IVL_KERNELS_GEMM"), _tile_launch.TMA
             os.environ["IVL_KERNELS_GEMM"] = "tiles"
+            _tile_launch.TMA = kind == "tiles-tma"
             try:
                 return fn(*a)
             finally:
+                _tile_launch.TMA = old_tma
                 if old is None:
                     del os.environ["IVL_KERNELS_GEMM"]
                 else:
@@ -304,12 +318,13 @@ def expected_mma(r: dict) -> str:
 # Driver
 # --------------------------------------------------------------------------------------------------------------
 KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1",
-                "_ce_logits_tile_kernel": "tile z", "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX",
-                "_ce_dw_tile_kernel": "loss dW"}
+                "_ce_logits_tile_kernel": "tile z", "_ce_logits_tma_kernel": "tile z tma", "_ce_combine_kernel": "loss lse",
+                "_ce_dx_tile_kernel": "loss dX", "_ce_dw_tile_kernel": "loss dW"}
 # Kernels whose half-precision dots must reach the tensor cores (``expected_mma``).
-TILE_KERNELS = ("logits", "tile z", "loss dX", "loss dW")
+TILE_KERNELS = ("logits", "tile z", "tile z tma", "loss dX", "loss dW")
 # A pointer every launch of the kernel passes 16-byte aligned (the stand-ins are): it must carry the hint.
-ALIGNED_POINTER = {"logits": "vh_ptr", "tile z": "xv_ptr", "loss lse": "part_ptr", "loss dX": "p_ptr",
+ALIGNED_POINTER = {"logits": "vh_ptr", "tile z": "xv_ptr", "tile z tma": "part_ptr", "loss lse": "part_ptr",
+                   "loss dX": "p_ptr",
                    "loss dW": "p_ptr"}
 
 
@@ -372,6 +387,7 @@ def _run_job(item) -> list:
         usage = ptxas_usage(compiled.asm["ptx"], job[-1])
         rows.append(dict(kernel=KERNEL_NAMES.get(kernel.__name__, kernel.__name__),
                          mma=mma_kind(compiled.asm["ptx"]), block_m=kwargs.get("BLOCK_M"),
+                         tma=bool(re.search(r"\bcp\.async\.bulk\.tensor", compiled.asm["ptx"])),
                          variant=_describe(job, kwargs), dtype=job[1], cc=job[-1],
                          shared=compiled.metadata.shared, seconds=time.time() - t0,
                          spec=_specialisation(compiled, kernel), **usage))
@@ -420,6 +436,8 @@ def main() -> int:
             failures.append(f"shared memory {r['shared']} > {SHARED_MEMORY_LIMIT[r['cc']]}: {r}")
         elif r["cc"] == 80 and r["shared"] > SHARED_MEMORY_LIMIT_SM8X:
             failures.append(f"shared memory {r['shared']} > {SHARED_MEMORY_LIMIT_SM8X} (sm_86/sm_89): {r}")
+        if r["kernel"] == "tile z tma" and not r["tma"]:
+            failures.append(f"no TMA load (cp.async.bulk.tensor) in the TMA kernel: {r}")
         if r["spill_stores"] or r["spill_loads"]:
             failures.append(f"register spills: {r}")
         want = expected_mma(r)

@@ -18,7 +18,8 @@ import torch
 
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
-from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel, _ce_logits_tile_kernel
+from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel
+from .._tile_launch import launch_logits, logits_config, sm_count
 
 
 def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
@@ -41,32 +42,23 @@ def _config(dtype: torch.dtype) -> dict:
 
 
 def _default_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
-    """Tiles per kernel. ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``,
-    so that each of their steps uses one factor per row. Half precision: wgmma-sized tiles on sm_90 (128 x 128
-    x 64, 8 warps, 3 stages: 128 x 256 spilled), not yet tuned on a GPU (candidates: benchmarks/bench_loss_tiles.py);
-    float32: smaller tiles
-    (exact float32 dots, no TF32, as torch's default matmul), ``maxnreg=255`` on z and dX: without it ptxas capped some
-    float32 variants at 80-128 registers and spilled (sm_80, Triton 3.6 and 3.8)."""
-    if interpreter_enabled() if interpret is None else interpret:
-        return dict(logits=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4),
-                    dx=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4),
+    """Tiles per kernel: ``logits`` (``_tile_launch.logits_config``, shared with the head), then ``dx`` / ``dw``
+    (same sizes in half precision, float32 with ``maxnreg=255`` on dX, as the logits tile) and ``combine``.
+    ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``, so that each of their
+    steps uses one factor per row."""
+    interpret = interpreter_enabled() if interpret is None else interpret
+    logits = logits_config(dtype, interpret)
+    if interpret:
+        return dict(logits=logits, dx=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4),
                     dw=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), combine=dict(BLOCK_R=16, BLOCK_T=4))
     if dtype == torch.float32:
-        return dict(logits=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255),
+        return dict(logits=logits,
                     dx=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255),
                     dw=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
                     combine=dict(BLOCK_R=64, BLOCK_T=16))
-    return dict(logits=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    return dict(logits=logits, dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                 dw=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                 combine=dict(BLOCK_R=64, BLOCK_T=16))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # an H100's: what the ahead-of-time compile test (meta tensors) and the interpreter plan for
 
 
 def dx_splits(row_tiles: int, h_tiles: int, col_tiles: int, device: torch.device) -> int:
@@ -74,7 +66,7 @@ def dx_splits(row_tiles: int, h_tiles: int, col_tiles: int, device: torch.device
     at the qwen shapes, 1.6 waves on 132 SMs: the last wave 60 % idle). The split count (1..8, at most one per
     logits column tile) whose programs fill their waves best; the smallest of equals (each split adds a float32
     ``[rows, Hv]`` slice)."""
-    tiles, sms = max(1, row_tiles * h_tiles), _sm_count(device)
+    tiles, sms = max(1, row_tiles * h_tiles), sm_count(device)
 
     def filled(s: int) -> float:
         return tiles * s / (-(-tiles * s // sms) * sms)
@@ -104,10 +96,8 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     mode = 0 if not grads else (1 if lse is None else 2)
     esize = vh.element_size()
     rows = chunk_rows((Vg * esize if mode else 0) + 3 * T * 4 + (8 * Hv * 4 if dvh is not None else 0))
-    Hb = base_hidden.shape[1] if base_hidden is not None else 0
     dummy = target_local
     smooth = smooth_all != 0.0
-    even_k = Hv % cfg["logits"]["BLOCK_K"] == 0 and Hb % cfg["logits"]["BLOCK_K"] == 0
     flags = dict(HAS_MAP=vocab_map is not None, ALPHA_IS_TENSOR=alpha_tensor is not None, SMOOTH=smooth)
     smap = vocab_map.stride(0) if vocab_map is not None else 0
     vmap = vocab_map if vocab_map is not None else dummy
@@ -132,21 +122,12 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
         buf = torch.empty((R, Vg), dtype=dt, device=dev) if mode else stats_arg
         st = stats_arg[:, r0:r1] if stats is not None else stats_arg
         base_c = base_logits[r0:r1] if base_logits is not None else None
-        c = cfg["logits"]
-        grid = (triton.cdiv(R, c["BLOCK_M"]) * T,)
-        _ce_logits_tile_kernel[grid](
-            xv, vw, base_hidden[r0:r1] if base_hidden is not None else xv,
-            base_weight if base_weight is not None else vw, base_c if base_c is not None else dummy, vmap,
-            alpha_c, tgt, g_c, lse[r0:r1] if mode == 2 else dummy, buf, part, st,
-            R, Vb, v_val, Vv, Vg, Hv, Hb,
-            xv.stride(0), vw.stride(0), base_hidden.stride(0) if base_hidden is not None else 0,
-            base_weight.stride(0) if base_weight is not None else 0,
-            base_c.stride(0) if base_c is not None else 0, base_c.stride(1) if base_c is not None else 0,
-            smap, buf.stride(0) if mode else 0, part.stride(0), part.stride(1), st.stride(0),
-            alpha_scalar, fill, smooth_self, smooth_all, 1.0 / scale,
-            HAS_BASE_LOGITS=base_c is not None, HAS_BASE_HIDDEN=base_hidden is not None, MODE=mode,
-            V_PREC=_prec(dt), B_PREC=_prec(base_hidden.dtype if base_hidden is not None else dt), EVEN_K=even_k,
-            **flags, **c)
+        launch_logits(cfg["logits"], xv, vw, base_hidden[r0:r1] if base_hidden is not None else None, base_weight,
+                      base_c, vocab_map, alpha_tensor[r0:r1] if alpha_tensor is not None else None, tgt, g_c,
+                      lse[r0:r1] if mode == 2 else dummy, buf, part, st, R=R, Vb=Vb, Vval=v_val, Vv=Vv, Vg=Vg,
+                      ld_out=buf.stride(0) if mode else 0, alpha_scalar=alpha_scalar, fill=fill,
+                      smooth_self=smooth_self, smooth_all=smooth_all, inv_scale=1.0 / scale, mode=mode,
+                      v_prec=_prec(dt), b_prec=_prec(base_hidden.dtype if base_hidden is not None else dt))
         if mode != 2:
             cc = cfg["combine"]
             _ce_combine_kernel[(triton.cdiv(R, cc["BLOCK_R"]),)](

@@ -1,0 +1,121 @@
+"""Launches of the logits tile kernel (``_tile_kernels.py``), shared by the loss (``MODE`` 0-2) and the guided head
+(``MODE`` 3): the pointer kernel ``_ce_logits_tile_kernel``, or ``_ce_logits_tma_kernel`` (TMA descriptors, a
+persistent grid; no map; Hopper).
+
+The TMA kernel is a candidate, not yet the default: compiled for sm_90 it uses wgmma and TMA, but 154-255
+registers against the pointer kernel's 128-232 (its epilogue still holds the whole float32 tile) and, with one K
+segment, 131 KB of shared memory; whether it is faster needs a GPU (``benchmarks/bench_loss_tiles.py``, variant
+"z TMA persistent"). It runs where a configuration says ``"tma": True`` (``CONFIG_OVERRIDE``) or ``TMA`` is
+``True`` (the tests: the interpreter runs it on CPU), for operands a tensor descriptor can address (unit last
+stride, 16-byte aligned base and rows), without a map, half precision on sm_90+ (any dtype under the
+interpreter). ``TMA = False`` never takes it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .._triton import interpreter_enabled, triton
+from ._tile_kernels import _ce_logits_tile_kernel, _ce_logits_tma_kernel
+
+TMA: Optional[bool] = None
+
+
+def logits_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
+    """The logits tile kernel's tiles (the loss's and the head's). Half precision: wgmma-sized tiles on sm_90
+    (128 x 128 x 64, 8 warps, 3 stages: 128 x 256 spilled), not yet tuned on a GPU (candidates:
+    benchmarks/bench_loss_tiles.py); float32: smaller tiles (exact float32 dots, no TF32, as torch's default
+    matmul) with ``maxnreg=255``: without it ptxas capped some float32 variants at 80-128 registers and spilled
+    (sm_80, Triton 3.6 and 3.8)."""
+    if interpreter_enabled() if interpret is None else interpret:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's: what the ahead-of-time compile test (meta tensors) and the interpreter plan for
+
+
+def _descriptor_class():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without host-side tensor descriptors
+        return None
+    return TensorDescriptor
+
+
+def _target_arch() -> int:
+    """The compute capability Triton compiles for now (the current device's; the compile test's stand-in)."""
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no GPU driver
+        return 0
+    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else 0
+
+
+def tma_usable(dtype: torch.dtype, *operands: torch.Tensor) -> bool:
+    """Whether the TMA kernel can take a launch over these 2-D GEMM operands (module docstring)."""
+    if _descriptor_class() is None:
+        return False
+    if not interpreter_enabled() and (dtype not in (torch.float16, torch.bfloat16) or _target_arch() < 90):
+        return False
+    for t in operands:
+        esize = t.element_size()
+        if t.dim() != 2 or 0 in t.shape or t.stride(-1) != 1 or (t.stride(0) * esize) % 16:
+            return False
+        if t.device.type != "meta" and t.data_ptr() % 16:
+            return False
+    return True
+
+
+def launch_logits(cfg: dict, xv, wv, xb, wb, base, vocab_map, alpha_tensor, tgt, g, lse, out, part, stats, *,
+                  R: int, Vb: int, Vval: int, Vv: int, Vg: int, ld_out: int, alpha_scalar: float, fill: float,
+                  smooth_self: float, smooth_all: float, inv_scale: float, mode: int, v_prec: str,
+                  b_prec: str) -> None:
+    """One launch of the logits tile kernel over rows ``[0, R)`` and base columns ``[0, Vb)`` (see
+    ``_ce_logits_tile_kernel``). ``xv [R, Hv]``, ``wv [Vv, Hv]``, ``xb [R, Hb]`` / ``wb [Vb, Hb]`` or ``None``,
+    ``base [R, Vb]`` or ``None``; ``tgt``, ``g``, ``lse``, ``out``, ``part``, ``stats`` as the kernel reads them
+    (any tensor where the mode does not use one)."""
+    cfg = dict(cfg)
+    want_tma = TMA if TMA is not None else cfg.pop("tma", False)
+    cfg.pop("tma", None)
+    Hv, Hb = xv.shape[1], xb.shape[1] if xb is not None else 0
+    dummy = out
+    flags = dict(HAS_BASE_LOGITS=base is not None, HAS_BASE_HIDDEN=xb is not None,
+                 ALPHA_IS_TENSOR=alpha_tensor is not None, SMOOTH=smooth_all != 0.0, MODE=mode, V_PREC=v_prec,
+                 B_PREC=b_prec)
+    base_args = (base if base is not None else dummy, base.stride(0) if base is not None else 0,
+                 base.stride(1) if base is not None else 0)
+    tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(Vb, cfg["BLOCK_N"])
+    operands = (xv, wv) + ((xb, wb) if xb is not None else ())
+    if want_tma and vocab_map is None and tma_usable(xv.dtype, *operands):
+        TensorDescriptor = _descriptor_class()
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        xv_d, wv_d = TensorDescriptor.from_tensor(xv, [bm, bk]), TensorDescriptor.from_tensor(wv, [bn, bk])
+        xb_d, wb_d = ((TensorDescriptor.from_tensor(xb, [bm, bk]), TensorDescriptor.from_tensor(wb, [bn, bk]))
+                      if xb is not None else (xv_d, wv_d))
+        programs = max(1, min(tiles, sm_count(xv.device)))
+        _ce_logits_tma_kernel[(programs,)](
+            xv_d, wv_d, xb_d, wb_d, base_args[0], alpha_tensor if alpha_tensor is not None else dummy, tgt, g, lse,
+            out, part, stats, R, Vb, Vval, Vg, Hv, Hb, base_args[1], base_args[2], ld_out,
+            part.stride(0) if part.dim() > 1 else 0, part.stride(1) if part.dim() > 1 else 0,
+            stats.stride(0) if stats.dim() > 1 else 0, alpha_scalar, fill, smooth_self, smooth_all, inv_scale,
+            FLATTEN=xb is None, NUM_PROGRAMS=programs, **flags, **cfg)
+        return
+    _ce_logits_tile_kernel[(tiles,)](
+        xv, wv, xb if xb is not None else xv, wb if wb is not None else wv, base_args[0],
+        vocab_map if vocab_map is not None else dummy, alpha_tensor if alpha_tensor is not None else dummy, tgt, g,
+        lse, out, part, stats, R, Vb, Vval, Vv, Vg, Hv, Hb, xv.stride(0), wv.stride(0),
+        xb.stride(0) if xb is not None else 0, wb.stride(0) if wb is not None else 0, base_args[1], base_args[2],
+        vocab_map.stride(0) if vocab_map is not None else 0, ld_out,
+        part.stride(0) if part.dim() > 1 else 0, part.stride(1) if part.dim() > 1 else 0,
+        stats.stride(0) if stats.dim() > 1 else 0, alpha_scalar, fill, smooth_self, smooth_all, inv_scale,
+        HAS_MAP=vocab_map is not None, EVEN_K=Hv % cfg["BLOCK_K"] == 0 and Hb % cfg["BLOCK_K"] == 0, **flags, **cfg)
