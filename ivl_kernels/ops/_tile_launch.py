@@ -44,6 +44,11 @@ def sm_count(device: torch.device) -> int:
     return 132  # an H100's: what the ahead-of-time compile test (meta tensors) and the interpreter plan for
 
 
+def tiles_fit(*operands: Optional[torch.Tensor]) -> bool:
+    """Whether the tile kernels can read these operands (``None`` = absent): unit stride along the last dim."""
+    return all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in operands)
+
+
 def _descriptor_class():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -85,8 +90,7 @@ def launch_logits(cfg: dict, xv, wv, xb, wb, base, vocab_map, alpha_tensor, tgt,
     ``base [R, Vb]`` or ``None``; ``tgt``, ``g``, ``lse``, ``out``, ``part``, ``stats`` as the kernel reads them
     (any tensor where the mode does not use one)."""
     cfg = dict(cfg)
-    want_tma = TMA if TMA is not None else cfg.pop("tma", False)
-    cfg.pop("tma", None)
+    want_tma = cfg.pop("tma", False) if TMA is None else TMA
     Hv, Hb = xv.shape[1], xb.shape[1] if xb is not None else 0
     dummy = out
     flags = dict(HAS_BASE_LOGITS=base is not None, HAS_BASE_HIDDEN=xb is not None,

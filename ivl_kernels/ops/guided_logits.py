@@ -25,7 +25,7 @@ from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_gui
 from ._columns import gather_columns
 from ._gemm import addmm_into, gemm_kind, measured_kind
 from ._measured import Measured, fastest, rtol_for, tensors_agree
-from ._tile_launch import launch_logits, logits_config
+from ._tile_launch import launch_logits, logits_config, tiles_fit
 from .packed_heads import packed_view
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
@@ -161,10 +161,6 @@ def _triton_supports(a: GuidedArgs) -> str:
     return _backends.triton_dtype_problem(dtypes)
 
 
-def _tiles_fit(out: torch.Tensor, *operands: Optional[torch.Tensor]) -> bool:
-    return all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in (out, *operands))
-
-
 def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                alpha_scalar: float, fill: float, out: torch.Tensor) -> str:
     """How the ``triton`` backend computes the head: ``"rows"`` (the row-tile kernel: below ``GEMM_MIN_ROWS``
@@ -179,7 +175,7 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
         return "rows"
     kind = gemm_kind()
     reference = "cublas" if vocab_map is None or fill == 0.0 else "rows"
-    if kind == "cublas" or not _tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
+    if kind == "cublas" or not tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
         return reference
     if kind == "tiles":
         return "tiles"
@@ -231,9 +227,9 @@ def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_wei
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     prec = {torch.float32: "ieee"}
-    launch_logits(logits_config(dt), value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map, alpha_tensor,
-                  out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0,
-                  ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
+    launch_logits(logits_config(dt), value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map,
+                  alpha_tensor, out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv,
+                  Vv=Vv, Vg=0, ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
                   inv_scale=1.0, mode=3, v_prec=prec.get(dt, "tf32"),
                   b_prec=prec.get(base_hidden.dtype if base_hidden is not None else dt, "tf32"))
 

@@ -318,8 +318,8 @@ def expected_mma(r: dict) -> str:
 # Driver
 # --------------------------------------------------------------------------------------------------------------
 KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1",
-                "_ce_logits_tile_kernel": "tile z", "_ce_logits_tma_kernel": "tile z tma", "_ce_combine_kernel": "loss lse",
-                "_ce_dx_tile_kernel": "loss dX", "_ce_dw_tile_kernel": "loss dW"}
+                "_ce_logits_tile_kernel": "tile z", "_ce_logits_tma_kernel": "tile z tma",
+                "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX", "_ce_dw_tile_kernel": "loss dW"}
 # Kernels whose half-precision dots must reach the tensor cores (``expected_mma``).
 TILE_KERNELS = ("logits", "tile z", "tile z tma", "loss dX", "loss dW")
 # A pointer every launch of the kernel passes 16-byte aligned (the stand-ins are): it must carry the hint.

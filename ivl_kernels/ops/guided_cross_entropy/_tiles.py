@@ -19,12 +19,12 @@ import torch
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
 from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel
-from .._tile_launch import launch_logits, logits_config, sm_count
+from .._tile_launch import launch_logits, logits_config, sm_count, tiles_fit
 
 
 def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
     """Whether the tile kernels take this call: no L1 term, unit stride along every GEMM operand's last dim."""
-    return not with_l1 and all(t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 for t in operands)
+    return not with_l1 and tiles_fit(*operands)
 
 
 # Tile configurations replacing the defaults below, by kernel ("logits", "dx", "dw", "combine"): for
