@@ -183,7 +183,8 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
             vh, pv, base_hidden=bh, base_weight=pb, alpha=ALPHA, fill=FILL, out=out, backend="triton")
     if "ivl triton" in fused and M >= GEMM_MIN_ROWS:
         # The default ("ivl triton") lets IVL_KERNELS_GEMM=auto choose per shape class; each kind forced too: the
-        # cuBLAS GEMMs, and the head as one tile GEMM (both heads as K segments, written once).
+        # cuBLAS GEMMs, the head as one tile GEMM (both heads as K segments, written once), and that GEMM through
+        # TMA descriptors on a persistent grid (Hopper, no map; elsewhere the pointer tiles).
         def forced(kind):
             def run():
                 with env_var("IVL_KERNELS_GEMM", kind):
@@ -191,6 +192,8 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
             return run
         cands["ivl triton cuBLAS GEMMs"] = forced("cublas")
         cands["ivl triton tile GEMM"] = forced("tiles")
+        if vocab_map is None:
+            cands["ivl triton tile GEMM, TMA"] = forced("tma")
     for impl, why in skipped:
         rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
         print_row(rows[-1])

@@ -16,6 +16,10 @@ try:
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR = ""
+    try:
+        from triton.errors import TritonError as _TritonError
+    except ImportError:  # a Triton without a common error base: its errors are RuntimeErrors
+        _TritonError = RuntimeError
 except Exception as exc:  # ImportError, or a broken install that fails while initialising
     HAS_TRITON = False
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -37,6 +41,12 @@ except Exception as exc:  # ImportError, or a broken install that fails while in
 
     triton = _Missing()
     tl = _Missing()
+    _TritonError = RuntimeError
+
+# What a kernel raises when it cannot compile or launch on this GPU (shared memory or registers over the chip's
+# limit, a layout the compiler refuses) rather than compute a wrong result: Triton's own errors (OutOfResources,
+# CompilationError, PTXASError) are not RuntimeErrors.
+KERNEL_ERRORS = (RuntimeError, _TritonError)
 
 
 def interpreter_enabled() -> bool:

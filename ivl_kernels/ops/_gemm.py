@@ -15,15 +15,17 @@ import torch
 
 from ._measured import Measured, fastest
 
-GEMM_KINDS = ("auto", "cublas", "tiles")
+GEMM_KINDS = ("auto", "cublas", "tiles", "tma")
 
 
 def gemm_kind() -> str:
     """The compute-bound paths' matrix kernels, ``IVL_KERNELS_GEMM`` read at each call: ``auto`` (the default:
-    per shape class on this GPU, the faster of the two that agree, measured once; ``measured_kind``),
-    ``cublas`` (these GEMMs, plus the loss's Triton row kernel) or ``tiles`` (Triton tile GEMMs with the row
-    work in their epilogue and prologue: ``ops/_tile_kernels.py``). Applies to the loss and to the guided head
-    from ``GEMM_MIN_ROWS`` rows."""
+    per shape class on this GPU, the fastest of the kinds that agree with cuBLAS, measured once;
+    ``measured_kind``), ``cublas`` (these GEMMs, plus the loss's Triton row kernel), ``tiles`` (Triton tile GEMMs
+    with the row work in their epilogue and prologue: ``ops/_tile_kernels.py``) or ``tma`` (the same, with the
+    logits kernel reading through TMA descriptors on a persistent grid where it can take the call:
+    ``_tile_launch.tma_takes``; the pointer tiles elsewhere). Applies to the loss and to the guided head from
+    ``GEMM_MIN_ROWS`` rows."""
     env = os.environ.get("IVL_KERNELS_GEMM", "").strip() or "auto"
     if env not in GEMM_KINDS:
         raise ValueError(f"IVL_KERNELS_GEMM must be one of {', '.join(GEMM_KINDS)}; got {env!r}")
@@ -42,9 +44,9 @@ def can_time(device: torch.device) -> bool:
 
 def measured_kind(device: torch.device, key: tuple, candidates: Mapping[str, Callable[[], object]],
                   agree: Callable[[object, object], bool]) -> str:
-    """``auto``'s kind for this shape class (``key``) on ``device``: ``"cublas"`` or ``"tiles"``, the faster of
-    ``candidates`` (scratch runs of the call's first rows) whose result agrees with cuBLAS's, measured by the
-    class's first eager call and cached (``_measured``); ``"cublas"`` off a GPU."""
+    """``auto``'s kind for this shape class (``key``) on ``device``: the name of the fastest of ``candidates``
+    (scratch runs of the call's first rows; the first is the reference) whose result agrees with the first's,
+    measured by the class's first eager call and cached (``_measured``); ``"cublas"`` off a GPU."""
     if not can_time(device):
         return "cublas"
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -23,6 +23,7 @@ from typing import Callable, Hashable, Mapping, Optional
 import torch
 
 from .._timing import back_to_back_ms
+from .._triton import KERNEL_ERRORS
 
 MEASURE_CALLS = 3
 _UNSET = object()
@@ -74,7 +75,7 @@ def fastest(candidates: Mapping[str, Callable[[], object]], fallback: str, calls
         for name, fn in candidates.items():
             try:
                 result = fn()
-            except RuntimeError:  # a kernel that cannot run here (resources, an unsupported layout) is not chosen
+            except KERNEL_ERRORS:  # a kernel that cannot run here (resources, an unsupported layout) is not chosen
                 if reference is _UNSET:
                     break  # nothing to compare the others with
                 continue

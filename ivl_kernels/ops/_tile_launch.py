@@ -2,13 +2,14 @@
 (``MODE`` 3): the pointer kernel ``_ce_logits_tile_kernel``, or ``_ce_logits_tma_kernel`` (TMA descriptors, a
 persistent grid; no map; Hopper).
 
-The TMA kernel is a candidate, not yet the default: compiled for sm_90 it uses wgmma and TMA, but 154-255
-registers against the pointer kernel's 128-232 (its epilogue still holds the whole float32 tile) and, with one K
-segment, 131 KB of shared memory; whether it is faster needs a GPU (``benchmarks/bench_loss_tiles.py``, variant
-"z TMA persistent"). It runs where a configuration says ``"tma": True`` (``CONFIG_OVERRIDE``) or ``TMA`` is
-``True`` (the tests: the interpreter runs it on CPU), for operands a tensor descriptor can address (unit last
-stride, 16-byte aligned base and rows), without a map, half precision on sm_90+ (any dtype under the
-interpreter). ``TMA = False`` never takes it.
+The TMA kernel is the ``"tma"`` GEMM kind (``_gemm.GEMM_KINDS``): ``auto`` measures it beside cuBLAS and the
+pointer tiles where it can take a call (``tma_takes``), ``IVL_KERNELS_GEMM=tma`` forces it. Compiled for sm_90 it
+uses wgmma and TMA, with 126-255 registers against the pointer kernel's 128-232 (its epilogue still holds the
+whole float32 tile) and, with one K segment, 131 KB of shared memory; which is faster depends on the GPU and the
+shapes (``benchmarks/bench_loss_tiles.py``, variant "z TMA persistent"). It takes operands a tensor descriptor can
+address (unit last stride, 16-byte aligned base and rows), without a map, in half precision on sm_90+ (any dtype
+under the interpreter, which runs it on CPU); elsewhere the pointer kernel runs. A configuration asks for it with
+``"tma": True``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ import torch
 
 from .._triton import interpreter_enabled, triton
 from ._tile_kernels import _ce_logits_tile_kernel, _ce_logits_tma_kernel
-
-TMA: Optional[bool] = None
-
 
 def logits_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
     """The logits tile kernel's tiles (the loss's and the head's). Half precision: wgmma-sized tiles on sm_90
@@ -81,6 +79,12 @@ def tma_usable(dtype: torch.dtype, *operands: torch.Tensor) -> bool:
     return True
 
 
+def tma_takes(vocab_map: Optional[torch.Tensor], xv: torch.Tensor, wv: torch.Tensor,
+              xb: Optional[torch.Tensor] = None, wb: Optional[torch.Tensor] = None) -> bool:
+    """Whether the TMA kernel can take a logits launch (no map, descriptor-addressable operands, the chip)."""
+    return vocab_map is None and tma_usable(xv.dtype, xv, wv, *((xb, wb) if xb is not None else ()))
+
+
 def launch_logits(cfg: dict, xv, wv, xb, wb, base, vocab_map, alpha_tensor, tgt, g, lse, out, part, stats, *,
                   R: int, Vb: int, Vval: int, Vv: int, Vg: int, ld_out: int, alpha_scalar: float, fill: float,
                   smooth_self: float, smooth_all: float, inv_scale: float, mode: int, v_prec: str,
@@ -90,7 +94,7 @@ def launch_logits(cfg: dict, xv, wv, xb, wb, base, vocab_map, alpha_tensor, tgt,
     ``base [R, Vb]`` or ``None``; ``tgt``, ``g``, ``lse``, ``out``, ``part``, ``stats`` as the kernel reads them
     (any tensor where the mode does not use one)."""
     cfg = dict(cfg)
-    want_tma = cfg.pop("tma", False) if TMA is None else TMA
+    want_tma = cfg.pop("tma", False)
     Hv, Hb = xv.shape[1], xb.shape[1] if xb is not None else 0
     dummy = out
     flags = dict(HAS_BASE_LOGITS=base is not None, HAS_BASE_HIDDEN=xb is not None,
@@ -99,8 +103,7 @@ def launch_logits(cfg: dict, xv, wv, xb, wb, base, vocab_map, alpha_tensor, tgt,
     base_args = (base if base is not None else dummy, base.stride(0) if base is not None else 0,
                  base.stride(1) if base is not None else 0)
     tiles = triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(Vb, cfg["BLOCK_N"])
-    operands = (xv, wv) + ((xb, wb) if xb is not None else ())
-    if want_tma and vocab_map is None and tma_usable(xv.dtype, *operands):
+    if want_tma and tma_takes(vocab_map, xv, wv, xb, wb):
         TensorDescriptor = _descriptor_class()
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         xv_d, wv_d = TensorDescriptor.from_tensor(xv, [bm, bk]), TensorDescriptor.from_tensor(wv, [bn, bk])

@@ -25,7 +25,7 @@ from .._validate import GuidedArgs, check_backend, check_vocab_map, validate_gui
 from ._columns import gather_columns
 from ._gemm import addmm_into, gemm_kind, measured_kind
 from ._measured import Measured, fastest, rtol_for, tensors_agree
-from ._tile_launch import launch_logits, logits_config, tiles_fit
+from ._tile_launch import launch_logits, logits_config, tiles_fit, tma_takes
 from .packed_heads import packed_view
 
 # The CUDA kernel keeps one fp32 accumulator per row in registers: it handles decode-sized M.
@@ -165,11 +165,12 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
                alpha_scalar: float, fill: float, out: torch.Tensor) -> str:
     """How the ``triton`` backend computes the head: ``"rows"`` (the row-tile kernel: below ``GEMM_MIN_ROWS``
     rows, where the head is memory-bound), else ``"cublas"`` (GEMMs: any fill with the identity map, whose
-    unmapped ids are a tail of columns, fill 0 with a map) or ``"tiles"`` (one tile GEMM, the map in its loads:
-    any map and fill; unit-stride operands). ``IVL_KERNELS_GEMM`` forces a GEMM kind; ``auto`` measures the
-    class's candidates (``_gemm.measured_kind``) on the call's first ``HEAD_MEASURE_ROWS`` rows into scratch
-    outputs (an in-place call in place, on a copy of its base logits), against cuBLAS, or the row-tile kernel
-    where cuBLAS cannot express the fill."""
+    unmapped ids are a tail of columns, fill 0 with a map), ``"tiles"`` (one tile GEMM, the map in its loads:
+    any map and fill; unit-stride operands) or ``"tma"`` (that tile GEMM through TMA descriptors: no map;
+    ``_tile_launch.tma_takes``). ``IVL_KERNELS_GEMM`` forces a GEMM kind; ``auto`` measures the class's
+    candidates (``_gemm.measured_kind``) on the call's first ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an
+    in-place call in place, on a copy of its base logits), against cuBLAS, or the row-tile kernel where cuBLAS
+    cannot express the fill."""
     M, Vv = value_hidden.shape[0], value_weight.shape[0]
     if M < GEMM_MIN_ROWS or Vv == 0:
         return "rows"
@@ -177,8 +178,8 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
     reference = "cublas" if vocab_map is None or fill == 0.0 else "rows"
     if kind == "cublas" or not tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
         return reference
-    if kind == "tiles":
-        return "tiles"
+    if kind in ("tiles", "tma"):
+        return kind
     in_place = base_logits is not None and out.data_ptr() == base_logits.data_ptr()
     dt, Hb = value_hidden.dtype, base_hidden.shape[1] if base_hidden is not None else 0
     packed = base_hidden is not None and vocab_map is None and base_hidden.dtype == dt and packed_view(
@@ -202,15 +203,18 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
             return scratch
         return run
 
+    kinds = [reference, "tiles"]
+    if tma_takes(vocab_map, value_hidden, value_weight, base_hidden, base_weight):
+        kinds.append("tma")
     rtol = rtol_for(out.dtype)
-    choice = measured_kind(out.device, key, {reference: candidate(reference), "tiles": candidate("tiles")},
+    choice = measured_kind(out.device, key, {k: candidate(k) for k in kinds},
                            agree=lambda x, y: tensors_agree(x, y, rtol))
-    return choice if choice == "tiles" else reference
+    return choice if choice in kinds else reference
 
 
 def _launch_head(which: str, *args) -> None:
-    if which == "tiles":
-        _launch_tiles(*args)
+    if which in ("tiles", "tma"):
+        _launch_tiles(*args, tma=which == "tma")
     elif which == "cublas":
         _launch_cublas(*args)
     else:
@@ -218,16 +222,17 @@ def _launch_head(which: str, *args) -> None:
 
 
 def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                  alpha_scalar: float, fill: float, out: torch.Tensor) -> None:
+                  alpha_scalar: float, fill: float, out: torch.Tensor, tma: bool = False) -> None:
     """The head as one tile GEMM (``_head_kind``; ``ops/_tile_kernels.py``, ``MODE`` 3): both heads
     as two K segments of one float32 accumulator, base logits added in the epilogue, the map applied in the value
     head's loads, ``out`` written once (it may be ``base_logits`` itself: each tile reads its base before it
-    writes). The loss's logits tiles (``logits_config``); on Hopper without a map, TMA and a persistent grid."""
+    writes). The loss's logits tiles (``logits_config``); ``tma``: through TMA descriptors on a persistent grid
+    where that kernel can take the call (``_tile_launch.tma_takes``)."""
     M, Hv = value_hidden.shape
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     prec = {torch.float32: "ieee"}
-    launch_logits(logits_config(dt), value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map,
+    launch_logits({**logits_config(dt), "tma": tma}, value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map,
                   alpha_tensor, out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv,
                   Vv=Vv, Vg=0, ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
                   inv_scale=1.0, mode=3, v_prec=prec.get(dt, "tf32"),

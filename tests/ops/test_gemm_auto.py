@@ -1,9 +1,10 @@
-"""``IVL_KERNELS_GEMM=auto`` (the default): per shape class on the user's GPU, the faster of the cuBLAS path and the
-tile GEMMs among those that agree with cuBLAS, measured once and cached (``ops/_measured.py``, ``_gemm.py``).
+"""``IVL_KERNELS_GEMM=auto`` (the default): per shape class on the user's GPU, the fastest of the cuBLAS path, the
+tile GEMMs and (no map) the tile GEMMs with the TMA logits kernel, among those that agree with cuBLAS, measured once
+and cached (``ops/_measured.py``, ``_gemm.py``).
 
 Without a GPU the choice is exercised with the kernels running for real (the interpreter) and the clock faked:
 ``fake_gpu`` makes the device timeable and reports, per candidate run, the milliseconds set for the kind that ran
-(told apart by whether the tile launcher ran). What is checked: the faster kind is chosen and then runs; the choice
+(told apart by which launcher ran, and with which ``tma`` flag). What is checked: the faster kind is chosen and then runs; the choice
 is cached per shape class; a candidate that raises, or disagrees with cuBLAS, is never chosen however fast; nothing
 is measured in a CUDA-graph capture, while tracing, or under deterministic algorithms (cuBLAS, recorded); the
 measurement writes nothing the caller owns (an in-place head is guided once).
@@ -82,6 +83,20 @@ def test_fastest_compares_every_result_before_timing_anything(monkeypatch):
     assert log == ["a", "b"]
 
 
+def test_fastest_skips_a_kernel_triton_cannot_build_here(monkeypatch):
+    """Triton's own errors (too much shared memory for this GPU, a refused layout) are not RuntimeErrors: a
+    candidate raising one is not chosen, and the call goes on with the others."""
+    errors = pytest.importorskip("triton.runtime.errors")
+    from triton.compiler.errors import CompilationError
+
+    timed = _fake_clock(monkeypatch, {"a": 1.0, "b": 0.1, "c": 0.2, "d": 0.5})
+    ref = torch.ones(2)
+    cands = {"a": _candidate("a", ref), "b": _candidate("b", error=errors.OutOfResources(98304, 65536, "shared memory")),
+             "c": _candidate("c", error=CompilationError("src", None, "unsupported layout")),
+             "d": _candidate("d", ref)}
+    assert fastest(cands, "a", agree=lambda x, y: torch.equal(x, y)) == "d" and timed == ["a", "d"]
+
+
 def test_fastest_falls_back_when_the_reference_cannot_run(monkeypatch):
     timed = _fake_clock(monkeypatch, {"a": 1.0, "b": 0.5})
     cands = {"a": _candidate("a", error=RuntimeError("no")), "b": _candidate("b", torch.ones(1))}
@@ -154,7 +169,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_gemm, "GEMM", Measured(fallback="cublas"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    state = dict(ms={"cublas": 1.0, "rows": 3.0, "tiles": 0.5}, timed=[], ran=[], corrupt=False)
+    state = dict(ms={"cublas": 1.0, "rows": 3.0, "tiles": 0.5, "tma": 0.7}, timed=[], ran=[], corrupt=False)
     frames = []
     real_loss, real_chunks = _chunked.chunked_loss, _chunked.tile_chunks
     real_cublas, real_tiles, real_rows = gl._launch_cublas, gl._launch_tiles, gl._launch_rows
@@ -167,7 +182,7 @@ def fake_gpu(monkeypatch):
             state["ran"].append(frames.pop())
 
     def tile_chunks(*a, **k):
-        frames[-1] = "tiles"
+        frames[-1] = "tma" if k.get("tma") else "tiles"
         real_chunks(*a, **k)
         if state["corrupt"]:
             k["dvh"].mul_(1.5)
@@ -175,9 +190,10 @@ def fake_gpu(monkeypatch):
     def launch(kind, real):
         def run(*a, **k):
             real(*a, **k)
-            if kind == "tiles" and state["corrupt"]:
+            ran = "tma" if k.get("tma") else kind
+            if ran in ("tiles", "tma") and state["corrupt"]:
                 a[-1][:, 0] += 1.0
-            state["ran"].append(kind)
+            state["ran"].append(ran)
         return run
 
     def time_ms(fn, calls):
@@ -219,10 +235,10 @@ def test_loss_runs_the_faster_kind_and_measures_once(fake_gpu, faster):
 @needs_triton
 def test_loss_never_chooses_a_wrong_fast_kind(fake_gpu):
     fake_gpu["corrupt"] = True
-    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.01}
+    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.01, "tma": 0.01}
     vh, vw, target, kw = _make(N=19, base="logits", dtype=torch.float32)
     _check("triton", vh, vw, target, kw, torch.float32)
-    assert fake_gpu["timed"] == ["cublas"] and fake_gpu["ran"] == ["cublas", "tiles", "cublas", "cublas"]
+    assert fake_gpu["timed"] == ["cublas"] and fake_gpu["ran"] == ["cublas", "tiles", "tma", "cublas", "cublas"]
 
 
 @needs_triton
@@ -238,7 +254,7 @@ def test_loss_measures_on_its_first_rows_and_keys_the_row_bucket(fake_gpu, monke
     monkeypatch.setattr(_chunked, "chunked_loss", spy)
     vh, vw, target, kw = _make(N=21, base="none", dtype=torch.float32)
     _check("triton", vh, vw, target, kw, torch.float32)
-    assert rows == [21, 8, 8, 8, 8]  # the call, then both candidates on its first 8 rows (run, then timed)
+    assert rows == [21] + [8] * 6  # the call, then the three candidates on its first 8 rows (run, then timed)
     assert len(_gemm.GEMM.choices) == 1 and next(iter(_gemm.GEMM.choices))[2] == 8
 
 
@@ -276,14 +292,73 @@ def test_head_runs_the_faster_kind_and_writes_once(fake_gpu, base_mode, fill, fa
 @needs_triton
 def test_head_never_chooses_a_wrong_fast_kind(fake_gpu):
     fake_gpu["corrupt"] = True
-    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.01}
+    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.01, "tma": 0.01}
     M, Vb, Vv, Hv = gl.GEMM_MIN_ROWS, 50, 50, 16
     vh, vw, bl = (torch.randn(M, Hv, device=DEVICE), torch.randn(Vv, Hv, device=DEVICE) / 4,
                   torch.randn(M, Vb, device=DEVICE))
     out = ivl.fused_guided_logits(vh, vw, base_logits=bl, backend="triton")
     ref = guided_logits_naive(vh, vw, base_logits=bl, dtype=torch.float64)
     assert_guided_close(out, ref, guided_logits_naive(vh, vw, base_logits=bl), torch.float32, "auto")
-    assert fake_gpu["timed"] == ["cublas"] and fake_gpu["ran"] == ["cublas", "tiles", "cublas", "cublas"]
+    assert fake_gpu["timed"] == ["cublas"] and fake_gpu["ran"] == ["cublas", "tiles", "tma", "cublas", "cublas"]
+
+
+@pytest.fixture
+def tma_kernel_runs(monkeypatch):
+    """How many times the TMA logits kernel launched."""
+    from ivl_kernels.ops import _tile_launch
+
+    runs = []
+    real = _tile_launch._ce_logits_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            runs.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(_tile_launch, "_ce_logits_tma_kernel", Spy())
+    return runs
+
+
+@needs_triton
+@pytest.mark.parametrize("faster", ["tma", "tiles"])
+def test_loss_measures_the_tma_kernel_where_it_takes_the_call(fake_gpu, tma_kernel_runs, faster):
+    """No map: the TMA logits kernel is a third candidate; chosen when fastest, and then it runs (bit for bit the
+    forced ``tma`` kind); with a map it is not a candidate (the next test above)."""
+    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.5 if faster == "tiles" else 0.6,
+                      "tma": 0.4 if faster == "tma" else 0.7}
+    vh, vw, target, kw = _make(N=23, base="hidden", alpha="tensor", smoothing=0.1, dtype=torch.float32)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    assert fake_gpu["timed"] == ["cublas", "tiles", "tma"]
+    assert fake_gpu["ran"] == ["cublas", "tiles", "tma"] * 2 + [faster], fake_gpu["ran"]
+    assert len(tma_kernel_runs) == 2 + (faster == "tma")  # the candidate's two runs, then the call's
+    got = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, vw, target, kw)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("IVL_KERNELS_GEMM", faster)
+        again = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, vw, target, kw)
+    assert fake_gpu["ran"][-2:] == [faster, faster] and fake_gpu["timed"] == ["cublas", "tiles", "tma"]
+    for x, y in zip(got, again):
+        assert torch.equal(x, y)
+
+
+@needs_triton
+@pytest.mark.parametrize("base_mode", ["logits-in-place", "hidden"])
+def test_head_measures_the_tma_kernel_where_it_takes_the_call(fake_gpu, tma_kernel_runs, base_mode):
+    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.5, "tma": 0.3}
+    M, Vb, Vv, Hv, Hb = gl.GEMM_MIN_ROWS + 3, 70, 60, 24, 40
+    d = dict(device=DEVICE)
+    vh, vw = torch.randn(M, Hv, **d), torch.randn(Vv, Hv, **d) / math.sqrt(Hv)
+    kw = dict(alpha=0.8, fill=-1.0)
+    if base_mode == "hidden":
+        kw.update(base_hidden=torch.randn(M, Hb, **d), base_weight=torch.randn(Vb, Hb, **d) / math.sqrt(Hb))
+    else:
+        kw["base_logits"] = torch.randn(M, Vb, **d)
+    ref = guided_logits_naive(vh, vw, dtype=torch.float64, **kw)
+    plain = guided_logits_naive(vh, vw, dtype=torch.float32, **kw)
+    out = kw["base_logits"] if base_mode == "logits-in-place" else None
+    got = ivl.fused_guided_logits(vh, vw, out=out, backend="triton", **kw)
+    assert_guided_close(got, ref, plain, torch.float32, f"auto tma {base_mode}")
+    assert fake_gpu["timed"] == ["cublas", "tiles", "tma"]
+    assert fake_gpu["ran"] == ["cublas", "tiles", "tma"] * 2 + ["tma"] and len(tma_kernel_runs) == 3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,7 +386,7 @@ def test_auto_on_gpu_chooses_once_and_equals_the_chosen_kind(what, monkeypatch):
     got = run()
     assert len(_gemm.GEMM.choices) == 1
     (kind,) = _gemm.GEMM.choices.values()
-    assert kind in ("cublas", "tiles")
+    assert kind in ("cublas", "tiles", "tma")
     assert [torch.equal(a, b) for a, b in zip(run(), got)] == [True] * len(got)  # cached: the same kernels
     monkeypatch.setenv("IVL_KERNELS_GEMM", kind)
     assert [torch.equal(a, b) for a, b in zip(run(), got)] == [True] * len(got)

@@ -87,10 +87,10 @@ TMA_CASES = [c for c in TILE_CASES if c.values[0].get("vmap", "identity") == "id
 @pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
 @pytest.mark.parametrize("case", TMA_CASES)
 def test_tma_kernel_matches_reference(case, chunks, tiles, tile_kernels, monkeypatch):
-    """The logits kernel reading through tensor descriptors on a persistent grid (``_tile_launch.TMA``; the
+    """The logits kernel reading through tensor descriptors on a persistent grid (``IVL_KERNELS_GEMM=tma``; the
     interpreter runs it): every mode, base term and row chunking of the pointer kernel's cases without a map;
     each operand a descriptor can address (the strided base logits are read by pointer in both kernels)."""
-    monkeypatch.setattr(_tile_launch, "TMA", True)
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "tma")
     monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 3)  # a few programs, each walking several tiles
     vh, vw, target, kw = _make(**case, dtype=torch.float32)
     if chunks == "many_chunks":
@@ -183,7 +183,7 @@ def test_unknown_loss_gemm_is_refused(monkeypatch):
     monkeypatch.setenv("IVL_KERNELS_GEMM", "cutlass")
     vh, vw, target, kw = _make(N=5, base="hidden", dtype=torch.float32)
     before = [t.clone() for t in (vh, vw, kw["base_hidden"], kw["base_weight"])]
-    with pytest.raises(ValueError, match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles; got 'cutlass'"):
+    with pytest.raises(ValueError, match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles, tma; got 'cutlass'"):
         ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
     for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
         assert torch.equal(b, a)

@@ -176,10 +176,9 @@ def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map
     """``IVL_KERNELS_GEMM=tiles``: the head from ``GEMM_MIN_ROWS`` rows as one tile GEMM (both heads as K
     segments, base logits in the epilogue, the map in the loads, a nonzero fill with a map), written once; in
     place on the base logits too. ``tma``: through tensor descriptors on a persistent grid where there is no map
-    (``_tile_launch.TMA``; with a map the pointer kernel runs)."""
+    (``IVL_KERNELS_GEMM=tma``; with a map the pointer kernel runs)."""
     _skip_unsupported(backend, device, dtype)
-    monkeypatch.setenv("IVL_KERNELS_GEMM", "tiles")
-    monkeypatch.setattr(_tile_launch, "TMA", tma)
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "tma" if tma else "tiles")
     monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 5)
     calls = []
     for name in ("_ce_logits_tile_kernel", "_ce_logits_tma_kernel"):

@@ -31,6 +31,7 @@ import torch
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
+from .._tile_launch import tma_takes
 from ..packed_heads import packed_view
 from ._kernels import _ce_rows_kernel, _l1_rows_kernel
 from ._tiles import tile_chunks, tiles_take
@@ -70,7 +71,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     ``stats`` = (this shard's lse, target logit, sum_b z, sum_v |value logit|) per row, when ``want_stats``;
     otherwise ``lse [N]`` must be given. Gradients (input dtype, float32 accumulation) use the row weights
     ``g [N]`` (cross-entropy) and ``h [N]`` (L1; ``None``: ``g``), float32. ``kind``: the matrix kernels,
-    ``"cublas"`` or ``"tiles"`` (``None``: ``IVL_KERNELS_GEMM``, and for ``auto`` the measured choice).
+    ``"cublas"``, ``"tiles"`` or ``"tma"`` (``None``: ``IVL_KERNELS_GEMM``, and for ``auto`` the measured choice).
     """
     args = locals().copy()
     N, Hv = vh.shape
@@ -85,9 +86,11 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     v_min = min(Vb, Vv)
     combined = identity and base_hidden is not None and not with_l1 and v_min > 0
     kind = kind or gemm_kind()
-    tiles = kind != "cublas" and tiles_take(with_l1, vh, vw, base_hidden, base_weight)
-    if tiles and kind == "auto":
-        tiles = _measured_kind(args) == "tiles"
+    if kind != "cublas" and tiles_take(with_l1, vh, vw, base_hidden, base_weight):
+        kind = _measured_kind(args) if kind == "auto" else kind
+    else:
+        kind = "cublas"
+    tiles = kind != "cublas"
     if identity:
         w_cols, v_val = vw, (v_min if combined else Vv)
     elif tiles:
@@ -131,7 +134,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         tile_chunks(vh, vw, Vv if identity else Vb, base_logits, base_hidden, base_weight,
                     vocab_map, alpha_tensor, alpha_scalar, fill, target_local, Vb, Vv, smooth_self, smooth_all,
                     stats=stats, lse=lse, g=g, dvh=dvh, acc=acc, scale=scale,
-                    chunk_rows=lambda per_row: chunk_rows(per_row, N, dev, fixed))
+                    chunk_rows=lambda per_row: chunk_rows(per_row, N, dev, fixed), tma=kind == "tma")
         return finish(dvh_scaled=True)
 
     dummy = target_local
@@ -199,14 +202,15 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     return finish(dvh_scaled=False)
 
 
-# ``auto`` times the loss's two kinds on at most this many rows of a call (about one chunk of the qwen heads).
+# ``auto`` times the loss's kinds on at most this many rows of a call (about one chunk of the qwen heads).
 LOSS_MEASURE_ROWS = 4096
 
 
 def _measured_kind(args: dict) -> str:
-    """``auto``'s kind for this ``chunked_loss`` call (``_gemm.measured_kind``): both kinds run on the call's first
-    ``LOSS_MEASURE_ROWS`` rows (its own scratch results; every output compared), before this call allocates
-    anything, so the measurement adds no more than one more result of those rows to the call's peak memory."""
+    """``auto``'s kind for this ``chunked_loss`` call (``_gemm.measured_kind``): cuBLAS, the tiles and, where the TMA
+    kernel can take the call, ``tma`` run on the call's first ``LOSS_MEASURE_ROWS`` rows (their own scratch
+    results; every output compared with cuBLAS's), before this call allocates anything, so the measurement adds
+    no more than one more result of those rows to the call's peak memory."""
     vh, base_hidden, vocab_map = args["vh"], args["base_hidden"], args["vocab_map"]
     N = vh.shape[0]
     r = min(N, LOSS_MEASURE_ROWS)
@@ -217,7 +221,10 @@ def _measured_kind(args: dict) -> str:
            vocab_map is not None, args["alpha_tensor"] is not None, args["smooth_all"] != 0.0, args["want_stats"],
            args["need_dvh"], args["need_dvw"])
     rtol = rtol_for(vh.dtype)
-    candidates = {kind: functools.partial(chunked_loss, **{**sub, "kind": kind}) for kind in ("cublas", "tiles")}
+    kinds = ["cublas", "tiles"]
+    if tma_takes(vocab_map, vh, args["vw"], base_hidden, args["base_weight"]):
+        kinds.append("tma")
+    candidates = {kind: functools.partial(chunked_loss, **{**sub, "kind": kind}) for kind in kinds}
     return measured_kind(vh.device, key, candidates,
                          agree=lambda x, y: all(tensors_agree(a, b, rtol) for a, b in zip(x, y)))
 

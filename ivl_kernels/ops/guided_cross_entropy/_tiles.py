@@ -1,9 +1,10 @@
 """Launchers of the loss's tile GEMMs (``ops/_tile_kernels.py``): the same chunks and results as the cuBLAS path
 of ``_chunked.py``, three passes over each chunk of logits instead of six.
 
-Chosen by ``IVL_KERNELS_GEMM`` (``ops/_gemm.gemm_kind``): ``tiles`` forces them, ``cublas`` the cuBLAS GEMMs +
-row kernel, ``auto`` (the default) measures both per shape class on the GPU and keeps the faster of those that
-agree with cuBLAS (``_chunked._measured_kind``).
+Chosen by ``IVL_KERNELS_GEMM`` (``ops/_gemm.gemm_kind``): ``tiles`` forces them, ``tma`` them with the logits
+kernel through TMA descriptors (``_tile_launch``), ``cublas`` the cuBLAS GEMMs + row kernel, ``auto`` (the
+default) measures the kinds per shape class on the GPU and keeps the fastest of those that agree with cuBLAS
+(``_chunked._measured_kind``).
 Covers every case of the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last
 dimension is strided. A map is applied in the kernels' loads (no gathered copy of the value head); ``d value
 weight`` accumulates per base column and is folded through the map once, at the end, as on the cuBLAS path.
@@ -80,17 +81,20 @@ def _prec(dtype: torch.dtype) -> str:
 
 def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                 alpha_scalar: float, fill: float, target_local, Vb: int, Vv: int, smooth_self: float,
-                smooth_all: float, *, stats, lse, g, dvh, acc, scale: float, chunk_rows) -> None:
+                smooth_all: float, *, stats, lse, g, dvh, acc, scale: float, chunk_rows, tma: bool = False) -> None:
     """Runs every chunk of rows: fills ``stats [4, N]`` (when given: lse, target logit, sum z), writes
     ``dvh [N, Hv]`` already multiplied by ``scale`` and accumulates ``acc [*, Hv]`` (float32, zeros on entry;
     rows ``[0, Vg)``, one per value column: with a map, one per base column) when they are given, from the row
     weights ``g`` (``lse`` given: the two-pass backward). ``v_val``: the value columns (``Vv``, or ``Vb`` with a
-    map, whose entries pick the rows of ``vw``)."""
+    map, whose entries pick the rows of ``vw``). ``tma``: the logits kernel through TMA descriptors where it can
+    take the chunk (``_tile_launch.tma_takes``), unless the configuration says otherwise."""
     N, Hv = vh.shape
     dt, dev = vh.dtype, vh.device
     grads = dvh is not None or acc is not None
     Vg = min(v_val, Vb)
     cfg = _config(dt)
+    if tma:
+        cfg["logits"] = {"tma": True, **cfg["logits"]}
     tile_n = cfg["logits"]["BLOCK_N"]
     T = triton.cdiv(Vb, tile_n)
     mode = 0 if not grads else (1 if lse is None else 2)
