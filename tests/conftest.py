@@ -25,6 +25,32 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if _interpreting():
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - the torch-only environments
+        pass
+    else:
+        from tests import _interp_bounds
+
+        # Every interpreted launch is checked for out-of-bounds and misaligned accesses (a device fault on a GPU).
+        _interp_bounds.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_accesses():
+    # A violation raises inside the kernel; this also fails a test whose code swallowed that exception.
+    mod = sys.modules.get("tests._interp_bounds")
+    seen = len(mod.violations) if mod else 0
+    yield
+    if mod and len(mod.violations) > seen:
+        pytest.fail("Triton kernel accessed memory out of bounds:\n" + "\n".join(mod.violations[seen:]))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs per test, but reproducible from the printed test id.
