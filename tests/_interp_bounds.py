@@ -24,6 +24,7 @@ import numpy as np
 
 _state = threading.local()
 violations: list[str] = []
+launched: list[str] = []  # the name of every interpreted kernel launched, in order (tests may clear it)
 
 
 class OutOfBoundsAccess(BaseException):
@@ -135,6 +136,7 @@ def install():
         _collect(tuple(kwargs.values()), ranges)
         outer = getattr(_state, "ranges", None), getattr(_state, "kernel", None)
         _state.ranges, _state.kernel = ranges, getattr(self.fn, "__name__", "?")
+        launched.append(_state.kernel)
         try:
             return call(self, *args, **kwargs)
         finally:
