@@ -44,6 +44,17 @@ def _far(t: torch.Tensor) -> torch.Tensor:
     return far
 
 
+def _operands(rows: int, kind: str, base: str, Vb=37, Vv=29, Hv=16, Hb=24):
+    """Fresh operands for ``rows`` rows (base as logits or hidden states) and the map (none for TMA)."""
+    vmap = None if kind == "tma" else make_map("many_to_one", Vb, Vv, "cpu")
+    t = dict(value_hidden=torch.randn(rows, Hv), value_weight=torch.randn(Vv, Hv) / math.sqrt(Hv))
+    if base == "logits":
+        t["base_logits"] = torch.randn(rows, Vb)
+    else:
+        t.update(base_hidden=torch.randn(rows, Hb), base_weight=torch.randn(Vb, Hb) / math.sqrt(Hb))
+    return t, vmap
+
+
 KERNEL = {"rows": "_guided_logits_kernel", "tiles": "_ce_logits_tile_kernel", "tma": "_ce_logits_tma_kernel"}
 
 
@@ -56,17 +67,11 @@ def test_head_addresses_past_2_31(kind, operand, monkeypatch):
     if kind != "rows":
         monkeypatch.setenv("IVL_KERNELS_GEMM", kind)
     M = 3 if kind == "rows" else gl.GEMM_MIN_ROWS + 3
-    Vb, Vv, Hv, Hb = 37, 29, 16, 24
-    vmap = None if kind == "tma" else make_map("many_to_one", Vb, Vv, "cpu")
-    t = dict(value_hidden=torch.randn(M, Hv), value_weight=torch.randn(Vv, Hv) / math.sqrt(Hv))
-    if operand == "base_logits":
-        t["base_logits"] = torch.randn(M, Vb)
-    else:
-        t.update(base_hidden=torch.randn(M, Hb), base_weight=torch.randn(Vb, Hb) / math.sqrt(Hb))
+    t, vmap = _operands(M, kind, "logits" if operand == "base_logits" else "hidden")
     alpha = torch.rand(M) * 2 - 0.5
     ref = guided_logits_naive(vocab_map=vmap, alpha=alpha, fill=-0.5, dtype=torch.float64, **t)
     plain = guided_logits_naive(vocab_map=vmap, alpha=alpha, fill=-0.5, **t)
-    out = torch.full((M, Vb), float("nan"))
+    out = torch.full(ref.shape, float("nan"))
     if operand == "out":
         out = _far(out)
     else:
@@ -87,13 +92,10 @@ def test_loss_addresses_past_2_31(kind, operand, monkeypatch):
     forward and backward, with one operand far away. The loss's own buffers (a chunk of logits, at most
     1.25 GiB) stay under 2^31 elements by construction."""
     monkeypatch.setenv("IVL_KERNELS_GEMM", kind)
-    N, Vb, Vv, Hv, Hb = 19, 37, 37 if kind == "tma" else 29, 16, 24
-    vmap = None if kind == "tma" else make_map("many_to_one", Vb, Vv, "cpu")
-    t = dict(value_hidden=torch.randn(N, Hv), value_weight=torch.randn(Vv, Hv) / math.sqrt(Hv))
-    if operand == "base_logits":
-        t["base_logits"] = torch.randn(N, Vb)
-    else:
-        t.update(base_hidden=torch.randn(N, Hb), base_weight=torch.randn(Vb, Hb) / math.sqrt(Hb))
+    N, Vb = 19, 37
+    # Without a map the value head must cover the base vocabulary (Vv = Vb), as the TMA kernel requires.
+    t, vmap = _operands(N, kind, "logits" if operand == "base_logits" else "hidden", Vb=Vb,
+                        Vv=Vb if kind == "tma" else 29)
     target = torch.randint(0, Vb, (N,))
     target[4] = -100
     kw = dict(vocab_map=vmap, alpha=0.7, label_smoothing=0.1, l1_coef=0.1 if kind == "cublas" else 0.0)
