@@ -80,6 +80,14 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels do not run on {device.type} tensors"
 
 
+def require_triton(device: torch.device) -> None:
+    """Raise the reason Triton cannot run on ``device``: the custom ops' check, for calls whose backend was chosen
+    while ``torch.compile`` traced (where the interpreter's self-test cannot run, ``interpreter_problem``)."""
+    ok, why = triton_usable(device)
+    if not ok:
+        raise RuntimeError(f"backend='triton' cannot run: {why}")
+
+
 def triton_dtype_problem(dtypes) -> str:
     """``""`` when the Triton kernels take tensors of these dtypes, else why not (shared by every op)."""
     if torch.float64 in dtypes:

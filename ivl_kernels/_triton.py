@@ -69,6 +69,10 @@ def interpreter_problem() -> str:
     if _INTERPRETER_PROBLEM is None:
         import torch
 
+        if torch.compiler.is_compiling():
+            # A launch cannot be traced (Dynamo stops at inspect's source lookup in the interpreter's rewrite);
+            # the kernels run later, eagerly, inside the custom ops, which check again (_backends.require_triton).
+            return ""
         try:
             out = torch.zeros(2, dtype=torch.int64)
             _interpreter_probe_kernel[(2,)](out, 2)

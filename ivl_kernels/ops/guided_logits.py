@@ -367,6 +367,7 @@ def _guided_logits_triton_op(value_hidden: torch.Tensor, value_weight: torch.Ten
                              base_weight: Optional[torch.Tensor], vocab_map: Optional[torch.Tensor],
                              alpha_tensor: Optional[torch.Tensor], alpha_scalar: float, fill: float,
                              out: torch.Tensor) -> None:
+    _backends.require_triton(out.device)
     if vocab_map is not None:
         # Under torch.compile the public function cannot read map values; check them here, before writing.
         check_vocab_map(vocab_map, out.shape[1], value_weight.shape[0], value_hidden.device)

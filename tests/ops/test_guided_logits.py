@@ -386,6 +386,33 @@ def test_torch_compile_fullgraph_cpu(backend, device, in_place):
             torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_logits"].clone(), bad)
 
 
+@pytest.mark.skipif(HAS_GPU or not HAS_TRITON, reason="the interpreter's self-test: a machine without a GPU")
+@pytest.mark.parametrize("problem", ["unprobed", "broken"])
+def test_compiled_first_call_probes_the_interpreter_in_the_op(problem, monkeypatch):
+    """The process's first Triton call may come under torch.compile, where the interpreter's self-test cannot be
+    traced: the backend choice then trusts it, and the custom op runs the self-test (or reports its failure)."""
+    from ivl_kernels import _triton
+
+    monkeypatch.setattr(_triton, "_INTERPRETER_PROBLEM", None)
+    vh, vw, kw = _inputs(3, 16, 30, 30, 0, torch.float32, "cpu", "logits")
+
+    def step(vh, vw, base):
+        return ivl.fused_guided_logits(vh, vw, base_logits=base, alpha=0.5, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    if problem == "broken":
+        def broken(*args, **kwargs):
+            raise IndexError("planted interpreter failure")
+        monkeypatch.setattr(_triton._interpreter_probe_kernel, "run", broken)
+        with pytest.raises(RuntimeError, match="cannot run: .*planted interpreter failure"):
+            compiled(vh, vw, kw["base_logits"])
+        return
+    got = compiled(vh, vw, kw["base_logits"])
+    assert _triton._INTERPRETER_PROBLEM == ""  # probed, by the op, at run time
+    torch.testing.assert_close(got, step(vh, vw, kw["base_logits"]))
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_cuda_rejects_large_m_and_auto_uses_triton():
     if _backends.cuda_extension() is None:

@@ -262,8 +262,10 @@ def _guided_ce_chunked_op(value_hidden: torch.Tensor, value_weight: torch.Tensor
                           need_dvw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(stats [4, N] or [0], d value_hidden [N, Hv] or [0], d value_weight [Vv, Hv] or [0])``: the statistics
     when ``lse`` is None, the gradients that are asked for (row weights ``g``, ``h``)."""
+    from ... import _backends
     from ..._validate import check_vocab_map
 
+    _backends.require_triton(value_hidden.device)
     if vocab_map is not None:
         # Under torch.compile the public function cannot read map values; check them here (cached per map).
         check_vocab_map(vocab_map, vocab_map.shape[0], value_weight.shape[0], value_hidden.device)
