@@ -164,7 +164,7 @@ ensure_built() {
   step_build
 }
 
-# tests/ops/test_triton_gpu_compile.py is left to CI: it compiles the Triton kernels ahead of time for sm_80/sm_90
+# tests/ops/test_triton_gpu_compile.py is left to CI: it compiles the Triton kernels ahead of time for sm_80/90/100
 # without a GPU, the same on any machine, for minutes; test-ops compiles and runs them on this one.
 step_test_ops() {
   ensure_built || return 1

@@ -135,8 +135,8 @@ def _triton_config(M: int, dtype: Optional[torch.dtype] = None) -> dict:
     """Tile sizes by row count and dtype: decode streams weights (thin row tile, narrow vocab tile for many
     programs); scoring/prefill is a gathered GEMM (square tiles). fp32 uses the ``"ieee"`` dot, an FMA loop
     whose operands sit in registers: narrower K slices, or it spills. Every configuration is compiled, as
-    launched, for sm_80 and sm_90 by ``tests/ops/test_triton_gpu_compile.py`` (no register spills, shared memory
-    within the limit)."""
+    launched, for sm_80 and sm_90 (bf16 also sm_100) by ``tests/ops/test_triton_gpu_compile.py`` (no spills,
+    shared memory within the limit)."""
     if interpreter_enabled():
         # The interpreter's cost is per program and per op: few, large programs run fastest.
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_V=64, BLOCK_K=32, num_warps=4)

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for real GPUs (sm_80, sm_90) on a machine without one, exactly as launched.
+"""Every Triton kernel compiles for real GPUs (sm_80, sm_90, sm_100) on a machine without one, exactly as launched.
 
 The interpreter runs the kernels' arithmetic on CPU but never lowers them: it would not catch a construct that
 fails in Triton's GPU compiler (a dot shape or precision mode, an atomic, a dtype in a store), nor a tile
@@ -11,8 +11,8 @@ driver for the target GPU, with each ``kernel[grid](...)`` turned into ``JITFunc
 Triton's own launch path up to, but not including, the launch. The argument lists therefore cannot drift from
 the launchers. Each compiled kernel must fit the opt-in shared memory of its GPU and must not spill registers
 (``ptxas -v`` on the kernel's PTX, with the ptxas and flags Triton uses; results cached beside Triton's cache),
-and each half-precision tile kernel must reach the tensor cores: ``wgmma`` on sm_90 for tiles of 64+ rows,
-``mma.sync`` otherwise (``expected_mma``).
+and each half-precision tile kernel must reach the tensor cores: ``wgmma`` on sm_90 and ``tcgen05.mma`` on sm_100
+(B200) for tiles of 64+ rows, ``mma.sync`` otherwise (``expected_mma``).
 
 It runs in a subprocess because the test session has Triton in interpreter mode; the subprocess prints one row
 per compiled kernel: registers, shared memory, stack, spill stores/loads, and how many parameters the JIT turned
@@ -36,8 +36,8 @@ import pytest
 
 from ivl_kernels._triton import HAS_TRITON
 
-# Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) and B200 (sm_100) 227 KiB.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448, 100: 232448}
 # sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4, L40) lower like sm_80 but give a block 99 KiB: what is compiled for
 # sm_80 must fit there too, or those GPUs fail at launch.
 SHARED_MEMORY_LIMIT_SM8X = 101376
@@ -54,16 +54,18 @@ BASE_MODES = ("none", "logits", "hidden")
 # Coverage per (dtype, arch[, N]): "full" = every flag combination; "rows" = every row count and base mode, the
 # other flags alternating (each value still appears); "spot" = every row count (logits) or base mode (loss),
 # flags alternating. bf16 on sm_90 is the benchmark (H100/H200); fp16 lowers like bf16; fp32 has its own tiles.
+# sm_100 (B200), spot checks of the kernels with matrix work: nothing there has run on one, but a kernel that
+# does not build for it would fail at a user's first call (auto skips such a candidate; the decode head has none).
 LOGITS_COVERAGE = (("bf16", 90, "full"), ("bf16", 80, "rows"), ("fp32", 90, "rows"), ("fp32", 80, "spot"),
-                   ("fp16", 90, "spot"))
+                   ("fp16", 90, "spot"), ("bf16", 100, "spot"))
 LOSS_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "rows"), ("fp32", 90, 16384, "rows"),
                  ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
 TILES_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "spot"), ("fp32", 90, 16384, "spot"),
-                  ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"))
+                  ("fp32", 80, 16384, "spot"), ("fp16", 90, 16384, "spot"), ("bf16", 100, 16384, "spot"))
 # The TMA + persistent logits kernel (``_tile_launch``, the ``tma`` kind that ``auto`` measures): sm_90, no map, in
 # the benchmark's dtype (float16 spilled 4 bytes in one epilogue: the loss's one-pass mode with base hidden states;
 # ``auto`` times it like any candidate).
-TMA_COVERAGE = (("bf16", 90, 16384),)
+TMA_COVERAGE = (("bf16", 90, 16384), ("bf16", 100, 16384))
 
 
 def jobs() -> list:
@@ -295,20 +297,24 @@ def ptxas_usage(ptx: str, cc: int) -> dict:
 
 
 def mma_kind(ptx: str) -> str:
-    """The matrix instructions in ``ptx``: ``wgmma`` (Hopper's warpgroup MMA), ``mma`` (``mma.sync``, sm_80's
-    tensor cores), or ``-`` (none: FMA only)."""
+    """The matrix instructions in ``ptx``: ``tcgen05`` (Blackwell's tensor-memory MMA), ``wgmma`` (Hopper's
+    warpgroup MMA), ``mma`` (``mma.sync``, sm_80's tensor cores), or ``-`` (none: FMA only)."""
+    if re.search(r"\btcgen05\.mma", ptx):
+        return "tcgen05"
     if re.search(r"\bwgmma\.mma_async", ptx):
         return "wgmma"
     return "mma" if re.search(r"\bmma\.sync", ptx) else "-"
 
 
 def expected_mma(r: dict) -> str:
-    """The matrix instruction a tile kernel must use: on sm_90 a half-precision dot over tiles of 64+ rows (a
-    warpgroup's MMA shape) must be ``wgmma``, smaller tiles ``mma.sync`` at least, and every half-precision dot on
-    sm_80 ``mma.sync``. ``None`` where nothing is required (no dot, or float32)."""
+    """The matrix instruction a tile kernel must use: a half-precision dot over tiles of 64+ rows (a warpgroup's
+    MMA shape) must be ``wgmma`` on sm_90 and ``tcgen05`` on sm_100, smaller tiles ``mma.sync`` at least, and every
+    half-precision dot on sm_80 ``mma.sync``. ``None`` where nothing is required (no dot, or float32)."""
     if r["kernel"] not in TILE_KERNELS or r["dtype"] == "fp32":
         return None
-    return "wgmma" if r["cc"] >= 90 and (r["block_m"] or 0) >= 64 else "mma"
+    if (r["block_m"] or 0) >= 64 and r["cc"] >= 90:
+        return "tcgen05" if r["cc"] >= 100 else "wgmma"
+    return "mma"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -438,7 +444,7 @@ def main() -> int:
         if r["spill_stores"] or r["spill_loads"]:
             failures.append(f"register spills: {r}")
         want = expected_mma(r)
-        if want == "wgmma" and r["mma"] != "wgmma" or want == "mma" and r["mma"] == "-":
+        if want in ("wgmma", "tcgen05") and r["mma"] != want or want == "mma" and r["mma"] == "-":
             # A half-precision tile that lowers without tensor cores runs at a fraction of the matrix rate.
             failures.append(f"matrix instructions {r['mma']!r}, expected {want!r}: {r}")
     print(f"compiled {len(results)} kernel variants in {time.time() - t0:.0f} s ({workers} processes)")
@@ -457,12 +463,14 @@ def test_mma_kind_reads_the_ptx_and_the_rule_rejects_fma_tiles():
     assert expected_mma(row) == "wgmma"
     assert expected_mma({**row, "block_m": 16}) == "mma"
     assert expected_mma({**row, "cc": 80}) == "mma"
+    assert expected_mma({**row, "cc": 100}) == "tcgen05"
+    assert mma_kind("tcgen05.mma.cta_group::1.kind::f16 [%r1], %rd1, %rd2, %r2, %p1;") == "tcgen05"
     assert expected_mma({**row, "dtype": "fp32"}) is None
     assert expected_mma({**row, "kernel": "loss rows"}) is None
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_triton_kernels_compile_as_launched_for_sm80_and_sm90():
+def test_triton_kernels_compile_as_launched_for_sm80_sm90_sm100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
