@@ -25,20 +25,13 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from ivl_kernels._triton import HAS_TRITON, interpreter_enabled  # noqa: E402 (after TRITON_INTERPRET is set)
 
+if HAS_TRITON and interpreter_enabled():
+    from tests import _interp_bounds
 
-if _interpreting():
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - the torch-only environments
-        pass
-    else:
-        from tests import _interp_bounds
-
-        # Every interpreted launch is checked for out-of-bounds and misaligned accesses (a device fault on a GPU).
-        _interp_bounds.install()
+    # Every interpreted launch is checked for out-of-bounds and misaligned accesses (a device fault on a GPU).
+    _interp_bounds.install()
 
 
 @pytest.fixture(autouse=True)

@@ -5,12 +5,12 @@ the end, a view reading the rest of its buffer, a misaligned element, a stray at
 let through (masked-off lanes, a TMA descriptor's out-of-range block, reinterpreted dtypes).
 """
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the Triton interpreter")
+from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
+
+pytestmark = pytest.mark.skipif(not (HAS_TRITON and interpreter_enabled()), reason="checks the Triton interpreter")
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402

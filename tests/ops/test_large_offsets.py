@@ -10,21 +10,18 @@ float64 oracle and the test asserts which kernel ran. CPU only: the interpreter 
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import ivl_kernels as ivl
+from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
 from ivl_kernels.ops import guided_logits as gl
 from ivl_kernels.reference import guided_cross_entropy_naive, guided_logits_naive
+from tests import _interp_bounds
+from test_guided_logits import assert_guided_close, make_map
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="checks the Triton interpreter")
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.importorskip("triton")
-    from tests import _interp_bounds
-    from test_guided_logits import assert_guided_close, make_map
+pytestmark = pytest.mark.skipif(not (HAS_TRITON and interpreter_enabled()), reason="checks the Triton interpreter")
 
 INT32 = 2 ** 31
 
