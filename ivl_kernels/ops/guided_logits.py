@@ -232,10 +232,11 @@ def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_wei
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     prec = {torch.float32: "ieee"}
-    launch_logits({**logits_config(dt), "tma": tma}, value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map,
-                  alpha_tensor, out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv,
-                  Vv=Vv, Vg=0, ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
-                  inv_scale=1.0, mode=3, v_prec=prec.get(dt, "tf32"),
+    launch_logits({**logits_config(dt), "tma": tma}, value_hidden, value_weight, base_hidden, base_weight,
+                  base_logits, vocab_map, alpha_tensor, out, out, out, out, out, out, R=M, Vb=Vb,
+                  Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0, ld_out=out.stride(0),
+                  alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0, inv_scale=1.0, mode=3,
+                  v_prec=prec.get(dt, "tf32"),
                   b_prec=prec.get(base_hidden.dtype if base_hidden is not None else dt, "tf32"))
 
 

@@ -107,7 +107,8 @@ def test_loss_addresses_past_2_31(kind, operand, monkeypatch):
     del _interp_bounds.launched[:]
     loss = ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **t, **kw)
     loss.backward()
-    logits_kernel = {"tiles": "_ce_logits_tile_kernel", "tma": "_ce_logits_tma_kernel", "cublas": "_ce_rows_kernel"}[kind]
+    logits_kernel = {"tiles": "_ce_logits_tile_kernel", "tma": "_ce_logits_tma_kernel",
+                     "cublas": "_ce_rows_kernel"}[kind]
     assert logits_kernel in _interp_bounds.launched, _interp_bounds.launched
     if kind == "cublas":
         assert "_l1_rows_kernel" in _interp_bounds.launched, _interp_bounds.launched
