@@ -16,7 +16,7 @@
 #   bench-loss      benchmarks/bench_guided_loss.py (N = 16384, peers)
 #   bench-tiles     benchmarks/bench_loss_tiles.py: the loss's tile GEMMs kernel by kernel against cuBLAS on the
 #                   same products, for each candidate tile configuration (one chunk; ~1-2 min)
-#   bench-generate  benchmarks/bench_generate.py
+#   bench-generate  benchmarks/bench_generate.py (batch 1 and 16, 3 rounds; the compiled rows compile in their first call)
 #   all             every step, in the order of NOTES.md (longer than one device call: for a machine of your own,
 #                   with IVL_GPU_BUDGET_S raised)
 #
@@ -248,7 +248,7 @@ for step in "${STEPS[@]}"; do
     bench-logits) step_bench bench_guided_logits 480 ${IVL_LOGITS_ARGS:-} ;;
     bench-loss) step_bench bench_guided_loss 420 ${IVL_LOSS_ARGS:-} ;;
     bench-tiles) step_bench bench_loss_tiles 240 ${IVL_TILES_ARGS:-} ;;
-    bench-generate) step_bench bench_generate 360 ;;
+    bench-generate) step_bench bench_generate 420 ${IVL_GENERATE_ARGS:---repeats 3} ;;
     bench-decode) step_bench bench_guided_logits 300 --M 1 2 3 4 6 8 12 16 --map identity --no-compile ;;
   esac 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}

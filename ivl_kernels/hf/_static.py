@@ -13,6 +13,13 @@ tokens. The prompt runs eagerly (any length, any padding). A decode step then ha
 So the step (every backbone, then ``fused_guided_logits``) reads no tensor value on the host and can be captured
 once in a CUDA graph and replayed per token: one launch for the whole step instead of hundreds of kernels from
 Python. On CPU the same static step runs eagerly (the parity tests).
+
+``compile_step``: each backbone's decode forward also goes through ``torch.compile`` (``fullgraph``, static
+shapes, no CUDA graphs of its own: inductor fuses the layers' pointwise work, which a CUDA graph of eager kernels
+still runs as separate kernels), as transformers' own fastest generate does for one model. The prompt stays
+eager (its length varies). The first decode step compiles; a second eager step shows that nothing recompiles
+before the graph is captured, so compiling never happens inside a capture. One compiled entry per batch size and
+bucketed cache length (torch.compile's recompile limit bounds how many; past it torch runs that shape eagerly).
 """
 
 from __future__ import annotations
@@ -82,8 +89,11 @@ class StaticRunner:
     """One backbone over a ``StaticCache`` of ``max_len`` columns: ``prefill`` the prompt, then ``decode`` one
     token per row per step from the buffers ``ids`` / ``pos`` / ``bias`` (updated by ``advance``)."""
 
-    def __init__(self, backbone: nn.Module, cache_owner: nn.Module, max_len: int):
+    def __init__(self, backbone: nn.Module, cache_owner: nn.Module, max_len: int, compiled: bool = False):
         self.backbone = backbone
+        self.compiled = bool(compiled)
+        # Static shapes: the decode step's are fixed per runner (batch size, cache columns).
+        self._compiled = torch.compile(backbone, dynamic=False, fullgraph=True) if compiled else None
         self.cache = _static_cache(cache_owner, max_len)
         self.max_len = int(max_len)
         self.columns = 0                                  # columns written (host-side: known without a sync)
@@ -130,8 +140,16 @@ class StaticRunner:
 
     def decode(self) -> torch.Tensor:
         """The captured part: one token per row from the buffers; ``[B, H]`` hidden states."""
-        out = self.backbone(input_ids=self.ids, attention_mask=self.bias, position_ids=self.pos,
-                            use_cache=True, **{cache_kwarg(self.backbone): self.cache})
+        kwargs = dict(input_ids=self.ids, attention_mask=self.bias, position_ids=self.pos, use_cache=True,
+                      **{cache_kwarg(self.backbone): self.cache})
+        if self._compiled is None:
+            return self.backbone(**kwargs).last_hidden_state[:, -1]
+        try:
+            out = self._compiled(**kwargs)
+        except Exception as exc:
+            raise RuntimeError(f"the torch.compile'd decode step of {type(self.backbone).__name__} failed "
+                               f"({type(exc).__name__}: {str(exc)[:500]}); pass compile_step=False to run it "
+                               f"uncompiled") from exc
         return out.last_hidden_state[:, -1]
 
     def finish(self) -> None:
@@ -144,7 +162,8 @@ class StaticDecoder:
     """The decoder interface of guided generation (as ``_value_state.DynamicDecoder``) over static caches:
     ``prefill(prompts)`` runs each runner's prompt eagerly; ``step(ids)`` runs the decode step (every runner's
     ``decode``, then ``combine``: it reads only the runners' buffers) eagerly, or captured in a CUDA graph after
-    one eager warm-up step and replayed from then on. Both return ``combine(hidden_states)``."""
+    eager warm-up steps (one; two when a runner is compiled) and replayed from then on. Both return
+    ``combine(hidden_states)``. Inference only: the steps run without autograd."""
 
     reuses_outputs = True  # a replayed graph writes its outputs into the same buffers each step
 
@@ -157,6 +176,7 @@ class StaticDecoder:
         self.graph = None
         self.outputs = None
         self.steps = 0
+        self.warmup = 2 if any(r.compiled for r in self.runners) else 1
 
     def step_fn(self):
         return self.combine([r.decode() for r in self.runners])
@@ -165,6 +185,7 @@ class StaticDecoder:
         """``prompts[i] = (ids [B, T_i], mask [B, T_i])``: runner ``i``'s prompt (left padding allowed)."""
         return self.combine([r.prefill(ids, mask) for r, (ids, mask) in zip(self.runners, prompts)])
 
+    @torch.no_grad()
     def step(self, translated_ids: List[torch.Tensor]):
         """``translated_ids[i] [B, 1]``: the new token in runner ``i``'s vocabulary. Returns ``combine``'s
         outputs (graph-owned buffers when captured: consume or clone them before the next step)."""
@@ -172,8 +193,9 @@ class StaticDecoder:
             runner.advance(ids)
         if not self.use_graph:
             out = self.step_fn()
-        elif self.graph is None and self.steps == 0:
-            # Warm-up on a side stream (allocator and library handles settle before capture), a real step.
+        elif self.graph is None and self.steps < self.warmup:
+            # Warm-up on a side stream (allocator and library handles settle, torch.compile compiles, before
+            # capture), a real step.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

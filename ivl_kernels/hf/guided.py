@@ -313,32 +313,40 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                 out.append(None)
         return out
 
-    @torch.no_grad()
-    def _decode_mode(self, cache_implementation, cuda_graph, device, owners) -> Tuple[bool, bool]:
+    def _decode_mode(self, cache_implementation, cuda_graph, device, owners,
+                     compile_step: bool = False) -> Tuple[bool, bool]:
         """``(static cache, CUDA graph)`` for one call. Default (``None``): on CUDA, static caches and a captured
         step when every model supports a ``StaticCache`` (else the dynamic cache, said once at INFO level); on
-        CPU the dynamic cache. ``cache_implementation`` / ``cuda_graph`` force either."""
+        CPU the dynamic cache. ``cache_implementation`` / ``cuda_graph`` force either; ``compile_step=True``
+        needs (and with the default cache, chooses) the static one."""
         from ._static import _log_once, static_supported
 
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         if cuda_graph not in (None, True, False):
             raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+        if not isinstance(compile_step, bool):
+            raise TypeError(f"compile_step must be True or False, got {compile_step!r}")
         if cuda_graph and (cache_implementation == "dynamic" or device.type != "cuda"):
             raise ValueError("cuda_graph=True needs cache_implementation='static' and CUDA models")
-        if cache_implementation is None:
+        if compile_step and cache_implementation == "dynamic":
+            raise ValueError("compile_step=True compiles the static cache's decode step: it needs "
+                             "cache_implementation='static' (or None), not 'dynamic'")
+        why = next((w for w in map(static_supported, owners) if w), "")
+        if compile_step and why:
+            raise ValueError(f"compile_step=True needs a static cache for every model: {why}")
+        if cache_implementation is None and not compile_step:
             if device.type != "cuda" or cuda_graph is False:
                 return False, False
-            why = next((w for w in map(static_supported, owners) if w), "")
             if why:
                 _log_once(f"GuidedCausalLM.generate: dynamic cache ({why}); pass cache_implementation='static' to "
                           f"force the static one")
                 return False, False
             return True, True
-        static = cache_implementation == "static"
+        static = cache_implementation != "dynamic"
         return static, static and device.type == "cuda" and cuda_graph is not False
 
-    def _decoder(self, s: "_Settings", own_prompts: list, cuda_graph):
+    def _decoder(self, s: "_Settings", own_prompts: list, cuda_graph, compile_step: bool = False):
         """The decoder for one call (``DynamicDecoder`` or ``StaticDecoder``: one interface, ``prefill(prompts)``
         and ``step(ids)``, each returning ``(base_hidden, [term hidden], guided logits)``).
 
@@ -348,7 +356,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         of another shape replaces it)."""
         owners = [self.base_model] + list(self.value_models)
         backbones = [self._base_backbone] + [t.backbone for t in self._prepared]
-        static, graph = self._decode_mode(s.cache_implementation, cuda_graph, self.device, owners)
+        static, graph = self._decode_mode(s.cache_implementation, cuda_graph, self.device, owners, compile_step)
         if not static:
             return DynamicDecoder(backbones, self._combine)
         from ._static import StaticDecoder, StaticRunner, bucketed, reuse_or_build
@@ -359,16 +367,18 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         graph_required = bool(cuda_graph)
 
         def build():
-            runners = [StaticRunner(bb, owner, n) for bb, owner, n in zip(backbones, owners, sizes)]
+            runners = [StaticRunner(bb, owner, n, compiled=compile_step)
+                       for bb, owner, n in zip(backbones, owners, sizes)]
             return runners, StaticDecoder(runners, self._combine, use_graph=graph, graph_required=graph_required)
 
-        key = (s.input_ids.shape[0], sizes, graph, graph_required)
+        key = (s.input_ids.shape[0], sizes, graph, graph_required, compile_step)
         return reuse_or_build(self, "_decode_cache", key, build)[1]
 
     def _combine(self, hidden: List[torch.Tensor]) -> tuple:
         """A decoder's output from every model's final hidden state: ``(base, [terms], guided logits)``."""
         return hidden[0], hidden[1:], self._guided_logits(hidden[0], hidden[1:])
 
+    @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, max_length: Optional[int] = None,
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
@@ -379,7 +389,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                  output_logits: Optional[bool] = None, output_term_logits: bool = False, term_inputs=None,
                  prompt_texts: Optional[Sequence[str]] = None, suppress_ids_from: Optional[int] = None,
                  cache_implementation: Optional[str] = None, cuda_graph: Optional[bool] = None,
-                 **kwargs) -> Union[torch.LongTensor, GuidedGenerateOutput]:
+                 compile_step: bool = False, **kwargs) -> Union[torch.LongTensor, GuidedGenerateOutput]:
         """Guided decoding; returns ``[B, T + new]`` token ids (prompt included), like ``model.generate``.
 
         Args:
@@ -422,6 +432,12 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                 one, said once), ``True`` (a failed capture raises), ``False`` (no graph; with the default cache,
                 the dynamic one). Same tokens on every path. Models must support ``StaticCache`` (Llama, Qwen2,
                 Mistral, ...).
+            compile_step: ``True``: each model's decode forward runs through ``torch.compile`` (static cache; with
+                the default ``cache_implementation`` the static one is chosen, on CPU too), compiled on the first
+                decode step of each batch size and bucketed length, then captured in the CUDA graph on CUDA; as
+                transformers compiles its static-cache generate. The prompt stays eager. A failed compile raises
+                (with the cause). Off by default until a GPU run measures it (benchmarks/bench_generate.py,
+                ``guided-compiled``). Generation runs without autograd, as transformers' ``generate``.
         Beam search, assisted decoding and other modes raise ``ValueError`` before anything runs.
         """
         s = self._generate_settings(
@@ -433,7 +449,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
             output_scores=output_scores, output_logits=output_logits, output_term_logits=output_term_logits,
             suppress_ids_from=suppress_ids_from, cache_implementation=cache_implementation, kwargs=kwargs)
         own_prompts = self._term_prompts(term_inputs, prompt_texts, s.tokenizer, s.input_ids, s.mask)
-        decoder = self._decoder(s, own_prompts, cuda_graph)
+        decoder = self._decoder(s, own_prompts, cuda_graph, compile_step)
         prompts = [(s.input_ids, s.mask)] + [own if own is not None else (t.translate(s.input_ids), s.mask)
                                              for t, own in zip(self._prepared, own_prompts)]
         if streamer is not None:

@@ -59,6 +59,10 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             columns (rounded up to 64; without ``max_new_tokens``, 256 more, doubled by re-reading the sequence
             when it fills), its decode step captured in a CUDA graph on CUDA (``cuda_graph``: ``None``/``True``
             capture, ``False`` runs it eagerly). Same tokens as the dynamic cache.
+        compile_step: ``True``: the value model's decode forward runs through ``torch.compile`` (static cache,
+            chosen on CPU too; compiled on its first decode step, then captured in the CUDA graph on CUDA), as
+            ``GuidedCausalLM.generate(compile_step=True)``. Needs a model that supports ``StaticCache`` and one
+            shared tokenizer. Off by default.
         max_new_tokens: the ``max_new_tokens`` given to ``generate`` (sizes the static cache; optional).
 
     Call shapes (transformers' contract): ``input_ids [B, t]`` (prompt + tokens so far), ``scores [B, Vb]``;
@@ -72,13 +76,23 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                  fill: float = 0.0, backend: str = "auto", value_input_ids: Optional[torch.Tensor] = None,
                  value_attention_mask: Optional[torch.Tensor] = None, suppress_ids_from: Optional[int] = None,
                  cache_implementation: Optional[str] = None, cuda_graph: Optional[bool] = None,
-                 max_new_tokens: Optional[int] = None):
+                 max_new_tokens: Optional[int] = None, compile_step: bool = False):
+        from ._static import static_supported
+
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
         if cuda_graph not in (None, True, False):
             raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
         if cuda_graph and cache_implementation == "dynamic":
             raise ValueError("cuda_graph=True needs the static cache (cache_implementation='static' or None)")
+        if not isinstance(compile_step, bool):
+            raise TypeError(f"compile_step must be True or False, got {compile_step!r}")
+        if compile_step and cache_implementation == "dynamic":
+            raise ValueError("compile_step=True compiles the static cache's decode step: it needs "
+                             "cache_implementation='static' (or None), not 'dynamic'")
+        if compile_step and static_supported(value_model):
+            raise ValueError(f"compile_step=True needs a static cache: {static_supported(value_model)}")
+        self.compile_step = compile_step
         self.cache_implementation = cache_implementation
         self.cuda_graph = cuda_graph
         self.max_new_tokens = None if max_new_tokens is None else check_int("max_new_tokens", max_new_tokens)
@@ -99,6 +113,9 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             raise ValueError("the base and value tokenizers differ but no vocab_map was given: pass "
                              "vocab_map=VocabMap.from_tokenizers(base_tokenizer, value_tokenizer) so value logits "
                              "can be carried onto the base vocabulary")
+        if self.retokenize and compile_step:
+            raise ValueError("compile_step=True needs one tokenizer for both models: re-tokenising runs the value "
+                             "model on a dynamic cache")
         self._vocab_map_arg = vocab_map
         self.suppress_ids_from = suppress_ids_from
         resolve_suppress_from(suppress_ids_from, base_tokenizer)  # type / range check now
@@ -175,6 +192,8 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         from ._static import _log_once, static_supported
 
         mode = self.cache_implementation
+        if self.compile_step:
+            return True
         if mode == "dynamic" or (mode is None and (device.type != "cuda" or self.cuda_graph is False)):
             return False
         why = static_supported(self.value_model)
@@ -192,11 +211,12 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         size = bucketed(columns if columns is not None else T + (self.max_new_tokens or 256))
 
         def build():
-            runner = StaticRunner(self.backbone, self.value_model, size)
+            runner = StaticRunner(self.backbone, self.value_model, size, compiled=self.compile_step)
             return runner, StaticDecoder([runner], lambda hs: hs[0], use_graph=graph,
                                          graph_required=bool(self.cuda_graph))
 
-        runner, decoder = reuse_or_build(self, "_static_kept", (B, size, graph, ids.device), build)
+        runner, decoder = reuse_or_build(self, "_static_kept", (B, size, graph, ids.device, self.compile_step),
+                                          build)
         self._static = (runner, decoder)
         return decoder.prefill([(ids, mask)])
 
