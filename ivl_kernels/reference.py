@@ -1,9 +1,9 @@
 """Plain-PyTorch semantics of every op, written once and unchunked: the oracle of the tests.
 
 Evaluate a function in float64 for an oracle, or in the input dtype to measure what plain torch gets wrong in
-that dtype. Nothing here is a backend: the ``torch`` backends live with their ops (``ops/guided_logits.py``,
-``ops/guided_cross_entropy/_torch_backend.py``) and share no code with this module, so a bug in one cannot hide
-in the comparison.
+that dtype. Nothing here is a backend: the ``torch`` backends live with their ops
+(``ops/guided_logits/_torch_backend.py``, ``ops/guided_cross_entropy/_torch_backend.py``) and share no code with
+this module, so a bug in one cannot hide in the comparison.
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ def test_a_failed_compile_names_the_switch(monkeypatch):
     monkeypatch.setattr(_static.torch, "compile", broken)
     lm = _two_terms()
     ids, mask = left_pad(random_prompts([4, 2], seed=3))
-    with pytest.raises(RuntimeError, match="torch.compile'd decode step .*inductor could not lower.*compile_step=False"):
+    said = "torch.compile'd decode step .*inductor could not lower.*compile_step=False"
+    with pytest.raises(RuntimeError, match=said):
         lm.generate(ids, attention_mask=mask, max_new_tokens=3, compile_step=True)
 
 

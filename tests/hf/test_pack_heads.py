@@ -44,8 +44,8 @@ def test_heads_become_views_of_one_buffer_and_ties_hold():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_logits_and_loss_equal_unpacked(backend, monkeypatch):
     calls = []
-    real = gl._launch_packed
-    monkeypatch.setattr(gl, "_launch_packed", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = gl._launch._launch_packed
+    monkeypatch.setattr(gl._launch, "_launch_packed", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     ids = _ids(3, 50)                       # 150 rows >= GEMM_MIN_ROWS: the head's GEMM path
     assert ids.numel() >= gl.GEMM_MIN_ROWS
     out = {}

@@ -143,7 +143,7 @@ def test_a_forced_kind_that_cannot_compute_the_call_gives_way(forced, monkeypatc
     kw = dict(base_logits=bl, vocab_map=make_map("many_to_one", Vb, Vv, DEVICE), fill=-1.5)
     ran = []
     for name in ("_launch_cublas", "_launch_tiles", "_launch_rows"):
-        monkeypatch.setattr(gl, name, lambda *a, _n=name, _f=getattr(gl, name): (ran.append(_n), _f(*a)))
+        monkeypatch.setattr(gl._launch, name, lambda *a, _n=name, _f=getattr(gl._launch, name): (ran.append(_n), _f(*a)))
     out = ivl.fused_guided_logits(vh, vw, backend="triton", **kw)
     ref = guided_logits_naive(vh, vw, dtype=torch.float64, **kw)
     assert_guided_close(out, ref, guided_logits_naive(vh, vw, **kw), torch.float32, forced)
@@ -172,7 +172,7 @@ def fake_gpu(monkeypatch):
     state = dict(ms={"cublas": 1.0, "rows": 3.0, "tiles": 0.5, "tma": 0.7}, timed=[], ran=[], corrupt=False)
     frames = []
     real_loss, real_chunks = _chunked.chunked_loss, _chunked.tile_chunks
-    real_cublas, real_tiles, real_rows = gl._launch_cublas, gl._launch_tiles, gl._launch_rows
+    real_cublas, real_tiles, real_rows = gl._launch._launch_cublas, gl._launch._launch_tiles, gl._launch._launch_rows
 
     def chunked_loss(*a, **k):
         frames.append("cublas")
@@ -203,9 +203,9 @@ def fake_gpu(monkeypatch):
 
     monkeypatch.setattr(_chunked, "chunked_loss", chunked_loss)
     monkeypatch.setattr(_chunked, "tile_chunks", tile_chunks)
-    monkeypatch.setattr(gl, "_launch_cublas", launch("cublas", real_cublas))
-    monkeypatch.setattr(gl, "_launch_tiles", launch("tiles", real_tiles))
-    monkeypatch.setattr(gl, "_launch_rows", launch("rows", real_rows))
+    monkeypatch.setattr(gl._launch, "_launch_cublas", launch("cublas", real_cublas))
+    monkeypatch.setattr(gl._launch, "_launch_tiles", launch("tiles", real_tiles))
+    monkeypatch.setattr(gl._launch, "_launch_rows", launch("rows", real_rows))
     monkeypatch.setattr(_measured, "time_ms", time_ms)
     return state
 

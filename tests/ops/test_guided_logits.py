@@ -245,7 +245,7 @@ def fake_route(monkeypatch):
     monkeypatch.delenv("IVL_KERNELS_BACKEND", raising=False)
     monkeypatch.setattr(_backends, "cuda_usable", lambda d: (True, ""))
     monkeypatch.setattr(_backends, "triton_usable", lambda d: (True, ""))
-    monkeypatch.setattr(gl, "ROUTE", Measured(fallback="triton"))
+    monkeypatch.setattr(gl._route, "ROUTE", Measured(fallback="triton"))
     state = dict(capturing=False, ms={"cuda": 0.3, "triton": 0.2}, measured=[])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -254,7 +254,7 @@ def fake_route(monkeypatch):
         state["measured"].append(a.M)
         return min(state["ms"], key=state["ms"].get)
 
-    monkeypatch.setattr(gl, "_measure_route", measure)
+    monkeypatch.setattr(gl._route, "_measure_route", measure)
 
     def pick(M, base="logits"):
         from ivl_kernels._validate import validate_guided
@@ -315,7 +315,7 @@ def test_auto_backend_on_gpu_picks_fused():
     if _backends.cuda_extension() is None:
         assert picks[0] == "triton"
     else:
-        assert gl.ROUTE.choices[gl._route_key(a)] == picks[0]
+        assert gl._route.ROUTE.choices[gl._route._route_key(a)] == picks[0]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

@@ -124,8 +124,8 @@ def test_packed_heads_match_reference_and_unpacked(backend, device, dtype, vocab
     vh = torch.randn(M_GEMM, Hv, device=device).to(dtype)
     alpha = 0.75 if alpha_kind == "scalar" else torch.rand(M_GEMM, device=device) * 2 - 0.5
     calls = []
-    real = gl._launch_packed
-    monkeypatch.setattr(gl, "_launch_packed", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    real = gl._launch._launch_packed
+    monkeypatch.setattr(gl._launch, "_launch_packed", lambda *a, **k: (calls.append(1), real(*a, **k)))
     packed = _check(backend, device, dtype, vh, pv, bh, pb, alpha=alpha, fill=-2.0, what=f"packed {vocab}")
     assert calls, "packed heads did not take the one-GEMM path"
     calls.clear()
