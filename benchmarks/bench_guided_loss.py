@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--logit-std", type=float, default=LOGIT_STD,
                    help=f"standard deviation of each head's logits (default {LOGIT_STD})")
+    p.add_argument("--cases", nargs="+", choices=["guided", "value-only"], default=["guided", "value-only"],
+                   help="which cases to run (default both)")
     args = p.parse_args(argv)
     output_options(args)
     return args
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
         ("value-only", "ivl fused_guided_cross_entropy [triton, tile GEMMs, TMA]",
          ours("triton", guided=False, loss_gemm="tma")),
     ]
+    impls = [impl for impl in impls if impl[0] in args.cases]
     order = sorted(range(len(impls)), key=lambda i: impls[i][1].startswith("ivl"))  # peers first (stable)
     rows: list = [None] * len(impls)
     naive = {}  # case -> (loss memory, gradients) of the naive row, the reference of that case
@@ -323,7 +326,8 @@ def main(argv=None) -> int:
                               "timing", "status"]))
     os.makedirs(args.out, exist_ok=True)
     tag = f"guided_loss_{'gpu' if gpu else 'cpu'}_N{N}_{str(dtype).replace('torch.', '')}" + (
-        f"_std{args.logit_std:g}" if args.logit_std != LOGIT_STD else "")
+        f"_std{args.logit_std:g}" if args.logit_std != LOGIT_STD else "") + (
+        "" if len(args.cases) == 2 else "_" + args.cases[0])
     csv_path = os.path.join(args.out, tag + ".csv")
     write_csv(csv_path, rows, versions)
     try:

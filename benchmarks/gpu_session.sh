@@ -14,6 +14,8 @@
 #   bench-decode    the same at the decode sizes M = 1, 2, 3, 4, 6, 8, 12, 16 (identity map, no torch.compile rows):
 #                   where the CUDA kernel stops beating Triton, which sets backend="auto"'s routing
 #   bench-loss      benchmarks/bench_guided_loss.py (N = 16384, peers)
+#   bench-loss-peaked  the value-only case again with logits of std 30 (a peaked softmax: where cut-cross-entropy's
+#                   default gradient filter skips most of the backward), no torch.compile rows; ~30-60 s
 #   bench-tiles     benchmarks/bench_loss_tiles.py: the loss's tile GEMMs kernel by kernel against cuBLAS on the
 #                   same products, for each candidate tile configuration (one chunk; ~1-2 min)
 #   bench-generate  benchmarks/bench_generate.py (batch 1 and 16, 3 rounds; the compiled rows compile in their first call)
@@ -37,14 +39,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STEPS=(build test-gpu bench-logits bench-loss bench-tiles test-ops test-rest sanitize bench-generate bench-decode)
+ALL_STEPS=(build test-gpu bench-logits bench-loss bench-loss-peaked bench-tiles test-ops test-rest sanitize bench-generate bench-decode)
 usage() { awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 2; }
 [ $# -gt 0 ] || usage
 STEPS=()
 for s in "$@"; do
   case "$s" in
     all) STEPS+=("${ALL_STEPS[@]}") ;;
-    build|test-ops|test-rest|test-gpu|sanitize|bench-logits|bench-loss|bench-tiles|bench-generate|bench-decode)
+    build|test-ops|test-rest|test-gpu|sanitize|bench-logits|bench-loss|bench-loss-peaked|bench-tiles|bench-generate|\
+    bench-decode)
       STEPS+=("$s") ;;
     *) echo "unknown step: $s" >&2; usage ;;
   esac
@@ -247,6 +250,7 @@ for step in "${STEPS[@]}"; do
     sanitize) step_sanitize ;;
     bench-logits) step_bench bench_guided_logits 480 ${IVL_LOGITS_ARGS:-} ;;
     bench-loss) step_bench bench_guided_loss 420 ${IVL_LOSS_ARGS:-} ;;
+    bench-loss-peaked) step_bench bench_guided_loss 240 --cases value-only --logit-std 30 --no-compile ;;
     bench-tiles) step_bench bench_loss_tiles 240 ${IVL_TILES_ARGS:-} ;;
     bench-generate) step_bench bench_generate 420 ${IVL_GENERATE_ARGS:---repeats 3} ;;
     bench-decode) step_bench bench_guided_logits 300 --M 1 2 3 4 6 8 12 16 --map identity --no-compile ;;
