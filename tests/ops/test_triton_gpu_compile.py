@@ -192,14 +192,18 @@ class _TargetDriver:
 
 
 def _kernels():
+    """Every Triton kernel of the ops, wherever it lives (an op that grows into a package keeps its kernels in a
+    submodule; missing one here would let that kernel launch for real instead of compiling)."""
+    import importlib
+    import pkgutil
+
     from triton.runtime.jit import JITFunction
 
-    from ivl_kernels.ops import guided_cross_entropy as gce
-    from ivl_kernels.ops import _tile_kernels as tile_kernels
-    from ivl_kernels.ops import guided_logits as gl
+    import ivl_kernels.ops as ops
 
     found = {}
-    for mod in (gl, gce._kernels, tile_kernels):
+    for info in pkgutil.walk_packages(ops.__path__, ops.__name__ + "."):
+        mod = importlib.import_module(info.name)
         for v in vars(mod).values():
             if isinstance(v, JITFunction):
                 found[id(v)] = v
