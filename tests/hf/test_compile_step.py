@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 
 from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM, IVLLogitsProcessor  # noqa: E402
 
-from ._models import left_pad, make_base, make_value, random_map, random_prompts  # noqa: E402
+from ._models import (CORPUS, left_pad, make_base, make_value, random_map, random_prompts,  # noqa: E402
+                      train_bpe_tokenizer)
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -98,6 +99,11 @@ def test_compile_step_arguments_are_checked_before_any_work(monkeypatch):
         IVLLogitsProcessor(value, compile_step=1)
     with pytest.raises(ValueError, match="compile_step=True .* not 'dynamic'"):
         IVLLogitsProcessor(value, compile_step=True, cache_implementation="dynamic")
+    # Two tokenizers: the value model runs on its own re-tokenised ids, through a dynamic cache.
+    tok_base, tok_value = train_bpe_tokenizer(300, CORPUS), train_bpe_tokenizer(280, CORPUS)
+    with pytest.raises(ValueError, match="compile_step=True needs one tokenizer for both models"):
+        IVLLogitsProcessor(value, compile_step=True, base_tokenizer=tok_base, value_tokenizer=tok_value,
+                           vocab_map=random_map(Vb=len(tok_base), Vv=256))
     monkeypatch.setattr(type(value), "_can_compile_fullgraph", False)
     with pytest.raises(ValueError, match="compile_step=True needs a static cache.*_can_compile_fullgraph"):
         IVLLogitsProcessor(value, compile_step=True)
