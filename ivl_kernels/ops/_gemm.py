@@ -15,17 +15,18 @@ import torch
 
 from ._measured import Measured, fastest
 
-GEMM_KINDS = ("auto", "cublas", "tiles", "tma")
+GEMM_KINDS = ("auto", "cublas", "tiles", "tma", "wide")
 
 
 def gemm_kind() -> str:
     """The compute-bound paths' matrix kernels, ``IVL_KERNELS_GEMM`` read at each call: ``auto`` (the default:
     per shape class on this GPU, the fastest of the kinds that agree with cuBLAS, measured once;
     ``measured_kind``), ``cublas`` (these GEMMs, plus the loss's Triton row kernel), ``tiles`` (Triton tile GEMMs
-    with the row work in their epilogue and prologue: ``ops/_tile_kernels.py``) or ``tma`` (the same, with the
+    with the row work in their epilogue and prologue: ``ops/_tile_kernels.py``), ``tma`` (the same, with the
     logits kernel reading through TMA descriptors on a persistent grid where it can take the call:
-    ``_tile_launch.tma_takes``; the pointer tiles elsewhere). Applies to the loss and to the guided head from
-    ``GEMM_MIN_ROWS`` rows."""
+    ``_tile_launch.tma_takes``; the pointer tiles elsewhere) or ``wide`` (``tma`` with the logits kernel on
+    ``_tile_launch.WIDE_TILES``, 128 x 256, where ``_tile_launch.wide_applies``; elsewhere ``tma``). Applies to
+    the loss and to the guided head from ``GEMM_MIN_ROWS`` rows."""
     env = os.environ.get("IVL_KERNELS_GEMM", "").strip() or "auto"
     if env not in GEMM_KINDS:
         raise ValueError(f"IVL_KERNELS_GEMM must be one of {', '.join(GEMM_KINDS)}; got {env!r}")

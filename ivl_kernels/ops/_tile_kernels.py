@@ -105,7 +105,7 @@ def _ce_logits_tile_kernel(
     HAS_BASE_LOGITS: tl.constexpr, HAS_BASE_HIDDEN: tl.constexpr, HAS_MAP: tl.constexpr,
     ALPHA_IS_TENSOR: tl.constexpr, SMOOTH: tl.constexpr, MODE: tl.constexpr, V_PREC: tl.constexpr,
     B_PREC: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` tile of guided logits over rows ``[0, R)`` and base columns ``[0, Vb)``.
 
@@ -134,7 +134,8 @@ def _ce_logits_tile_kernel(
                          EVEN_K, BLOCK_K)
     _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr,
                       part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k, stride_part_t,
-                      stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS, SMOOTH, MODE, BLOCK_N)
+                      stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS, SMOOTH, MODE, BLOCK_N,
+                      EPILOGUE_SPLIT)
 
 
 @triton.jit
@@ -145,6 +146,7 @@ def _ce_logits_tma_kernel(
     HAS_BASE_LOGITS: tl.constexpr, HAS_BASE_HIDDEN: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr,
     SMOOTH: tl.constexpr, MODE: tl.constexpr, V_PREC: tl.constexpr, B_PREC: tl.constexpr, FLATTEN: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
 ):
     """``_ce_logits_tile_kernel`` without a map, for Hopper: the operands come through tensor descriptors (TMA:
     no address arithmetic or masks in registers, out-of-range rows and K read as zeros) and the grid is
@@ -177,16 +179,57 @@ def _ce_logits_tma_kernel(
         _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr,
                           part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k,
                           stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS, SMOOTH,
-                          MODE, BLOCK_N)
+                          MODE, BLOCK_N, EPILOGUE_SPLIT)
+
+
+@triton.jit
+def _split_cols(x):
+    """``[R, C]`` -> its column halves ``[R, C/2]``, ``[R, C/2]`` (a register relabelling: no data moves)."""
+    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
 
 
 @triton.jit
 def _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr,
                       part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k,
                       stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS: tl.constexpr,
-                      SMOOTH: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SMOOTH: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      EPILOGUE_SPLIT: tl.constexpr):
     """A logits tile's end, shared by both logits kernels: the base logits added, then the head's store
-    (``MODE`` 3) or the loss's epilogue."""
+    (``MODE`` 3) or the loss's epilogue. ``EPILOGUE_SPLIT`` 2: the epilogue runs on the tile's two column halves
+    one after the other, each a tile of its own for the partials (index ``2 pid_n + h``, ``BLOCK_N / 2`` wide):
+    its float32 temporaries are half the size, which lets a 128 x 256 accumulator (128 registers a thread at 8
+    warps) finish without spilling."""
+    if EPILOGUE_SPLIT == 2:
+        half: tl.constexpr = BLOCK_N // 2
+        acc0, acc1 = _split_cols(acc)
+        valid0, valid1 = tl.split(tl.permute(tl.reshape(valid.to(tl.int8), (2, half)), (1, 0)))
+        cols0 = pid_n * BLOCK_N + tl.arange(0, half)
+        _ce_logits_finish_tile(acc0, rows, cols0, row_ok, valid0 != 0, alpha, 2 * pid_n, base_ptr, tgt_ptr, g_ptr,
+                               lse_ptr, out_ptr, part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out,
+                               stride_part_k, stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale,
+                               HAS_BASE_LOGITS, SMOOTH, MODE, half, True)
+        # The last tile's second half may hold no base column: it has no partials slot (T counts half tiles), so
+        # none of its rows store (a mask, not a branch: Triton 3.8 fails to flatten the TMA kernel's loops around
+        # an scf.if).
+        _ce_logits_finish_tile(acc1, rows, cols0 + half, row_ok & (pid_n * BLOCK_N + half < Vb), valid1 != 0,
+                               alpha, 2 * pid_n + 1, base_ptr, tgt_ptr, g_ptr, lse_ptr, out_ptr, part_ptr, stats_ptr,
+                               Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k, stride_part_t,
+                               stride_stats, smooth_self, smooth_all, inv_scale, HAS_BASE_LOGITS, SMOOTH, MODE, half,
+                               True)
+    else:
+        _ce_logits_finish_tile(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr,
+                               out_ptr, part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out,
+                               stride_part_k, stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale,
+                               HAS_BASE_LOGITS, SMOOTH, MODE, BLOCK_N, False)
+
+
+@triton.jit
+def _ce_logits_finish_tile(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tgt_ptr, g_ptr, lse_ptr,
+                           out_ptr, part_ptr, stats_ptr, Vb, Vg, stride_base_m, stride_base_v, ld_out, stride_part_k,
+                           stride_part_t, stride_stats, smooth_self, smooth_all, inv_scale,
+                           HAS_BASE_LOGITS: tl.constexpr, SMOOTH: tl.constexpr, MODE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, Z_SUMS_FIRST: tl.constexpr):
+    """``_ce_logits_finish`` of one ``[BLOCK_M, BLOCK_N]`` (sub)tile, the ``pid_n``-th of its row."""
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     in_b = cols < Vb
@@ -200,39 +243,55 @@ def _ce_logits_finish(acc, rows, cols, row_ok, valid, alpha, pid_n, base_ptr, tg
     else:
         _ce_logits_epilogue(acc, rows, cols, row_ok, in_b, valid, alpha, pid_n, tgt_ptr, g_ptr, lse_ptr, out_ptrs,
                             part_ptr, stats_ptr, Vg, stride_part_k, stride_part_t, stride_stats, smooth_self,
-                            smooth_all, inv_scale, SMOOTH, MODE, BLOCK_N)
+                            smooth_all, inv_scale, SMOOTH, MODE, BLOCK_N, Z_SUMS_FIRST)
+
+
+@triton.jit
+def _z_row_sums(z, hit, rows, row_ok, in_b, t, pid_n, part, stats_ptr, stride_part_k, stride_stats,
+                SMOOTH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's ``sum z`` per row (label smoothing) and, from the one tile that holds the target column, the
+    target logit (rows without one keep 0)."""
+    if SMOOTH:
+        tl.store(part + 2 * stride_part_k, tl.sum(tl.where(in_b[None, :], z, 0.0), axis=1), mask=row_ok)
+    here = row_ok & (t >= pid_n * BLOCK_N) & (t < pid_n * BLOCK_N + BLOCK_N)
+    tl.store(stats_ptr + stride_stats + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=here)
 
 
 @triton.jit
 def _ce_logits_epilogue(acc, rows, cols, row_ok, in_b, valid, alpha, pid_n, tgt_ptr, g_ptr, lse_ptr, out_ptrs,
                         part_ptr, stats_ptr, Vg, stride_part_k, stride_part_t, stride_stats, smooth_self,
-                        smooth_all, inv_scale, SMOOTH: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The loss's epilogue of one logits tile (``MODE`` 0, 1, 2; see the module docstring)."""
-    z = tl.where(in_b[None, :], acc, float("-inf"))
+                        smooth_all, inv_scale, SMOOTH: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        Z_SUMS_FIRST: tl.constexpr):
+    """The loss's epilogue of one logits tile (``MODE`` 0, 1, 2; see the module docstring). ``Z_SUMS_FIRST``:
+    the reductions of ``z`` before ``P`` is formed (the split epilogue: without it, the 128 x 256 tiles spilled a
+    few registers on sm_90; with it, the default 128 x 128 TMA tiles spilled on sm_100)."""
     t = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     hit = cols[None, :] == t[:, None]
     out_mask = row_ok[:, None] & (cols < Vg)[None, :]
     if MODE == 2:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         ga = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * alpha * inv_scale
-        dz = tl.exp(z - lse[:, None]) - tl.where(hit, smooth_self, 0.0)
+        # Columns past Vb need no -inf here: the select below zeroes them.
+        dz = tl.exp(acc - lse[:, None]) - tl.where(hit, smooth_self, 0.0)
         if SMOOTH:
             dz -= smooth_all
         grad = tl.where(valid[None, :] & in_b[None, :], ga[:, None] * dz, 0.0)
         tl.store(out_ptrs, grad.to(out_ptrs.dtype.element_ty), mask=out_mask)
     else:
+        z = tl.where(in_b[None, :], acc, float("-inf"))
         m = tl.max(z, axis=1)
+        part = part_ptr + pid_n.to(tl.int64) * stride_part_t + rows
+        tl.store(part, m, mask=row_ok)
+        if Z_SUMS_FIRST:
+            _z_row_sums(z, hit, rows, row_ok, in_b, t, pid_n, part, stats_ptr, stride_part_k, stride_stats, SMOOTH,
+                        BLOCK_N)
         # A row that has only -inf here (no base column) keeps sum 0: subtracting 0 avoids -inf - -inf.
         m_ref = tl.where(m > float("-inf"), m, 0.0)
         p = tl.exp(z - m_ref[:, None])
-        part = part_ptr + pid_n.to(tl.int64) * stride_part_t + rows
-        tl.store(part, m, mask=row_ok)
         tl.store(part + stride_part_k, tl.sum(p, axis=1), mask=row_ok)
-        if SMOOTH:
-            tl.store(part + 2 * stride_part_k, tl.sum(tl.where(in_b[None, :], z, 0.0), axis=1), mask=row_ok)
-        # The target logit, from the one tile that holds the target column (rows without one keep 0).
-        here = row_ok & (t >= pid_n * BLOCK_N) & (t < pid_n * BLOCK_N + BLOCK_N)
-        tl.store(stats_ptr + stride_stats + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=here)
+        if not Z_SUMS_FIRST:
+            _z_row_sums(z, hit, rows, row_ok, in_b, t, pid_n, part, stats_ptr, stride_part_k, stride_stats, SMOOTH,
+                        BLOCK_N)
         if MODE == 1:
             tl.store(out_ptrs, p.to(out_ptrs.dtype.element_ty), mask=out_mask)
 

@@ -3,7 +3,9 @@
 persistent grid; no map; Hopper).
 
 The TMA kernel is the ``"tma"`` GEMM kind (``_gemm.GEMM_KINDS``): ``auto`` measures it beside cuBLAS and the
-pointer tiles where it can take a call (``tma_takes``), ``IVL_KERNELS_GEMM=tma`` forces it. Compiled for sm_90 it
+pointer tiles where it can take a call (``tma_takes``), ``IVL_KERNELS_GEMM=tma`` forces it; on 128 x 256 tiles
+with its epilogue in two column halves (``WIDE_TILES``) it is the ``"wide"`` kind, measured too where
+``wide_applies``. Compiled for sm_90 it
 uses wgmma and TMA, with 126-255 registers against the pointer kernel's 128-232 (its epilogue still holds the
 whole float32 tile) and, with one K segment, 131 KB of shared memory; which is faster depends on the GPU and the
 shapes (``benchmarks/bench_loss_tiles.py``, variant "z TMA persistent"). It takes operands a tensor descriptor can
@@ -33,6 +35,39 @@ def logits_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+# The wide tiles (cuBLAS's Hopper tile shape), the ``wide`` GEMM kind: 128 x 256 x 64, 8 warps, the epilogue on two
+# 128-column halves. With one epilogue over the whole tile its float32 temporaries spilled (sm_90, bf16, Triton 3.8:
+# 84-1732 bytes in the loss's one-pass mode); split, the TMA kernel compiles without spills on sm_90 in every mode
+# of the head and of the loss without base logits (the ahead-of-time compile test checks it). Where it did not,
+# ``wide_applies`` keeps the ``tma`` kind's tiles: sm_100 (278 KB of shared memory, spills), a map (the pointer
+# kernel: 4 bytes), the loss with base logits (4-36 bytes). ``auto`` measures it where it applies; not the default
+# until a GPU has timed it (bench_loss_tiles.py, bench_guided_logits.py).
+WIDE_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, EPILOGUE_SPLIT=2)
+
+
+def wide_applies(dtype: torch.dtype, takes_tma: bool, loss_with_base_logits: bool = False) -> bool:
+    """Whether ``WIDE_TILES`` run a ``wide`` call (see there): half precision, the TMA kernel taking the call
+    (``tma_takes``), sm_90 (or the interpreter), and not the loss with base logits."""
+    return (dtype in (torch.float16, torch.bfloat16) and takes_tma and not loss_with_base_logits
+            and (interpreter_enabled() or _target_arch() // 10 == 9))
+
+
+def kind_logits_config(cfg: dict, kind: str, wide: bool) -> dict:
+    """The logits kernel's configuration for a tile GEMM kind (``_gemm.GEMM_KINDS``): ``cfg`` for ``tiles``,
+    ``cfg`` through TMA descriptors for ``tma``, and for ``wide`` ``WIDE_TILES`` through them where ``wide``
+    (``wide_applies``), the ``tma`` kind's elsewhere."""
+    return {**(WIDE_TILES if kind == "wide" and wide else cfg), "tma": kind in ("tma", "wide")}
+
+
+def partial_tile_n(cfg: dict) -> int:
+    """The column width of one tile's row partials (``part [3, T, R]``, the factors ``dX`` / ``dW`` read):
+    ``BLOCK_N``, or its half where ``EPILOGUE_SPLIT`` is 2 (each column half finishes as a tile of its own)."""
+    split = cfg.get("EPILOGUE_SPLIT", 1)
+    if split not in (1, 2):
+        raise ValueError(f"tile configuration: EPILOGUE_SPLIT must be 1 or 2, got {split!r}")
+    return cfg["BLOCK_N"] // split
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,6 +130,8 @@ def launch_logits(cfg: dict, xv, wv, xb, wb, base, vocab_map, alpha_tensor, tgt,
     (any tensor where the mode does not use one)."""
     cfg = dict(cfg)
     want_tma = cfg.pop("tma", False)
+    partial_tile_n(cfg)  # checks EPILOGUE_SPLIT
+    cfg.setdefault("EPILOGUE_SPLIT", 1)
     Hv, Hb = xv.shape[1], xb.shape[1] if xb is not None else 0
     dummy = out
     flags = dict(HAS_BASE_LOGITS=base is not None, HAS_BASE_HIDDEN=xb is not None,

@@ -1,13 +1,14 @@
 """``IVL_KERNELS_GEMM=auto`` (the default): per shape class on the user's GPU, the fastest of the cuBLAS path, the
-tile GEMMs and (no map) the tile GEMMs with the TMA logits kernel, among those that agree with cuBLAS, measured once
-and cached (``ops/_measured.py``, ``_gemm.py``).
+tile GEMMs and (no map) the tile GEMMs with the TMA logits kernel, and on its wide tiles where they apply
+(``_tile_launch.wide_applies``), among those that agree with cuBLAS, measured once and cached
+(``ops/_measured.py``, ``_gemm.py``).
 
 Without a GPU the choice is exercised with the kernels running for real (the interpreter) and the clock faked:
 ``fake_gpu`` makes the device timeable and reports, per candidate run, the milliseconds set for the kind that ran
-(told apart by which launcher ran, and with which ``tma`` flag). What is checked: the faster kind is chosen and then runs; the choice
-is cached per shape class; a candidate that raises, or disagrees with cuBLAS, is never chosen however fast; nothing
-is measured in a CUDA-graph capture, while tracing, or under deterministic algorithms (cuBLAS, recorded); the
-measurement writes nothing the caller owns (an in-place head is guided once).
+(told apart by which launcher ran, and with which tile ``kind``). What is checked: the faster kind is chosen and
+then runs; the choice is cached per shape class; a candidate that raises, or disagrees with cuBLAS, is never
+chosen however fast; nothing is measured in a CUDA-graph capture, while tracing, or under deterministic algorithms
+(cuBLAS, recorded); the measurement writes nothing the caller owns (an in-place head is guided once).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def fake_gpu(monkeypatch):
             state["ran"].append(frames.pop())
 
     def tile_chunks(*a, **k):
-        frames[-1] = "tma" if k.get("tma") else "tiles"
+        frames[-1] = k.get("kind", "tiles")
         real_chunks(*a, **k)
         if state["corrupt"]:
             k["dvh"].mul_(1.5)
@@ -190,8 +191,8 @@ def fake_gpu(monkeypatch):
     def launch(kind, real):
         def run(*a, **k):
             real(*a, **k)
-            ran = "tma" if k.get("tma") else kind
-            if ran in ("tiles", "tma") and state["corrupt"]:
+            ran = k.get("kind", kind)
+            if ran in ("tiles", "tma", "wide") and state["corrupt"]:
                 a[-1][:, 0] += 1.0
             state["ran"].append(ran)
         return run
@@ -359,6 +360,56 @@ def test_head_measures_the_tma_kernel_where_it_takes_the_call(fake_gpu, tma_kern
     assert_guided_close(got, ref, plain, torch.float32, f"auto tma {base_mode}")
     assert fake_gpu["timed"] == ["cublas", "tiles", "tma"]
     assert fake_gpu["ran"] == ["cublas", "tiles", "tma"] * 2 + ["tma"] and len(tma_kernel_runs) == 3
+
+
+@pytest.fixture
+def tma_tiles(monkeypatch):
+    """``(BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)`` of every launch of the TMA logits kernel."""
+    from ivl_kernels.ops import _tile_launch
+
+    launches = []
+    real = _tile_launch._ce_logits_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                launches.append((k["BLOCK_M"], k["BLOCK_N"], k["EPILOGUE_SPLIT"]))
+                return real[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(_tile_launch, "_ce_logits_tma_kernel", Spy())
+    return launches
+
+
+@needs_triton
+@pytest.mark.parametrize("what,faster", [("loss", "wide"), ("head", "wide"), ("head", "tma")])
+def test_half_precision_also_measures_the_wide_tiles(fake_gpu, tma_tiles, what, faster):
+    """float16 without a map: a fourth candidate, ``wide`` (the TMA kernel on 128 x 256 tiles, its epilogue in
+    two column halves; here a last tile whose second half holds no column); chosen when fastest, then it runs,
+    and its result is the oracle's (the interpreter runs the real tiles). float32 has no such candidate (the
+    tests above)."""
+    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.6, "tma": 0.5 if faster == "tma" else 0.55,
+                      "wide": 0.4 if faster == "wide" else 0.7}
+    if what == "loss":
+        vh, vw, target, kw = _make(N=23, Hv=32, Hb=16, Vv=300, Vb=333, base="hidden", smoothing=0.1,
+                                   dtype=torch.float16)
+        _check("triton", vh, vw, target, kw, torch.float16)
+    else:
+        M, Vb, Vv, Hv, Hb = gl.GEMM_MIN_ROWS + 3, 333, 300, 24, 40
+        d = dict(device=DEVICE)
+        vh, vw = torch.randn(M, Hv, **d).half(), (torch.randn(Vv, Hv, **d) / math.sqrt(Hv)).half()
+        kw = dict(alpha=0.8, fill=-1.0, base_hidden=torch.randn(M, Hb, **d).half(),
+                  base_weight=(torch.randn(Vb, Hb, **d) / math.sqrt(Hb)).half())
+        got = ivl.fused_guided_logits(vh, vw, backend="triton", **kw)
+        assert_guided_close(got, guided_logits_naive(vh, vw, dtype=torch.float64, **kw),
+                            guided_logits_naive(vh, vw, dtype=torch.float16, **kw), torch.float16, "auto wide")
+    kinds = ["cublas", "tiles", "tma", "wide"]
+    assert fake_gpu["timed"] == kinds and fake_gpu["ran"] == kinds * 2 + [faster], fake_gpu["ran"]
+    wide = [t for t in tma_tiles if t[1] == 256]
+    narrow = [t for t in tma_tiles if t[1] != 256]  # the tma candidate's interpreter tiles
+    assert wide and set(wide) == {(128, 256, 2)} and narrow and all(t[2] == 1 for t in narrow)
+    # Runs of each kind: two measuring, one more for the chosen (the same launches per run).
+    assert len(wide) * (2 + (faster == "tma")) == len(narrow) * (2 + (faster == "wide"))
 
 
 # --------------------------------------------------------------------------------------------------------------

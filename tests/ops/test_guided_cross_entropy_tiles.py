@@ -99,6 +99,69 @@ def test_tma_kernel_matches_reference(case, chunks, tiles, tile_kernels, monkeyp
     assert set(tiles) == _expected_modes(kw) and set(tile_kernels) == {"_ce_logits_tma_kernel"}, tile_kernels
 
 
+# A 64-column logits tile finished as two 32-column halves: partials and factors at 32 columns, which the
+# interpreter's gradient tiles (16) divide.
+SPLIT_LOGITS = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, EPILOGUE_SPLIT=2)
+SPLIT_CASES = [c for c in TILE_CASES if c.id in (
+    "N40-valueonly-identity-evenK-mean", "N21-hidden-evenK-wide_base-alpha_tensor-smooth-ignore-none",
+    "N19-logits-strided-narrow_base-fill-mean", "N17-hidden-map-negative_alpha-smooth-sum")]
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_epilogue_matches_reference(case, kernel, tiles, tile_kernels, monkeypatch):
+    """``EPILOGUE_SPLIT=2`` (the 128 x 256 candidate's epilogue): each logits tile finishes as its two column
+    halves, each a tile of its own for the row partials, the factors and the target logit; dX and dW read the
+    factors at the half width. Every mode (one pass; statistics then ``G`` for "none"), both logits kernels (a
+    map sends the TMA request to the pointer kernel), a last tile whose second half holds no base column."""
+    monkeypatch.setitem(_tiles.CONFIG_OVERRIDE, "logits", {**SPLIT_LOGITS, "tma": kernel == "tma"})
+    monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 3)
+    halves = []
+    real = _tile_launch.partial_tile_n
+    monkeypatch.setattr(_tiles, "partial_tile_n", lambda cfg: halves.append(real(cfg)) or halves[-1])
+    vh, vw, target, kw = _make(**case, dtype=torch.float32)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    want = "_ce_logits_tma_kernel" if kernel == "tma" and "vocab_map" not in kw else "_ce_logits_tile_kernel"
+    assert set(tiles) == _expected_modes(kw) and set(tile_kernels) == {want}, tile_kernels
+    assert halves and set(halves) == {32}
+
+
+@pytest.mark.parametrize("dtype,base", [(torch.float16, "hidden"), (torch.float32, "hidden"),
+                                        (torch.float16, "logits")], ids=["float16", "float32", "float16-base_logits"])
+def test_wide_kind_runs_wide_tiles_where_they_apply(dtype, base, tiles, tile_kernels, monkeypatch):
+    """``IVL_KERNELS_GEMM=wide``: the TMA logits kernel on ``WIDE_TILES`` (128 x 256, the epilogue in halves) in
+    half precision; float32 (128 x 256 tiles would not fit in shared memory) and the loss with base logits (its
+    epilogue spilled on sm_90) run the ``tma`` kind's tiles (``_tile_launch.wide_applies``)."""
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "wide")
+    seen = []
+    real = _tiles.launch_logits
+    monkeypatch.setattr(_tiles, "launch_logits", lambda cfg, *a, **k: seen.append(dict(cfg)) or real(cfg, *a, **k))
+    vh, vw, target, kw = _make(N=21, Hv=32, Vv=140, Vb=150, base=base, smoothing=0.1, alpha="tensor", dtype=dtype)
+    _check("triton", vh, vw, target, kw, dtype)
+    wide = dtype == torch.float16 and base == "hidden"
+    want = _tile_launch.WIDE_TILES if wide else _tile_launch.logits_config(dtype)
+    assert seen and all(c == {**want, "tma": True} for c in seen), seen
+    assert set(tiles) == {1} and set(tile_kernels) == {"_ce_logits_tma_kernel"}
+
+
+@pytest.mark.parametrize("split", [0, 3])
+def test_epilogue_split_other_than_1_or_2_is_refused(split, tiles, monkeypatch):
+    monkeypatch.setitem(_tiles.CONFIG_OVERRIDE, "logits", {**SPLIT_LOGITS, "EPILOGUE_SPLIT": split})
+    vh, vw, target, kw = _make(N=5, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"EPILOGUE_SPLIT must be 1 or 2, got {split}"):
+        ivl.fused_guided_cross_entropy(vh, vw, target, **kw, backend="triton")
+    assert not tiles
+
+
+def test_partial_width_must_hold_whole_gradient_tiles(tiles, monkeypatch):
+    # 48 / 2 = 24 columns of partials: the 16-column dW tiles would straddle two factors.
+    monkeypatch.setitem(_tiles.CONFIG_OVERRIDE, "logits", {**SPLIT_LOGITS, "BLOCK_N": 48})
+    vh, vw, target, kw = _make(N=5, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"partial width \(BLOCK_N / EPILOGUE_SPLIT = 24\) must be a multiple"):
+        ivl.fused_guided_cross_entropy(vh, vw, target, **kw, backend="triton")
+    assert not tiles
+
+
 @pytest.mark.parametrize("case", [TILE_CASES[0], TILE_CASES[-4], TILE_CASES[-2]])
 def test_tiles_fp16_match_reference(case, tiles):
     vh, vw, target, kw = _make(**case, dtype=torch.float16)
@@ -183,7 +246,8 @@ def test_unknown_loss_gemm_is_refused(monkeypatch):
     monkeypatch.setenv("IVL_KERNELS_GEMM", "cutlass")
     vh, vw, target, kw = _make(N=5, base="hidden", dtype=torch.float32)
     before = [t.clone() for t in (vh, vw, kw["base_hidden"], kw["base_weight"])]
-    with pytest.raises(ValueError, match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles, tma; got 'cutlass'"):
+    with pytest.raises(ValueError,
+                       match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles, tma, wide; got 'cutlass'"):
         ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
     for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
         assert torch.equal(b, a)

@@ -211,3 +211,49 @@ def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map
     assert calls == [want], calls
     assert_guided_close(out, ref, plain, dtype, f"tiles {base_mode} {map_kind} Vv={Vv}")
 
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("base_mode,map_kind", [("hidden", "identity"), ("logits-in-place", "identity"),
+                                                ("hidden", "many_to_one")])
+def test_wide_kind_head_matches_reference(backend, device, base_mode, map_kind, monkeypatch):
+    """``IVL_KERNELS_GEMM=wide``, float16: the head's tile GEMM on ``WIDE_TILES`` (128 x 256, the epilogue in two
+    column halves; here a last tile whose second half is past ``Vb``) through TMA descriptors, written once, in
+    place too; with a map (no TMA) the pointer kernel on the default tiles (``_tile_launch.wide_applies``)."""
+    _skip_unsupported(backend, device, torch.float16)
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "wide")
+    monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 2)
+    calls, tiles = [], []
+    for name in ("_ce_logits_tile_kernel", "_ce_logits_tma_kernel"):
+        real = getattr(_tile_launch, name)
+        spy = KernelSpy(real, calls)
+
+        class Recording:
+            def __getitem__(self, grid, spy=spy):
+                def launch(*a, **k):
+                    tiles.append((k["BLOCK_M"], k["BLOCK_N"], k["EPILOGUE_SPLIT"]))
+                    return spy[grid](*a, **k)
+                return launch
+
+        monkeypatch.setattr(_tile_launch, name, Recording())
+    Vb, Vv, Hv, Hb = 300, 280, 24, 40
+    h = dict(device=device, dtype=torch.float16)
+    vh = torch.randn(M_GEMM, Hv, device=device).to(torch.float16)
+    vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(torch.float16)
+    vmap = make_map(map_kind, Vb, Vv, device)
+    kw = dict(vocab_map=vmap, alpha=torch.rand(M_GEMM, device=device) + 0.5, fill=-1.0)
+    if base_mode == "hidden":
+        kw.update(base_hidden=torch.randn(M_GEMM, Hb, **h),
+                  base_weight=(torch.randn(Vb, Hb, device=device) / math.sqrt(Hb)).to(torch.float16))
+        out = torch.full((M_GEMM, Vb), float("nan"), device=device)
+    else:
+        kw["base_logits"] = torch.randn(M_GEMM, Vb, **h)
+    ref = guided_logits_naive(vh, vw, dtype=torch.float64, **kw)
+    plain = guided_logits_naive(vh, vw, dtype=torch.float16, **kw)
+    if base_mode != "hidden":
+        out = kw["base_logits"]
+    assert ivl.fused_guided_logits(vh, vw, out=out, backend=backend, **kw) is out
+    assert calls == ["_ce_logits_tma_kernel" if map_kind == "identity" else "_ce_logits_tile_kernel"], calls
+    narrow = _tile_launch.logits_config(torch.float16)
+    assert tiles == [(128, 256, 2) if map_kind == "identity" else (narrow["BLOCK_M"], narrow["BLOCK_N"], 1)]
+    assert_guided_close(out, ref, plain, torch.float16, f"wide {base_mode} {map_kind}")

@@ -66,6 +66,11 @@ TILES_COVERAGE = (("bf16", 90, 16384, "full"), ("bf16", 80, 16384, "spot"), ("fp
 # the benchmark's dtype (float16 spilled 4 bytes in one epilogue: the loss's one-pass mode with base hidden states;
 # ``auto`` times it like any candidate).
 TMA_COVERAGE = (("bf16", 90, 16384), ("bf16", 100, 16384))
+# The ``wide`` kind (``_tile_launch.WIDE_TILES``: 128 x 256, the epilogue in two column halves), which ``auto``
+# measures where ``wide_applies``: on sm_90 the TMA kernel in every mode and base term of the head and the loss
+# (a whole-tile epilogue spilled 84-1732 bytes). Where the wide tiles do not apply (a map, the loss with base
+# logits, sm_100) the kind compiles the ``tma`` kind's tiles: covered too (mostly the same kernels as above).
+WIDE_COVERAGE = (("bf16", 90, 16384), ("fp16", 90, 16384), ("bf16", 100, 16384))
 
 
 def jobs() -> list:
@@ -107,6 +112,17 @@ def jobs() -> list:
                 out.append(("tiles-tma:" + op, dtype, N, base, False, (j + (op == "one")) % 2 == 1, False, False, cc))
         for j, base in enumerate(("logits", "hidden")):
             out.append(("tiles-tma:logits", dtype, 512, base, False, j % 2 == 1, False, False, cc))
+    for dtype, cc, N in WIDE_COVERAGE:
+        full = dtype == "bf16" and cc == 90
+        for j, base in enumerate(BASE_MODES):
+            for op in ("fwd", "bwd", "one"):
+                for with_map in ((False, True) if full and op == "one" else (False,)):
+                    out.append(("tiles-wide:" + op, dtype, N, base, with_map, (j + (op == "one")) % 2 == 1, False,
+                                False, cc))
+        for j, base in enumerate(("logits", "hidden")):
+            for with_map in ((False, True) if full else (False,)):
+                out.append(("tiles-wide:logits", dtype, 512, base, with_map, (j + with_map) % 2 == 1, False, False,
+                            cc))
     return out
 
 
@@ -121,13 +137,13 @@ def _launcher_call(job):
     from ivl_kernels.ops import guided_logits as gl
 
     op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, cc = job
-    if op.startswith(("tiles:", "tiles-tma:")):
+    if op.startswith(("tiles:", "tiles-tma:", "tiles-wide:")):
         kind, inner = op.split(":", 1)
         fn, args = _launcher_call((inner, *job[1:]))
 
         def with_tiles(*a):
             old = os.environ.get("IVL_KERNELS_GEMM")
-            os.environ["IVL_KERNELS_GEMM"] = "tma" if kind == "tiles-tma" else "tiles"
+            os.environ["IVL_KERNELS_GEMM"] = {"tiles": "tiles", "tiles-tma": "tma", "tiles-wide": "wide"}[kind]
             try:
                 return fn(*a)
             finally:
@@ -350,7 +366,8 @@ def _describe(job, kwargs) -> str:
             parts.append(f"R{kwargs['BLOCK_R']}xT{kwargs['BLOCK_T']}")
         else:
             parts.append("x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                         + f" w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}")
+                         + f" w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
+                         + (f" e{kwargs['EPILOGUE_SPLIT']}" if kwargs.get("EPILOGUE_SPLIT", 1) != 1 else ""))
         return " ".join(parts)
     tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
     parts.append(f"{tiles} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"

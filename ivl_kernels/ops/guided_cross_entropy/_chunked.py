@@ -31,7 +31,7 @@ import torch
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
-from .._tile_launch import tma_takes
+from .._tile_launch import tma_takes, wide_applies
 from ..packed_heads import packed_view
 from ._kernels import _ce_rows_kernel, _l1_rows_kernel
 from ._tiles import tile_chunks, tiles_take
@@ -71,7 +71,8 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     ``stats`` = (this shard's lse, target logit, sum_b z, sum_v |value logit|) per row, when ``want_stats``;
     otherwise ``lse [N]`` must be given. Gradients (input dtype, float32 accumulation) use the row weights
     ``g [N]`` (cross-entropy) and ``h [N]`` (L1; ``None``: ``g``), float32. ``kind``: the matrix kernels,
-    ``"cublas"``, ``"tiles"`` or ``"tma"`` (``None``: ``IVL_KERNELS_GEMM``, and for ``auto`` the measured choice).
+    ``"cublas"``, ``"tiles"``, ``"tma"`` or ``"wide"`` (``None``: ``IVL_KERNELS_GEMM``, and for ``auto`` the
+    measured choice).
     """
     args = locals().copy()
     N, Hv = vh.shape
@@ -134,7 +135,7 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         tile_chunks(vh, vw, Vv if identity else Vb, base_logits, base_hidden, base_weight,
                     vocab_map, alpha_tensor, alpha_scalar, fill, target_local, Vb, Vv, smooth_self, smooth_all,
                     stats=stats, lse=lse, g=g, dvh=dvh, acc=acc, scale=scale,
-                    chunk_rows=lambda per_row: chunk_rows(per_row, N, dev, fixed), tma=kind == "tma")
+                    chunk_rows=lambda per_row: chunk_rows(per_row, N, dev, fixed), kind=kind)
         return finish(dvh_scaled=True)
 
     dummy = target_local
@@ -208,9 +209,10 @@ LOSS_MEASURE_ROWS = 4096
 
 def _measured_kind(args: dict) -> str:
     """``auto``'s kind for this ``chunked_loss`` call (``_gemm.measured_kind``): cuBLAS, the tiles and, where the TMA
-    kernel can take the call, ``tma`` run on the call's first ``LOSS_MEASURE_ROWS`` rows (their own scratch
-    results; every output compared with cuBLAS's), before this call allocates anything, so the measurement adds
-    no more than one more result of those rows to the call's peak memory."""
+    kernel can take the call, ``tma`` (and ``wide`` where it applies, ``_tile_launch.wide_applies``) run on the
+    call's first ``LOSS_MEASURE_ROWS`` rows (their own scratch results; every output compared with cuBLAS's),
+    before this call allocates anything, so the measurement adds no more than one more result of those rows to the
+    call's peak memory."""
     vh, base_hidden, vocab_map = args["vh"], args["base_hidden"], args["vocab_map"]
     N = vh.shape[0]
     r = min(N, LOSS_MEASURE_ROWS)
@@ -224,6 +226,8 @@ def _measured_kind(args: dict) -> str:
     kinds = ["cublas", "tiles"]
     if tma_takes(vocab_map, vh, args["vw"], base_hidden, args["base_weight"]):
         kinds.append("tma")
+        if wide_applies(vh.dtype, True, args["base_logits"] is not None):
+            kinds.append("wide")
     candidates = {kind: functools.partial(chunked_loss, **{**sub, "kind": kind}) for kind in kinds}
     return measured_kind(vh.device, key, candidates,
                          agree=lambda x, y: all(tensors_agree(a, b, rtol) for a, b in zip(x, y)))

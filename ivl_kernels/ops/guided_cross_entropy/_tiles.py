@@ -2,7 +2,8 @@
 of ``_chunked.py``, three passes over each chunk of logits instead of six.
 
 Chosen by ``IVL_KERNELS_GEMM`` (``ops/_gemm.gemm_kind``): ``tiles`` forces them, ``tma`` them with the logits
-kernel through TMA descriptors (``_tile_launch``), ``cublas`` the cuBLAS GEMMs + row kernel, ``auto`` (the
+kernel through TMA descriptors (``_tile_launch``), ``wide`` that on 128 x 256 tiles (``_tile_launch.WIDE_TILES``,
+half precision), ``cublas`` the cuBLAS GEMMs + row kernel, ``auto`` (the
 default) measures the kinds per shape class on the GPU and keeps the fastest of those that agree with cuBLAS
 (``_chunked._measured_kind``).
 Covers every case of the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last
@@ -20,7 +21,8 @@ import torch
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
 from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel
-from .._tile_launch import launch_logits, logits_config, sm_count, tiles_fit
+from .._tile_launch import (kind_logits_config, launch_logits, logits_config, partial_tile_n, sm_count, tiles_fit,
+                           tma_takes, wide_applies)
 
 
 def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
@@ -33,20 +35,22 @@ def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
 CONFIG_OVERRIDE: dict = {}
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config(dtype: torch.dtype, kind: str = "tiles", wide: bool = False) -> dict:
     cfg = {**_default_config(dtype), **CONFIG_OVERRIDE}
-    n = cfg["logits"]["BLOCK_N"]
+    cfg["logits"] = kind_logits_config(cfg["logits"], kind, wide) if kind != "tiles" else cfg["logits"]
+    n = partial_tile_n(cfg["logits"])
     if n % cfg["dx"]["BLOCK_K"] or n % cfg["dw"]["BLOCK_M"]:
-        raise ValueError(f"tile configuration: the logits tile's BLOCK_N ({n}) must be a multiple of dx's BLOCK_K "
-                         f"({cfg['dx']['BLOCK_K']}) and dw's BLOCK_M ({cfg['dw']['BLOCK_M']})")
+        raise ValueError(f"tile configuration: the logits tile's partial width (BLOCK_N / EPILOGUE_SPLIT = {n}) "
+                         f"must be a multiple of dx's BLOCK_K ({cfg['dx']['BLOCK_K']}) and dw's BLOCK_M "
+                         f"({cfg['dw']['BLOCK_M']})")
     return cfg
 
 
 def _default_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
     """Tiles per kernel: ``logits`` (``_tile_launch.logits_config``, shared with the head), then ``dx`` / ``dw``
     (same sizes in half precision, float32 with ``maxnreg=255`` on dX, as the logits tile) and ``combine``.
-    ``n`` (the logits kernel's columns) is a multiple of ``dx``'s ``k`` and ``dw``'s ``m``, so that each of their
-    steps uses one factor per row."""
+    ``n`` (the logits kernel's columns, over ``EPILOGUE_SPLIT`` where given) is a multiple of ``dx``'s ``k`` and
+    ``dw``'s ``m``, so that each of their steps uses one factor per row."""
     interpret = interpreter_enabled() if interpret is None else interpret
     logits = logits_config(dtype, interpret)
     if interpret:
@@ -81,21 +85,21 @@ def _prec(dtype: torch.dtype) -> str:
 
 def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                 alpha_scalar: float, fill: float, target_local, Vb: int, Vv: int, smooth_self: float,
-                smooth_all: float, *, stats, lse, g, dvh, acc, scale: float, chunk_rows, tma: bool = False) -> None:
+                smooth_all: float, *, stats, lse, g, dvh, acc, scale: float, chunk_rows, kind: str = "tiles") -> None:
     """Runs every chunk of rows: fills ``stats [4, N]`` (when given: lse, target logit, sum z), writes
     ``dvh [N, Hv]`` already multiplied by ``scale`` and accumulates ``acc [*, Hv]`` (float32, zeros on entry;
     rows ``[0, Vg)``, one per value column: with a map, one per base column) when they are given, from the row
     weights ``g`` (``lse`` given: the two-pass backward). ``v_val``: the value columns (``Vv``, or ``Vb`` with a
-    map, whose entries pick the rows of ``vw``). ``tma``: the logits kernel through TMA descriptors where it can
-    take the chunk (``_tile_launch.tma_takes``), unless the configuration says otherwise."""
+    map, whose entries pick the rows of ``vw``). ``kind`` (``tiles``, ``tma``, ``wide``): the logits kernel's
+    configuration (``_tile_launch.kind_logits_config``, ``wide_applies``; TMA descriptors where that kernel can
+    take the chunk, ``_tile_launch.tma_takes``)."""
     N, Hv = vh.shape
     dt, dev = vh.dtype, vh.device
     grads = dvh is not None or acc is not None
     Vg = min(v_val, Vb)
-    cfg = _config(dt)
-    if tma:
-        cfg["logits"] = {"tma": True, **cfg["logits"]}
-    tile_n = cfg["logits"]["BLOCK_N"]
+    cfg = _config(dt, kind, wide_applies(dt, tma_takes(vocab_map, vh, vw, base_hidden, base_weight),
+                                          base_logits is not None))
+    tile_n = partial_tile_n(cfg["logits"])
     T = triton.cdiv(Vb, tile_n)
     mode = 0 if not grads else (1 if lse is None else 2)
     esize = vh.element_size()

@@ -13,7 +13,7 @@ from ..._triton import triton
 from ..._validate import check_vocab_map
 from .._gemm import addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
-from .._tile_launch import launch_logits, logits_config, tiles_fit, tma_takes
+from .._tile_launch import kind_logits_config, launch_logits, logits_config, tiles_fit, tma_takes, wide_applies
 from ..packed_heads import packed_view
 from ._kernel import _guided_logits_kernel, _triton_config
 
@@ -22,6 +22,9 @@ from ._kernel import _guided_logits_kernel, _triton_config
 # heads run as cuBLAS GEMMs accumulated into ``out``, or as one tile GEMM with the heads as K segments
 # (``_head_kind``: ``IVL_KERNELS_GEMM``, measured per shape class by default).
 GEMM_MIN_ROWS = 128
+# Tiles replacing ``logits_config``'s for the head's tile GEMM (benchmarks/bench_guided_logits.py times candidates
+# such as ``_tile_launch.WIDE_TILES``). Empty in normal use.
+TILE_CONFIG_OVERRIDE: dict = {}
 # ``auto`` times the head's two GEMM kinds on at most this many rows of a call (scratch: ~0.3 GB at the qwen
 # vocabulary in float32); from here the head is compute-bound at a steady rate per row.
 HEAD_MEASURE_ROWS = 512
@@ -32,8 +35,9 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
     """How the ``triton`` backend computes the head: ``"rows"`` (the row-tile kernel: below ``GEMM_MIN_ROWS``
     rows, where the head is memory-bound), else ``"cublas"`` (GEMMs: any fill with the identity map, whose
     unmapped ids are a tail of columns, fill 0 with a map), ``"tiles"`` (one tile GEMM, the map in its loads:
-    any map and fill; unit-stride operands) or ``"tma"`` (that tile GEMM through TMA descriptors: no map;
-    ``_tile_launch.tma_takes``). ``IVL_KERNELS_GEMM`` forces a GEMM kind; ``auto`` measures the class's
+    any map and fill; unit-stride operands), ``"tma"`` (that tile GEMM through TMA descriptors: no map;
+    ``_tile_launch.tma_takes``) or ``"wide"`` (``"tma"`` on ``_tile_launch.WIDE_TILES`` where
+    ``_tile_launch.wide_applies``). ``IVL_KERNELS_GEMM`` forces a GEMM kind; ``auto`` measures the class's
     candidates (``_gemm.measured_kind``) on the call's first ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an
     in-place call in place, on a copy of its base logits), against cuBLAS, or the row-tile kernel where cuBLAS
     cannot express the fill."""
@@ -44,7 +48,7 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
     reference = "cublas" if vocab_map is None or fill == 0.0 else "rows"
     if kind == "cublas" or not tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
         return reference
-    if kind in ("tiles", "tma"):
+    if kind in ("tiles", "tma", "wide"):
         return kind
     in_place = base_logits is not None and out.data_ptr() == base_logits.data_ptr()
     dt, Hb = value_hidden.dtype, base_hidden.shape[1] if base_hidden is not None else 0
@@ -71,7 +75,7 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
 
     kinds = [reference, "tiles"]
     if tma_takes(vocab_map, value_hidden, value_weight, base_hidden, base_weight):
-        kinds.append("tma")
+        kinds += ["tma", "wide"] if wide_applies(dt, True) else ["tma"]
     rtol = rtol_for(out.dtype)
     choice = measured_kind(out.device, key, {k: candidate(k) for k in kinds},
                            agree=lambda x, y: tensors_agree(x, y, rtol))
@@ -79,8 +83,8 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
 
 
 def _launch_head(which: str, *args) -> None:
-    if which in ("tiles", "tma"):
-        _launch_tiles(*args, tma=which == "tma")
+    if which in ("tiles", "tma", "wide"):
+        _launch_tiles(*args, kind=which)
     elif which == "cublas":
         _launch_cublas(*args)
     else:
@@ -88,20 +92,22 @@ def _launch_head(which: str, *args) -> None:
 
 
 def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                  alpha_scalar: float, fill: float, out: torch.Tensor, tma: bool = False) -> None:
+                  alpha_scalar: float, fill: float, out: torch.Tensor, kind: str = "tiles") -> None:
     """The head as one tile GEMM (``_head_kind``; ``ops/_tile_kernels.py``, ``MODE`` 3): both heads
     as two K segments of one float32 accumulator, base logits added in the epilogue, the map applied in the value
     head's loads, ``out`` written once (it may be ``base_logits`` itself: each tile reads its base before it
-    writes). The loss's logits tiles (``logits_config``); ``tma``: through TMA descriptors on a persistent grid
-    where that kernel can take the call (``_tile_launch.tma_takes``)."""
+    writes). The loss's logits tiles (``logits_config``) as ``kind`` has them (``_tile_launch.kind_logits_config``:
+    ``tma`` and ``wide`` through TMA descriptors on a persistent grid where that kernel can take the call)."""
     M, Hv = value_hidden.shape
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     prec = {torch.float32: "ieee"}
-    launch_logits({**logits_config(dt), "tma": tma}, value_hidden, value_weight, base_hidden, base_weight,
-                  base_logits, vocab_map, alpha_tensor, out, out, out, out, out, out, R=M, Vb=Vb,
-                  Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0, ld_out=out.stride(0),
-                  alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0, inv_scale=1.0, mode=3,
+    wide = wide_applies(dt, tma_takes(vocab_map, value_hidden, value_weight, base_hidden, base_weight))
+    cfg = kind_logits_config({**logits_config(dt), **TILE_CONFIG_OVERRIDE}, kind, wide)
+    launch_logits(cfg, value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map, alpha_tensor,
+                  out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0,
+                  ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
+                  inv_scale=1.0, mode=3,
                   v_prec=prec.get(dt, "tf32"),
                   b_prec=prec.get(base_hidden.dtype if base_hidden is not None else dt, "tf32"))
 
