@@ -184,7 +184,7 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
     if "ivl triton" in fused and M >= GEMM_MIN_ROWS:
         # The default ("ivl triton") lets IVL_KERNELS_GEMM=auto choose per shape class; each kind forced too: the
         # cuBLAS GEMMs, the head as one tile GEMM (both heads as K segments, written once), and that GEMM through
-        # TMA descriptors on a persistent grid (Hopper, no map; elsewhere the pointer tiles).
+        # TMA descriptors on a persistent grid (Hopper, no map; elsewhere the pointer tiles), on 128 x 256 tiles too.
         def forced(kind):
             def run():
                 with env_var("IVL_KERNELS_GEMM", kind):
@@ -194,6 +194,8 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
         cands["ivl triton tile GEMM"] = forced("tiles")
         if vocab_map is None:
             cands["ivl triton tile GEMM, TMA"] = forced("tma")
+            # 128 x 256 tiles, the epilogue in two column halves (_tile_launch.WIDE_TILES; sm_90, half precision).
+            cands["ivl triton tile GEMM, TMA wide"] = forced("wide")
     for impl, why in skipped:
         rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
         print_row(rows[-1])

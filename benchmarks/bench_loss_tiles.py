@@ -29,6 +29,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (add_output_args, environment, format_table, output_options, plot_bars,  # noqa: E402
                      print_environment, write_csv)
+from ivl_kernels.ops._tile_launch import WIDE_TILES  # noqa: E402
 
 KERNELS = {"_ce_logits_tile_kernel": "z", "_ce_logits_tma_kernel": "z", "_ce_combine_kernel": "lse",
            "_ce_dx_tile_kernel": "dX", "_ce_dw_tile_kernel": "dW"}
@@ -46,6 +47,8 @@ VARIANTS = {
     # TMA descriptors and a persistent grid (_tile_launch: a candidate, sm_90, no map).
     "z TMA persistent": {"logits": {**_tiles(128, 128, 64, 8, 3), "tma": True}},
     "z TMA persistent 4 stages": {"logits": {**_tiles(128, 128, 64, 8, 4), "tma": True}},
+    # The "wide" kind: 128 x 256 tiles, the epilogue in two column halves (_tile_launch.WIDE_TILES).
+    "z TMA wide 128x256": {"logits": {**WIDE_TILES, "tma": True}},
     "z 4 stages": {"logits": _tiles(128, 128, 64, 8, 4)},
     "z 64x128 4 warps": {"logits": _tiles(64, 128, 64, 4, 4)},
     "z k32 5 stages": {"logits": _tiles(128, 128, 32, 8, 5)},

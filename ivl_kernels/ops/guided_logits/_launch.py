@@ -22,9 +22,6 @@ from ._kernel import _guided_logits_kernel, _triton_config
 # heads run as cuBLAS GEMMs accumulated into ``out``, or as one tile GEMM with the heads as K segments
 # (``_head_kind``: ``IVL_KERNELS_GEMM``, measured per shape class by default).
 GEMM_MIN_ROWS = 128
-# Tiles replacing ``logits_config``'s for the head's tile GEMM (benchmarks/bench_guided_logits.py times candidates
-# such as ``_tile_launch.WIDE_TILES``). Empty in normal use.
-TILE_CONFIG_OVERRIDE: dict = {}
 # ``auto`` times the head's two GEMM kinds on at most this many rows of a call (scratch: ~0.3 GB at the qwen
 # vocabulary in float32); from here the head is compute-bound at a steady rate per row.
 HEAD_MEASURE_ROWS = 512
@@ -103,7 +100,7 @@ def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_wei
     dt = value_hidden.dtype
     prec = {torch.float32: "ieee"}
     wide = wide_applies(dt, tma_takes(vocab_map, value_hidden, value_weight, base_hidden, base_weight))
-    cfg = kind_logits_config({**logits_config(dt), **TILE_CONFIG_OVERRIDE}, kind, wide)
+    cfg = kind_logits_config(logits_config(dt), kind, wide)
     launch_logits(cfg, value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map, alpha_tensor,
                   out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0,
                   ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
