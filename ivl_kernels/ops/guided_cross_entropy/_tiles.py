@@ -97,8 +97,8 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     dt, dev = vh.dtype, vh.device
     grads = dvh is not None or acc is not None
     Vg = min(v_val, Vb)
-    cfg = _config(dt, kind, wide_applies(dt, tma_takes(vocab_map, vh, vw, base_hidden, base_weight),
-                                          base_logits is not None))
+    cfg = _config(dt, kind, kind == "wide" and wide_applies(dt, tma_takes(vocab_map, vh, vw, base_hidden, base_weight),
+                                                            base_logits is not None))
     tile_n = partial_tile_n(cfg["logits"])
     T = triton.cdiv(Vb, tile_n)
     mode = 0 if not grads else (1 if lse is None else 2)
