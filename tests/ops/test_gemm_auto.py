@@ -305,19 +305,21 @@ def test_head_never_chooses_a_wrong_fast_kind(fake_gpu):
 
 @pytest.fixture
 def tma_kernel_runs(monkeypatch):
-    """How many times the TMA logits kernel launched."""
+    """Every launch of the TMA logits kernel, as its ``(BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)``."""
     from ivl_kernels.ops import _tile_launch
 
-    runs = []
+    launches = []
     real = _tile_launch._ce_logits_tma_kernel
 
     class Spy:
         def __getitem__(self, grid):
-            runs.append(grid)
-            return real[grid]
+            def launch(*a, **k):
+                launches.append((k["BLOCK_M"], k["BLOCK_N"], k["EPILOGUE_SPLIT"]))
+                return real[grid](*a, **k)
+            return launch
 
     monkeypatch.setattr(_tile_launch, "_ce_logits_tma_kernel", Spy())
-    return runs
+    return launches
 
 
 @needs_triton
@@ -362,28 +364,9 @@ def test_head_measures_the_tma_kernel_where_it_takes_the_call(fake_gpu, tma_kern
     assert fake_gpu["ran"] == ["cublas", "tiles", "tma"] * 2 + ["tma"] and len(tma_kernel_runs) == 3
 
 
-@pytest.fixture
-def tma_tiles(monkeypatch):
-    """``(BLOCK_M, BLOCK_N, EPILOGUE_SPLIT)`` of every launch of the TMA logits kernel."""
-    from ivl_kernels.ops import _tile_launch
-
-    launches = []
-    real = _tile_launch._ce_logits_tma_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                launches.append((k["BLOCK_M"], k["BLOCK_N"], k["EPILOGUE_SPLIT"]))
-                return real[grid](*a, **k)
-            return launch
-
-    monkeypatch.setattr(_tile_launch, "_ce_logits_tma_kernel", Spy())
-    return launches
-
-
 @needs_triton
 @pytest.mark.parametrize("what,faster", [("loss", "wide"), ("head", "wide"), ("head", "tma")])
-def test_half_precision_also_measures_the_wide_tiles(fake_gpu, tma_tiles, what, faster):
+def test_half_precision_also_measures_the_wide_tiles(fake_gpu, tma_kernel_runs, what, faster):
     """float16 without a map: a fourth candidate, ``wide`` (the TMA kernel on 128 x 256 tiles, its epilogue in
     two column halves; here a last tile whose second half holds no column); chosen when fastest, then it runs,
     and its result is the oracle's (the interpreter runs the real tiles). float32 has no such candidate (the
@@ -405,8 +388,8 @@ def test_half_precision_also_measures_the_wide_tiles(fake_gpu, tma_tiles, what, 
                             guided_logits_naive(vh, vw, dtype=torch.float16, **kw), torch.float16, "auto wide")
     kinds = ["cublas", "tiles", "tma", "wide"]
     assert fake_gpu["timed"] == kinds and fake_gpu["ran"] == kinds * 2 + [faster], fake_gpu["ran"]
-    wide = [t for t in tma_tiles if t[1] == 256]
-    narrow = [t for t in tma_tiles if t[1] != 256]  # the tma candidate's interpreter tiles
+    wide = [t for t in tma_kernel_runs if t[1] == 256]
+    narrow = [t for t in tma_kernel_runs if t[1] != 256]  # the tma candidate's interpreter tiles
     assert wide and set(wide) == {(128, 256, 2)} and narrow and all(t[2] == 1 for t in narrow)
     # Runs of each kind: two measuring, one more for the chosen (the same launches per run).
     assert len(wide) * (2 + (faster == "tma")) == len(narrow) * (2 + (faster == "wide"))
