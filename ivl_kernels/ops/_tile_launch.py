@@ -42,7 +42,7 @@ def logits_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dict:
 # 84-1732 bytes in the loss's one-pass mode); split, the TMA kernel compiles without spills on sm_90 in every mode
 # of the head and of the loss without base logits (the ahead-of-time compile test checks it). Where it did not,
 # ``wide_applies`` keeps the ``tma`` kind's tiles: sm_100 (278 KB of shared memory, spills), a map (the pointer
-# kernel: 4 bytes), the loss with base logits (4-36 bytes). ``auto`` measures it where it applies; not the default
+# kernel: 4 bytes), the loss with base logits (fp16: 32 bytes). ``auto`` measures it where it applies; not the default
 # until a GPU has timed it (bench_loss_tiles.py, bench_guided_logits.py).
 WIDE_TILES = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, EPILOGUE_SPLIT=2)
 
@@ -54,11 +54,17 @@ def wide_applies(dtype: torch.dtype, takes_tma: bool, loss_with_base_logits: boo
             and (interpreter_enabled() or _target_arch() // 10 == 9))
 
 
-def kind_logits_config(cfg: dict, kind: str, wide: bool) -> dict:
-    """The logits kernel's configuration for a tile GEMM kind (``_gemm.GEMM_KINDS``): ``cfg`` for ``tiles``,
-    ``cfg`` through TMA descriptors for ``tma``, and for ``wide`` ``WIDE_TILES`` through them where ``wide``
-    (``wide_applies``), the ``tma`` kind's elsewhere."""
-    return {**(WIDE_TILES if kind == "wide" and wide else cfg), "tma": kind in ("tma", "wide")}
+def kind_logits_config(cfg: dict, kind: str, vocab_map: Optional[torch.Tensor] = None,
+                       xv: Optional[torch.Tensor] = None, wv: Optional[torch.Tensor] = None,
+                       xb: Optional[torch.Tensor] = None, wb: Optional[torch.Tensor] = None, *,
+                       loss_with_base_logits: bool = False) -> dict:
+    """The logits kernel's configuration for a tile GEMM kind (``_gemm.GEMM_KINDS``) over these operands (as
+    ``tma_takes`` reads them; unused for ``tiles``): ``cfg`` for ``tiles``, ``cfg`` through TMA descriptors for
+    ``tma``, and for ``wide`` ``WIDE_TILES`` through them where ``wide_applies``, the ``tma`` kind's elsewhere."""
+    if kind == "tiles":
+        return cfg
+    wide = kind == "wide" and wide_applies(xv.dtype, tma_takes(vocab_map, xv, wv, xb, wb), loss_with_base_logits)
+    return {**(WIDE_TILES if wide else cfg), "tma": True}
 
 
 def partial_tile_n(cfg: dict) -> int:

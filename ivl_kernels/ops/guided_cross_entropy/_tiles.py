@@ -21,8 +21,7 @@ import torch
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
 from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel
-from .._tile_launch import (kind_logits_config, launch_logits, logits_config, partial_tile_n, sm_count, tiles_fit,
-                           tma_takes, wide_applies)
+from .._tile_launch import kind_logits_config, launch_logits, logits_config, partial_tile_n, sm_count, tiles_fit
 
 
 def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
@@ -35,9 +34,12 @@ def tiles_take(with_l1: bool, *operands: Optional[torch.Tensor]) -> bool:
 CONFIG_OVERRIDE: dict = {}
 
 
-def _config(dtype: torch.dtype, kind: str = "tiles", wide: bool = False) -> dict:
+def _config(dtype: torch.dtype, kind: str = "tiles", operands: tuple = (),
+            loss_with_base_logits: bool = False) -> dict:
+    """The tiles (``_default_config`` under ``CONFIG_OVERRIDE``), the logits kernel's as ``kind`` has them over
+    ``operands`` (``(vocab_map, xv, wv, xb, wb)``: ``_tile_launch.kind_logits_config``)."""
     cfg = {**_default_config(dtype), **CONFIG_OVERRIDE}
-    cfg["logits"] = kind_logits_config(cfg["logits"], kind, wide) if kind != "tiles" else cfg["logits"]
+    cfg["logits"] = kind_logits_config(cfg["logits"], kind, *operands, loss_with_base_logits=loss_with_base_logits)
     n = partial_tile_n(cfg["logits"])
     if n % cfg["dx"]["BLOCK_K"] or n % cfg["dw"]["BLOCK_M"]:
         raise ValueError(f"tile configuration: the logits tile's partial width (BLOCK_N / EPILOGUE_SPLIT = {n}) "
@@ -97,8 +99,7 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     dt, dev = vh.dtype, vh.device
     grads = dvh is not None or acc is not None
     Vg = min(v_val, Vb)
-    cfg = _config(dt, kind, kind == "wide" and wide_applies(dt, tma_takes(vocab_map, vh, vw, base_hidden, base_weight),
-                                                            base_logits is not None))
+    cfg = _config(dt, kind, (vocab_map, vh, vw, base_hidden, base_weight), base_logits is not None)
     tile_n = partial_tile_n(cfg["logits"])
     T = triton.cdiv(Vb, tile_n)
     mode = 0 if not grads else (1 if lse is None else 2)

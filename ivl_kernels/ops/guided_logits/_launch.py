@@ -99,9 +99,7 @@ def _launch_tiles(value_hidden, value_weight, base_logits, base_hidden, base_wei
     Vv, Vb = value_weight.shape[0], out.shape[1]
     dt = value_hidden.dtype
     prec = {torch.float32: "ieee"}
-    wide = kind == "wide" and wide_applies(dt, tma_takes(vocab_map, value_hidden, value_weight, base_hidden,
-                                                         base_weight))
-    cfg = kind_logits_config(logits_config(dt), kind, wide)
+    cfg = kind_logits_config(logits_config(dt), kind, vocab_map, value_hidden, value_weight, base_hidden, base_weight)
     launch_logits(cfg, value_hidden, value_weight, base_hidden, base_weight, base_logits, vocab_map, alpha_tensor,
                   out, out, out, out, out, out, R=M, Vb=Vb, Vval=Vb if vocab_map is not None else Vv, Vv=Vv, Vg=0,
                   ld_out=out.stride(0), alpha_scalar=alpha_scalar, fill=fill, smooth_self=0.0, smooth_all=0.0,
