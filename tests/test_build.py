@@ -118,4 +118,11 @@ def test_sdist_ships_the_kernel_sources(tmp_path):
     (sdist,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        (pkg_info,) = [m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")]
+        metadata = tar.extractfile(pkg_info).read().decode()
     assert want <= names, sorted(want - names)
+    # PEP 639 metadata (setuptools >= 77): an SPDX expression and the license text itself, not the deprecated
+    # `license = {text = ...}` table that setuptools stops accepting in 2027.
+    assert "LICENSE" in names
+    assert "License-Expression: Apache-2.0" in metadata.splitlines(), metadata[:800]
+    assert "License-File: LICENSE" in metadata.splitlines(), metadata[:800]
