@@ -9,11 +9,12 @@ Two cases:
     F.linear_cross_entropy (chunked, when this torch has it), Liger-Kernel's LigerFusedLinearCrossEntropyLoss,
     cut-cross-entropy's linear_cross_entropy with its default gradient filtering (``filter_eps="high"``, i.e.
     bf16 eps / 32: backward skips blocks whose softmax is below it) and exact (``filter_eps=None``), ours.
-Ours runs as each backend, and its Triton path five ways: the default (``IVL_KERNELS_GEMM=auto``: the fastest of
+Ours runs as each backend, and its Triton path six ways: the default (``IVL_KERNELS_GEMM=auto``: the fastest of
 the kinds, measured on the first call), the cuBLAS GEMMs forced, the tile GEMMs forced (the row work inside the
 matrix kernels, three passes over each chunk of logits instead of six), the tile GEMMs with the TMA logits
-kernel (``tma``: Hopper, no map; elsewhere the same as the tiles) and that kernel on 128 x 256 tiles (``wide``:
-sm_90, half precision; elsewhere the same as ``tma``), set around each timed call.
+kernel (``tma``: Hopper, no map; elsewhere the same as the tiles), that kernel on 128 x 256 tiles (``wide``:
+sm_90, half precision; elsewhere the same as ``tma``) and ``hybrid`` (``wide``'s logits kernel, then the
+gradient written over the softmax in one memory pass and dX / dW in cuBLAS), set around each timed call.
 Ours is exact (no gradient filtering). Each head's logits have std ``LOGIT_STD`` = 3 over the vocabulary (a
 peaked softmax, as an LM's; ``--logit-std``): what filtering skips depends on it. At 3 on the qwen vocabulary
 nearly every block of cut-cross-entropy's backward holds a probability above its eps, so its default runs like
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
         ("guided", "ivl fused_guided_cross_entropy [triton, tile GEMMs]", ours("triton", loss_gemm="tiles")),
         ("guided", "ivl fused_guided_cross_entropy [triton, tile GEMMs, TMA]", ours("triton", loss_gemm="tma")),
         ("guided", "ivl fused_guided_cross_entropy [triton, tile GEMMs, TMA wide]", ours("triton", loss_gemm="wide")),
+        ("guided", "ivl fused_guided_cross_entropy [triton, hybrid: TMA wide + cuBLAS dX/dW]",
+         ours("triton", loss_gemm="hybrid")),
         ("value-only", "naive eager (F.linear + F.cross_entropy)", lambda: step(naive_value)),
     ]
     if not args.no_compile:
@@ -238,6 +241,8 @@ def main(argv=None) -> int:
          ours("triton", guided=False, loss_gemm="tma")),
         ("value-only", "ivl fused_guided_cross_entropy [triton, tile GEMMs, TMA wide]",
          ours("triton", guided=False, loss_gemm="wide")),
+        ("value-only", "ivl fused_guided_cross_entropy [triton, hybrid: TMA wide + cuBLAS dX/dW]",
+         ours("triton", guided=False, loss_gemm="hybrid")),
     ]
     impls = [impl for impl in impls if impl[0] in args.cases]
     order = sorted(range(len(impls)), key=lambda i: impls[i][1].startswith("ivl"))  # peers first (stable)

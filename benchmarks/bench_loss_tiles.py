@@ -7,7 +7,9 @@ guided case with the base head Vb 152064 x Hb 3584 as a second K segment), with 
 forward (the one-pass "mean" loss). For each candidate tile configuration (``VARIANTS``: the default, then one
 kernel's tiles changed at a time) it reports:
   * per kernel (``_ce_logits_tile_kernel`` = "z", ``_ce_combine_kernel`` = "lse", ``_ce_dx_tile_kernel`` = "dX",
-    ``_ce_dw_tile_kernel`` = "dW"): GPU time from ``torch.profiler`` over back-to-back chunks, TFLOP/s, and its
+    ``_ce_dw_tile_kernel`` = "dW"; for the ``hybrid`` variant ``_ce_finish_grad_kernel`` = "G", the pass that
+    writes the gradient over ``P`` before cuBLAS computes dX and dW): GPU time from ``torch.profiler`` over
+    back-to-back chunks, TFLOP/s, and its
     time over cuBLAS computing the same product (``torch.mm`` into bf16 for z and dX, a float32-output GEMM for
     dW; for the guided z one GEMM over the concatenated K, the best cuBLAS can do), timed with
     ``triton.testing.do_bench`` (median);
@@ -32,13 +34,15 @@ from _common import (add_output_args, environment, format_table, output_options,
 from ivl_kernels.ops._tile_launch import WIDE_TILES  # noqa: E402
 
 KERNELS = {"_ce_logits_tile_kernel": "z", "_ce_logits_tma_kernel": "z", "_ce_combine_kernel": "lse",
-           "_ce_dx_tile_kernel": "dX", "_ce_dw_tile_kernel": "dW"}
+           "_ce_dx_tile_kernel": "dX", "_ce_dw_tile_kernel": "dW", "_ce_finish_grad_kernel": "G"}
 LOGIT_STD = 3.0  # as bench_guided_loss.py: a peaked softmax
 
 
 def _tiles(m, n, k, w, s):
     return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
 
+
+HYBRID = "hybrid: z wide, G, cuBLAS dX dW"
 
 # Half precision. Each variant changes one kernel's tiles from the default (the logits tile's BLOCK_N must stay a
 # multiple of dX's BLOCK_K and dW's BLOCK_M).
@@ -58,6 +62,9 @@ VARIANTS = {
     "dW 4 stages": {"dw": _tiles(128, 128, 64, 8, 4)},
     "dW 64x128 4 warps": {"dw": _tiles(64, 128, 64, 4, 4)},
     "dW k32 5 stages": {"dw": _tiles(128, 128, 32, 8, 5)},
+    # The "hybrid" kind: the wide kind's z, then G written over P in place ("G") and dX / dW in cuBLAS (the
+    # cuBLAS rows above): against "z TMA wide 128x256", the memory pass against the tile GEMMs' rate.
+    HYBRID: {},
 }
 
 
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     for case in ("value-only", "guided"):
         vb = Vb if case == "guided" else Vv
         flops = {"z": 2 * R * vb * (Hv + (Hb if case == "guided" else 0)), "dX": 2 * R * Vv * Hv,
-                 "dW": 2 * R * Vv * Hv, "lse": 0}
+                 "dW": 2 * R * Vv * Hv, "lse": 0, "G": 0}
         ref = chunk(case, "cublas")
         cublas = {}
         if gpu:
@@ -162,26 +169,30 @@ def main(argv=None) -> int:
                 rows.append(dict(case=case, variant="cuBLAS", kernel=k, config="torch.mm", ms=cublas[k],
                                  TFLOPs=flops[k] / (cublas[k] * 1e-3) / 1e12, x_cublas=1.0, rel_err="",
                                  status="ok"))
-        for name in names if case == "value-only" else ["default"]:
+        for name in names if case == "value-only" else ["default"] + [HYBRID] * (HYBRID in names):
             _tiles.CONFIG_OVERRIDE.clear()
             _tiles.CONFIG_OVERRIDE.update(VARIANTS[name])
             if not gpu:  # the GPU's half-precision tiles, run by the interpreter
                 _tiles.CONFIG_OVERRIDE.update({**_tiles._default_config(dtype, interpret=False), **VARIANTS[name]})
-            cfg = _tiles._config(dtype)
+            kind = "hybrid" if name == HYBRID else "tiles"
+            cfg = _tiles._config(dtype, kind, (None, vh, vw, None, None))
             base_row = dict(case=case, variant=name)
             try:
-                got = chunk(case, "tiles")
+                got = chunk(case, kind)
                 err = max(rel(got[0][0], ref[0][0]), rel(got[1], ref[1]), rel(got[2], ref[2]))
                 if not gpu:
                     rows.append(dict(base_row, kernel="chunk", config="", ms="", TFLOPs="", x_cublas="",
                                      rel_err=err, status="interpreter: correctness only, not timed"))
                     continue
-                total = bench(lambda: chunk(case, "tiles"))
-                per = kernel_ms(lambda: chunk(case, "tiles"))
+                total = bench(lambda: chunk(case, kind))
+                per = kernel_ms(lambda: chunk(case, kind))
                 rows.append(dict(base_row, kernel="chunk", config="", ms=total,
                                  TFLOPs=sum(flops.values()) / (total * 1e-3) / 1e12, x_cublas="", rel_err=err,
                                  status="ok"))
-                for k, short in (("logits", "z"), ("combine", "lse"), ("dx", "dX"), ("dw", "dW")):
+                # hybrid: dX and dW are cuBLAS's (the "cuBLAS" rows); its own kernel is the pass that forms G.
+                kernels = (("logits", "z"), ("combine", "lse")) + (
+                    (("finish", "G"),) if kind == "hybrid" else (("dx", "dX"), ("dw", "dW")))
+                for k, short in kernels:
                     c = cfg[k]
                     desc = ("x".join(str(c[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) +
                             f" w{c.get('num_warps')} s{c.get('num_stages')}") if "BLOCK_M" in c else str(c)

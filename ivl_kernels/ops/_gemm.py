@@ -15,7 +15,9 @@ import torch
 
 from ._measured import Measured, fastest
 
-GEMM_KINDS = ("auto", "cublas", "tiles", "tma", "wide")
+GEMM_KINDS = ("auto", "cublas", "tiles", "tma", "wide", "hybrid")
+# The kinds whose logits GEMM is the tile kernel (``_tile_launch.kind_logits_config`` gives its configuration).
+TILE_KINDS = ("tiles", "tma", "wide", "hybrid")
 
 
 def gemm_kind() -> str:
@@ -25,8 +27,9 @@ def gemm_kind() -> str:
     with the row work in their epilogue and prologue: ``ops/_tile_kernels.py``), ``tma`` (the same, with the
     logits kernel reading through TMA descriptors on a persistent grid where it can take the call:
     ``_tile_launch.tma_takes``; the pointer tiles elsewhere) or ``wide`` (``tma`` with the logits kernel on
-    ``_tile_launch.WIDE_TILES``, 128 x 256, where ``_tile_launch.wide_applies``; elsewhere ``tma``). Applies to
-    the loss and to the guided head from ``GEMM_MIN_ROWS`` rows."""
+    ``_tile_launch.WIDE_TILES``, 128 x 256, where ``_tile_launch.wide_applies``; elsewhere ``tma``) or ``hybrid``
+    (the loss: ``wide``'s logits kernel, then ``G`` finished in place and the gradient products in cuBLAS; the
+    head: ``wide``). Applies to the loss and to the guided head from ``GEMM_MIN_ROWS`` rows."""
     env = os.environ.get("IVL_KERNELS_GEMM", "").strip() or "auto"
     if env not in GEMM_KINDS:
         raise ValueError(f"IVL_KERNELS_GEMM must be one of {', '.join(GEMM_KINDS)}; got {env!r}")

@@ -34,6 +34,10 @@ three: the logits kernel writes, the two gradient kernels read.
    The vocabulary step of ``dX`` and the column tile of ``dW`` divide the logits kernel's ``BLOCK_N``, so each
    step reads one factor per row.
 
+   Or (the ``hybrid`` GEMM kind) ``_ce_finish_grad_kernel`` turns ``P`` into that ``G`` in place, one pass over
+   the chunk, and the two products run in cuBLAS (``G @ W_cols``, and ``G^T @ X_v`` into the float32 ``dW``): a
+   memory pass traded for the library's GEMM rate, where that is faster (``auto`` measures it).
+
 No atomics: every output element is written by one program (``dX``'s vocabulary splits go to separate float32
 slices, added in a fixed order), so results are bit-reproducible like the cuBLAS path's.
 """
@@ -440,3 +444,29 @@ def _ce_dw_tile_kernel(
     if ACCUMULATE:
         acc += tl.load(at, mask=mask, other=0.0)
     tl.store(at, acc, mask=mask)
+
+
+@triton.jit
+def _ce_finish_grad_kernel(
+    p_ptr, fac_ptr, map_ptr, alpha_ptr, tgt_ptr, g_ptr,
+    R, Vg, Vv, ld_p, stride_fac_t, stride_map, alpha_scalar, smooth_self, smooth_all, inv_scale,
+    HAS_MAP: tl.constexpr, ALPHA_IS_TENSOR: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr,
+    TILE_N: tl.constexpr,
+):
+    """``P [R, Vg]`` (the logits kernel's ``MODE`` 1 output) overwritten by ``G`` (the formula above, ``/ scale``
+    included), in the input dtype: the same values the dX / dW tile kernels form before their dots. One program
+    per ``[BLOCK_R, TILE_N]`` block: one logits partial tile, so one factor per row."""
+    pid_c = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * TILE_N + tl.arange(0, TILE_N)
+    row_ok = rows < R
+    ga = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * inv_scale * _row_alpha(
+        alpha_ptr, rows, row_ok, alpha_scalar, ALPHA_IS_TENSOR)
+    t = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    f = tl.load(fac_ptr + pid_c * stride_fac_t + rows, mask=row_ok, other=0.0)
+    valid = _valid_cols(map_ptr, cols, Vg, Vv, stride_map, HAS_MAP)
+    at = p_ptr + rows[:, None] * ld_p + cols[None, :]
+    mask = row_ok[:, None] & (cols < Vg)[None, :]
+    p = tl.load(at, mask=mask, other=0.0)
+    grad = _grad_from_p(p, f, ga, t, cols, valid, smooth_self, smooth_all, SMOOTH, True)
+    tl.store(at, grad.to(p_ptr.dtype.element_ty), mask=mask)

@@ -60,10 +60,12 @@ def kind_logits_config(cfg: dict, kind: str, vocab_map: Optional[torch.Tensor] =
                        loss_with_base_logits: bool = False) -> dict:
     """The logits kernel's configuration for a tile GEMM kind (``_gemm.GEMM_KINDS``) over these operands (as
     ``tma_takes`` reads them; unused for ``tiles``): ``cfg`` for ``tiles``, ``cfg`` through TMA descriptors for
-    ``tma``, and for ``wide`` ``WIDE_TILES`` through them where ``wide_applies``, the ``tma`` kind's elsewhere."""
+    ``tma``, and for ``wide`` (and ``hybrid``, whose logits kernel is ``wide``'s) ``WIDE_TILES`` through them
+    where ``wide_applies``, the ``tma`` kind's elsewhere."""
     if kind == "tiles":
         return cfg
-    wide = kind == "wide" and wide_applies(xv.dtype, tma_takes(vocab_map, xv, wv, xb, wb), loss_with_base_logits)
+    wide = kind in ("wide", "hybrid") and wide_applies(xv.dtype, tma_takes(vocab_map, xv, wv, xb, wb),
+                                                       loss_with_base_logits)
     return {**(WIDE_TILES if wide else cfg), "tma": True}
 
 

@@ -1,6 +1,7 @@
 """``IVL_KERNELS_GEMM=auto`` (the default): per shape class on the user's GPU, the fastest of the cuBLAS path, the
-tile GEMMs and (no map) the tile GEMMs with the TMA logits kernel, and on its wide tiles where they apply
-(``_tile_launch.wide_applies``), among those that agree with cuBLAS, measured once and cached
+tile GEMMs and (no map) the tile GEMMs with the TMA logits kernel, on its wide tiles where they apply
+(``_tile_launch.wide_applies``) and, for the loss's one-pass gradients, ``hybrid`` (that logits kernel, the
+products in cuBLAS), among those that agree with cuBLAS, measured once and cached
 (``ops/_measured.py``, ``_gemm.py``).
 
 Without a GPU the choice is exercised with the kernels running for real (the interpreter) and the clock faked:
@@ -170,7 +171,8 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(_gemm, "GEMM", Measured(fallback="cublas"))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    state = dict(ms={"cublas": 1.0, "rows": 3.0, "tiles": 0.5, "tma": 0.7}, timed=[], ran=[], corrupt=False)
+    state = dict(ms={"cublas": 1.0, "rows": 3.0, "tiles": 0.5, "tma": 0.7, "hybrid": 0.8}, timed=[], ran=[],
+                 corrupt=False)
     frames = []
     real_loss, real_chunks = _chunked.chunked_loss, _chunked.tile_chunks
     real_cublas, real_tiles, real_rows = gl._launch._launch_cublas, gl._launch._launch_tiles, gl._launch._launch_rows
@@ -192,7 +194,7 @@ def fake_gpu(monkeypatch):
         def run(*a, **k):
             real(*a, **k)
             ran = k.get("kind", kind)
-            if ran in ("tiles", "tma", "wide") and state["corrupt"]:
+            if ran in _gemm.TILE_KINDS and state["corrupt"]:
                 a[-1][:, 0] += 1.0
             state["ran"].append(ran)
         return run
@@ -236,10 +238,11 @@ def test_loss_runs_the_faster_kind_and_measures_once(fake_gpu, faster):
 @needs_triton
 def test_loss_never_chooses_a_wrong_fast_kind(fake_gpu):
     fake_gpu["corrupt"] = True
-    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.01, "tma": 0.01}
+    fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.01, "tma": 0.01, "hybrid": 0.01}
     vh, vw, target, kw = _make(N=19, base="logits", dtype=torch.float32)
     _check("triton", vh, vw, target, kw, torch.float32)
-    assert fake_gpu["timed"] == ["cublas"] and fake_gpu["ran"] == ["cublas", "tiles", "tma", "cublas", "cublas"]
+    assert fake_gpu["timed"] == ["cublas"]
+    assert fake_gpu["ran"] == ["cublas", "tiles", "tma", "hybrid", "cublas", "cublas"], fake_gpu["ran"]
 
 
 @needs_triton
@@ -255,7 +258,7 @@ def test_loss_measures_on_its_first_rows_and_keys_the_row_bucket(fake_gpu, monke
     monkeypatch.setattr(_chunked, "chunked_loss", spy)
     vh, vw, target, kw = _make(N=21, base="none", dtype=torch.float32)
     _check("triton", vh, vw, target, kw, torch.float32)
-    assert rows == [21] + [8] * 6  # the call, then the three candidates on its first 8 rows (run, then timed)
+    assert rows == [21] + [8] * 8  # the call, then the four candidates on its first 8 rows (run, then timed)
     assert len(_gemm.GEMM.choices) == 1 and next(iter(_gemm.GEMM.choices))[2] == 8
 
 
@@ -323,22 +326,24 @@ def tma_kernel_runs(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("faster", ["tma", "tiles"])
+@pytest.mark.parametrize("faster", ["tma", "tiles", "hybrid"])
 def test_loss_measures_the_tma_kernel_where_it_takes_the_call(fake_gpu, tma_kernel_runs, faster):
-    """No map: the TMA logits kernel is a third candidate; chosen when fastest, and then it runs (bit for bit the
-    forced ``tma`` kind); with a map it is not a candidate (the next test above)."""
+    """No map: the TMA logits kernel is a third candidate, and with it ``hybrid`` (its logits kernel, then the
+    gradient products in cuBLAS); chosen when fastest, and then it runs (bit for bit the forced kind); with a map
+    neither is a candidate (the next test above)."""
     fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.5 if faster == "tiles" else 0.6,
-                      "tma": 0.4 if faster == "tma" else 0.7}
+                      "tma": 0.4 if faster == "tma" else 0.7, "hybrid": 0.3 if faster == "hybrid" else 0.8}
     vh, vw, target, kw = _make(N=23, base="hidden", alpha="tensor", smoothing=0.1, dtype=torch.float32)
     _check("triton", vh, vw, target, kw, torch.float32)
-    assert fake_gpu["timed"] == ["cublas", "tiles", "tma"]
-    assert fake_gpu["ran"] == ["cublas", "tiles", "tma"] * 2 + [faster], fake_gpu["ran"]
-    assert len(tma_kernel_runs) == 2 + (faster == "tma")  # the candidate's two runs, then the call's
+    assert fake_gpu["timed"] == ["cublas", "tiles", "tma", "hybrid"]
+    assert fake_gpu["ran"] == ["cublas", "tiles", "tma", "hybrid"] * 2 + [faster], fake_gpu["ran"]
+    # Each TMA candidate's two runs, then the call's.
+    assert len(tma_kernel_runs) == 4 + (faster in ("tma", "hybrid"))
     got = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, vw, target, kw)
     with pytest.MonkeyPatch.context() as m:
         m.setenv("IVL_KERNELS_GEMM", faster)
         again = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, vw, target, kw)
-    assert fake_gpu["ran"][-2:] == [faster, faster] and fake_gpu["timed"] == ["cublas", "tiles", "tma"]
+    assert fake_gpu["ran"][-2:] == [faster, faster] and fake_gpu["timed"] == ["cublas", "tiles", "tma", "hybrid"]
     for x, y in zip(got, again):
         assert torch.equal(x, y)
 
@@ -370,9 +375,9 @@ def test_half_precision_also_measures_the_wide_tiles(fake_gpu, tma_kernel_runs, 
     """float16 without a map: a fourth candidate, ``wide`` (the TMA kernel on 128 x 256 tiles, its epilogue in
     two column halves; here a last tile whose second half holds no column); chosen when fastest, then it runs,
     and its result is the oracle's (the interpreter runs the real tiles). float32 has no such candidate (the
-    tests above)."""
+    tests above). The loss's ``hybrid`` candidate runs the same wide logits kernel."""
     fake_gpu["ms"] = {"cublas": 1.0, "tiles": 0.6, "tma": 0.5 if faster == "tma" else 0.55,
-                      "wide": 0.4 if faster == "wide" else 0.7}
+                      "wide": 0.4 if faster == "wide" else 0.7, "hybrid": 0.8}
     if what == "loss":
         vh, vw, target, kw = _make(N=23, Hv=32, Hb=16, Vv=300, Vb=333, base="hidden", smoothing=0.1,
                                    dtype=torch.float16)
@@ -386,13 +391,14 @@ def test_half_precision_also_measures_the_wide_tiles(fake_gpu, tma_kernel_runs, 
         got = ivl.fused_guided_logits(vh, vw, backend="triton", **kw)
         assert_guided_close(got, guided_logits_naive(vh, vw, dtype=torch.float64, **kw),
                             guided_logits_naive(vh, vw, dtype=torch.float16, **kw), torch.float16, "auto wide")
-    kinds = ["cublas", "tiles", "tma", "wide"]
+    kinds = ["cublas", "tiles", "tma", "wide"] + (["hybrid"] if what == "loss" else [])
     assert fake_gpu["timed"] == kinds and fake_gpu["ran"] == kinds * 2 + [faster], fake_gpu["ran"]
     wide = [t for t in tma_kernel_runs if t[1] == 256]
     narrow = [t for t in tma_kernel_runs if t[1] != 256]  # the tma candidate's interpreter tiles
     assert wide and set(wide) == {(128, 256, 2)} and narrow and all(t[2] == 1 for t in narrow)
-    # Runs of each kind: two measuring, one more for the chosen (the same launches per run).
-    assert len(wide) * (2 + (faster == "tma")) == len(narrow) * (2 + (faster == "wide"))
+    # Runs on each tile size (the same launches per run): two measuring per candidate, one more for the chosen.
+    wide_runs = 2 + 2 * (what == "loss") + (faster == "wide")
+    assert len(wide) * (2 + (faster == "tma")) == len(narrow) * wide_runs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -420,7 +426,7 @@ def test_auto_on_gpu_chooses_once_and_equals_the_chosen_kind(what, monkeypatch):
     got = run()
     assert len(_gemm.GEMM.choices) == 1
     (kind,) = _gemm.GEMM.choices.values()
-    assert kind in ("cublas", "tiles", "tma")
+    assert kind in _gemm.GEMM_KINDS and kind != "auto"
     assert [torch.equal(a, b) for a, b in zip(run(), got)] == [True] * len(got)  # cached: the same kernels
     monkeypatch.setenv("IVL_KERNELS_GEMM", kind)
     assert [torch.equal(a, b) for a, b in zip(run(), got)] == [True] * len(got)

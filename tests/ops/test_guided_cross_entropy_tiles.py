@@ -144,6 +144,52 @@ def test_wide_kind_runs_wide_tiles_where_they_apply(dtype, base, tiles, tile_ker
     assert set(tiles) == {1} and set(tile_kernels) == {"_ce_logits_tma_kernel"}
 
 
+HYBRID_CASES = [c for c in TILE_CASES if c.id in (
+    "N40-valueonly-identity-evenK-mean", "N19-logits-strided-narrow_base-fill-mean",
+    "N17-hidden-map-negative_alpha-smooth-sum", "N9-valueonly-map-wide_value-mean")]
+
+
+@pytest.fixture
+def grad_kernels(monkeypatch):
+    """The names of the gradient-side kernels launched: the in-place finish, the dX / dW tile GEMMs."""
+    names = []
+    for name in ("_ce_finish_grad_kernel", "_ce_dx_tile_kernel", "_ce_dw_tile_kernel"):
+        monkeypatch.setattr(_tiles, name, KernelSpy(getattr(_tiles, name), names))
+    return names
+
+
+@pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
+@pytest.mark.parametrize("case", HYBRID_CASES)
+def test_hybrid_finishes_g_in_place_then_multiplies_in_cublas(case, chunks, tiles, tile_kernels, grad_kernels,
+                                                              monkeypatch):
+    """``IVL_KERNELS_GEMM=hybrid``: the one-pass logits kernel (``P``, partials), the factors, then ``G`` written
+    over ``P`` in place (``_ce_finish_grad_kernel``) and ``dX = G W``, ``dW += G^T X`` as ordinary GEMMs (no dX /
+    dW tile kernel); maps (the value head gathered for the dX GEMM, as the two-pass backward does), smoothing,
+    negative alpha, fill, strided base logits, several chunks (dW accumulated across them)."""
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "hybrid")
+    monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 3)
+    vh, vw, target, kw = _make(**case, dtype=torch.float32)
+    if chunks == "many_chunks":
+        _small_chunks(monkeypatch, kw, vw)
+    _check("triton", vh, vw, target, kw, torch.float32)
+    want = "_ce_logits_tile_kernel" if "vocab_map" in kw else "_ce_logits_tma_kernel"
+    assert set(tiles) == {1} and set(tile_kernels) == {want}, tile_kernels
+    assert grad_kernels and set(grad_kernels) == {"_ce_finish_grad_kernel"}, grad_kernels
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_hybrid_float16_scaled_gradient(reduction, tiles, grad_kernels, monkeypatch):
+    """float16: ``G`` is stored divided by the largest row weight (no subnormals) and the GEMM results multiplied
+    back; on the wide tiles (half precision). ``"none"`` runs two passes, whose products are cuBLAS already: no
+    finish pass."""
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "hybrid")
+    vh, vw, target, kw = _make(N=21, Hv=32, Vv=140, Vb=150, base="hidden", smoothing=0.1, alpha="tensor",
+                               reduction=reduction, dtype=torch.float16)
+    _check("triton", vh, vw, target, kw, torch.float16)
+    assert set(tiles) == _expected_modes(kw)
+    assert set(grad_kernels) == (set() if reduction == "none" else {"_ce_finish_grad_kernel"}), grad_kernels
+
+
 @pytest.mark.parametrize("split", [0, 3])
 def test_epilogue_split_other_than_1_or_2_is_refused(split, tiles, monkeypatch):
     monkeypatch.setitem(_tiles.CONFIG_OVERRIDE, "logits", {**SPLIT_LOGITS, "EPILOGUE_SPLIT": split})
@@ -247,7 +293,7 @@ def test_unknown_loss_gemm_is_refused(monkeypatch):
     vh, vw, target, kw = _make(N=5, base="hidden", dtype=torch.float32)
     before = [t.clone() for t in (vh, vw, kw["base_hidden"], kw["base_weight"])]
     with pytest.raises(ValueError,
-                       match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles, tma, wide; got 'cutlass'"):
+                       match="IVL_KERNELS_GEMM must be one of auto, cublas, tiles, tma, wide, hybrid; got 'cutlass'"):
         ivl.fused_guided_cross_entropy(vh, vw, target, backend="triton", **kw)
     for b, a in zip(before, (vh, vw, kw["base_hidden"], kw["base_weight"])):
         assert torch.equal(b, a)
@@ -269,6 +315,22 @@ def test_tiles_half_on_gpu(case, dtype, tiles):
     vh, vw, target, kw = _make(**case, dtype=dtype, device="cuda")
     _check("triton", vh, vw, target, kw, dtype)
     assert set(tiles) == _expected_modes(kw)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", [
+    _case("gpu-N1000-hidden-identity-smooth-ignore-mean", N=1000, Hv=128, Hb=96, Vv=3001, Vb=3500,
+          smoothing=0.1, ignore=(0, 7, 999)),
+    _case("gpu-N4133-valueonly-map-oddK-sum", N=4133, Hv=200, Vv=4099, Vb=4200, base="none", vmap="map",
+          reduction="sum"),
+])
+def test_hybrid_bf16_on_gpu(case, tiles, grad_kernels, monkeypatch):
+    """``hybrid`` compiled: the wide (sm_90) or tma / pointer logits kernel, ``G`` finished in place, cuBLAS
+    products; against the oracle in bf16."""
+    monkeypatch.setenv("IVL_KERNELS_GEMM", "hybrid")
+    vh, vw, target, kw = _make(**case, dtype=torch.bfloat16, device="cuda")
+    _check("triton", vh, vw, target, kw, torch.bfloat16)
+    assert set(tiles) == {1} and set(grad_kernels) == {"_ce_finish_grad_kernel"}, grad_kernels
 
 
 @needs_gpu

@@ -214,14 +214,17 @@ def test_tile_gemm_head_matches_reference(backend, device, dtype, base_mode, map
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
-@pytest.mark.parametrize("base_mode,map_kind", [("hidden", "identity"), ("logits-in-place", "identity"),
-                                                ("hidden", "many_to_one")])
-def test_wide_kind_head_matches_reference(backend, device, base_mode, map_kind, monkeypatch):
+@pytest.mark.parametrize("base_mode,map_kind,kind", [("hidden", "identity", "wide"),
+                                                     ("logits-in-place", "identity", "wide"),
+                                                     ("hidden", "many_to_one", "wide"),
+                                                     ("hidden", "identity", "hybrid")])
+def test_wide_kind_head_matches_reference(backend, device, base_mode, map_kind, kind, monkeypatch):
     """``IVL_KERNELS_GEMM=wide``, float16: the head's tile GEMM on ``WIDE_TILES`` (128 x 256, the epilogue in two
     column halves; here a last tile whose second half is past ``Vb``) through TMA descriptors, written once, in
-    place too; with a map (no TMA) the pointer kernel on the default tiles (``_tile_launch.wide_applies``)."""
+    place too; with a map (no TMA) the pointer kernel on the default tiles (``_tile_launch.wide_applies``).
+    ``hybrid`` (a loss kind: the gradient products in cuBLAS) runs the head as ``wide``."""
     _skip_unsupported(backend, device, torch.float16)
-    monkeypatch.setenv("IVL_KERNELS_GEMM", "wide")
+    monkeypatch.setenv("IVL_KERNELS_GEMM", kind)
     monkeypatch.setattr(_tile_launch, "sm_count", lambda device: 2)
     calls, tiles = [], []
     for name in ("_ce_logits_tile_kernel", "_ce_logits_tma_kernel"):

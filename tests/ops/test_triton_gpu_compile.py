@@ -71,6 +71,11 @@ TMA_COVERAGE = (("bf16", 90, 16384), ("bf16", 100, 16384))
 # (a whole-tile epilogue spilled 84-1732 bytes). Where the wide tiles do not apply (a map, the loss with base
 # logits, sm_100) the kind compiles the ``tma`` kind's tiles: covered too (mostly the same kernels as above).
 WIDE_COVERAGE = (("bf16", 90, 16384), ("fp16", 90, 16384), ("bf16", 100, 16384))
+# The ``hybrid`` kind (the loss's one pass with ``G`` finished in place by ``_ce_finish_grad_kernel``, the products
+# in cuBLAS; its logits kernel is the ``wide`` kind's, compiled above): where ``auto`` measures it (half precision,
+# sm_90) and where it can be forced (sm_80, float32, sm_100), each base mode, with and without a map.
+HYBRID_COVERAGE = (("bf16", 90, 16384), ("fp16", 90, 16384), ("bf16", 80, 16384), ("fp32", 90, 16384),
+                   ("bf16", 100, 16384))
 
 
 def jobs() -> list:
@@ -123,6 +128,9 @@ def jobs() -> list:
             for with_map in ((False, True) if full else (False,)):
                 out.append(("tiles-wide:logits", dtype, 512, base, with_map, (j + with_map) % 2 == 1, False, False,
                             cc))
+    for dtype, cc, N in HYBRID_COVERAGE:
+        for j, base in enumerate(BASE_MODES):
+            out.append(("tiles-hybrid:one", dtype, N, base, j == 1, j % 2 == 0, False, False, cc))
     return out
 
 
@@ -137,13 +145,14 @@ def _launcher_call(job):
     from ivl_kernels.ops import guided_logits as gl
 
     op, dtype, rows, base, with_map, alpha_tensor, with_l1, grad_skip, cc = job
-    if op.startswith(("tiles:", "tiles-tma:", "tiles-wide:")):
+    if op.startswith(("tiles:", "tiles-tma:", "tiles-wide:", "tiles-hybrid:")):
         kind, inner = op.split(":", 1)
         fn, args = _launcher_call((inner, *job[1:]))
 
         def with_tiles(*a):
             old = os.environ.get("IVL_KERNELS_GEMM")
-            os.environ["IVL_KERNELS_GEMM"] = {"tiles": "tiles", "tiles-tma": "tma", "tiles-wide": "wide"}[kind]
+            os.environ["IVL_KERNELS_GEMM"] = {"tiles": "tiles", "tiles-tma": "tma", "tiles-wide": "wide",
+                                              "tiles-hybrid": "hybrid"}[kind]
             try:
                 return fn(*a)
             finally:
@@ -342,13 +351,13 @@ def expected_mma(r: dict) -> str:
 # --------------------------------------------------------------------------------------------------------------
 KERNEL_NAMES = {"_guided_logits_kernel": "logits", "_ce_rows_kernel": "loss rows", "_l1_rows_kernel": "loss L1",
                 "_ce_logits_tile_kernel": "tile z", "_ce_logits_tma_kernel": "tile z tma",
-                "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX", "_ce_dw_tile_kernel": "loss dW"}
+                "_ce_combine_kernel": "loss lse", "_ce_dx_tile_kernel": "loss dX", "_ce_dw_tile_kernel": "loss dW",
+                "_ce_finish_grad_kernel": "loss G"}
 # Kernels whose half-precision dots must reach the tensor cores (``expected_mma``).
 TILE_KERNELS = ("logits", "tile z", "tile z tma", "loss dX", "loss dW")
 # A pointer every launch of the kernel passes 16-byte aligned (the stand-ins are): it must carry the hint.
 ALIGNED_POINTER = {"logits": "vh_ptr", "tile z": "xv_ptr", "tile z tma": "part_ptr", "loss lse": "part_ptr",
-                   "loss dX": "p_ptr",
-                   "loss dW": "p_ptr"}
+                   "loss dX": "p_ptr", "loss dW": "p_ptr", "loss G": "p_ptr"}
 
 
 def _describe(job, kwargs) -> str:
@@ -363,7 +372,8 @@ def _describe(job, kwargs) -> str:
         if "BLOCK" in kwargs:
             parts.append(f"B{kwargs['BLOCK']} w{kwargs.get('num_warps')}")
         elif "BLOCK_R" in kwargs:
-            parts.append(f"R{kwargs['BLOCK_R']}xT{kwargs['BLOCK_T']}")
+            parts.append(f"R{kwargs['BLOCK_R']}x" + (f"T{kwargs['BLOCK_T']}" if "BLOCK_T" in kwargs else
+                                                     f"N{kwargs['TILE_N']} w{kwargs.get('num_warps')}"))
         else:
             parts.append("x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                          + f" w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"

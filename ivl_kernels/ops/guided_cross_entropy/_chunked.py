@@ -71,8 +71,8 @@ def chunked_loss(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     ``stats`` = (this shard's lse, target logit, sum_b z, sum_v |value logit|) per row, when ``want_stats``;
     otherwise ``lse [N]`` must be given. Gradients (input dtype, float32 accumulation) use the row weights
     ``g [N]`` (cross-entropy) and ``h [N]`` (L1; ``None``: ``g``), float32. ``kind``: the matrix kernels,
-    ``"cublas"``, ``"tiles"``, ``"tma"`` or ``"wide"`` (``None``: ``IVL_KERNELS_GEMM``, and for ``auto`` the
-    measured choice).
+    ``"cublas"``, ``"tiles"``, ``"tma"``, ``"wide"`` or ``"hybrid"`` (``None``: ``IVL_KERNELS_GEMM``, and for
+    ``auto`` the measured choice).
     """
     args = locals().copy()
     N, Hv = vh.shape
@@ -209,7 +209,8 @@ LOSS_MEASURE_ROWS = 4096
 
 def _measured_kind(args: dict) -> str:
     """``auto``'s kind for this ``chunked_loss`` call (``_gemm.measured_kind``): cuBLAS, the tiles and, where the TMA
-    kernel can take the call, ``tma`` (and ``wide`` where it applies, ``_tile_launch.wide_applies``) run on the
+    kernel can take the call, ``tma`` (and ``wide`` where it applies, ``_tile_launch.wide_applies``; ``hybrid``
+    where the call computes the gradients in one pass) run on the
     call's first ``LOSS_MEASURE_ROWS`` rows (their own scratch results; every output compared with cuBLAS's),
     before this call allocates anything, so the measurement adds no more than one more result of those rows to the
     call's peak memory."""
@@ -228,6 +229,9 @@ def _measured_kind(args: dict) -> str:
         kinds.append("tma")
         if wide_applies(vh.dtype, True, args["base_logits"] is not None):
             kinds.append("wide")
+        if args["lse"] is None and (args["need_dvh"] or args["need_dvw"]):
+            # The one-pass gradients with cuBLAS products (elsewhere the tile path's products are cuBLAS already).
+            kinds.append("hybrid")
     candidates = {kind: functools.partial(chunked_loss, **{**sub, "kind": kind}) for kind in kinds}
     return measured_kind(vh.device, key, candidates,
                          agree=lambda x, y: all(tensors_agree(a, b, rtol) for a, b in zip(x, y)))

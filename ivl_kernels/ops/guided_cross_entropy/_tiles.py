@@ -3,7 +3,8 @@ of ``_chunked.py``, three passes over each chunk of logits instead of six.
 
 Chosen by ``IVL_KERNELS_GEMM`` (``ops/_gemm.gemm_kind``): ``tiles`` forces them, ``tma`` them with the logits
 kernel through TMA descriptors (``_tile_launch``), ``wide`` that on 128 x 256 tiles (``_tile_launch.WIDE_TILES``,
-half precision), ``cublas`` the cuBLAS GEMMs + row kernel, ``auto`` (the
+half precision), ``hybrid`` ``wide``'s logits kernel with ``G`` finished in place (``_ce_finish_grad_kernel``)
+and the gradient products in cuBLAS, ``cublas`` the cuBLAS GEMMs + row kernel, ``auto`` (the
 default) measures the kinds per shape class on the GPU and keeps the fastest of those that agree with cuBLAS
 (``_chunked._measured_kind``).
 Covers every case of the cuBLAS path except IVL's L1 term (``with_l1`` stays on cuBLAS) and operands whose last
@@ -20,7 +21,7 @@ import torch
 
 from ..._triton import interpreter_enabled, triton
 from .._gemm import addmm_into
-from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel
+from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel, _ce_finish_grad_kernel
 from .._tile_launch import kind_logits_config, launch_logits, logits_config, partial_tile_n, sm_count, tiles_fit
 
 
@@ -57,15 +58,16 @@ def _default_config(dtype: torch.dtype, interpret: Optional[bool] = None) -> dic
     logits = logits_config(dtype, interpret)
     if interpret:
         return dict(logits=logits, dx=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4),
-                    dw=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), combine=dict(BLOCK_R=16, BLOCK_T=4))
+                    dw=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), combine=dict(BLOCK_R=16, BLOCK_T=4),
+                    finish=dict(BLOCK_R=4, num_warps=4))
     if dtype == torch.float32:
         return dict(logits=logits,
                     dx=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, maxnreg=255),
                     dw=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
-                    combine=dict(BLOCK_R=64, BLOCK_T=16))
+                    combine=dict(BLOCK_R=64, BLOCK_T=16), finish=dict(BLOCK_R=8, num_warps=4))
     return dict(logits=logits, dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                 dw=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                combine=dict(BLOCK_R=64, BLOCK_T=16))
+                combine=dict(BLOCK_R=64, BLOCK_T=16), finish=dict(BLOCK_R=8, num_warps=4))
 
 
 def dx_splits(row_tiles: int, h_tiles: int, col_tiles: int, device: torch.device) -> int:
@@ -92,9 +94,10 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     ``dvh [N, Hv]`` already multiplied by ``scale`` and accumulates ``acc [*, Hv]`` (float32, zeros on entry;
     rows ``[0, Vg)``, one per value column: with a map, one per base column) when they are given, from the row
     weights ``g`` (``lse`` given: the two-pass backward). ``v_val``: the value columns (``Vv``, or ``Vb`` with a
-    map, whose entries pick the rows of ``vw``). ``kind`` (``tiles``, ``tma``, ``wide``): the logits kernel's
-    configuration (``_tile_launch.kind_logits_config``, ``wide_applies``; TMA descriptors where that kernel can
-    take the chunk, ``_tile_launch.tma_takes``)."""
+    map, whose entries pick the rows of ``vw``). ``kind`` (``tiles``, ``tma``, ``wide``, ``hybrid``): the logits
+    kernel's configuration (``_tile_launch.kind_logits_config``, ``wide_applies``; TMA descriptors where that
+    kernel can take the chunk, ``_tile_launch.tma_takes``); ``hybrid``: the one-pass gradient products in cuBLAS
+    (``G`` finished in place first), as the two-pass backward's."""
     N, Hv = vh.shape
     dt, dev = vh.dtype, vh.device
     grads = dvh is not None or acc is not None
@@ -103,6 +106,7 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     tile_n = partial_tile_n(cfg["logits"])
     T = triton.cdiv(Vb, tile_n)
     mode = 0 if not grads else (1 if lse is None else 2)
+    hybrid = kind == "hybrid"
     esize = vh.element_size()
     rows = chunk_rows((Vg * esize if mode else 0) + 3 * T * 4 + (8 * Hv * 4 if dvh is not None else 0))
     dummy = target_local
@@ -142,8 +146,14 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
             _ce_combine_kernel[(triton.cdiv(R, cc["BLOCK_R"]),)](
                 part, st, R, T, part.stride(0), part.stride(1), st.stride(0), SMOOTH=smooth, FACTORS=mode == 1,
                 **cc)
-        if mode == 2:
-            # lse known: the kernel wrote the finished gradient; the products are ordinary GEMMs.
+        if mode == 1 and hybrid and Vg > 0:
+            cf = cfg["finish"]
+            _ce_finish_grad_kernel[(triton.cdiv(R, cf["BLOCK_R"]), triton.cdiv(Vg, tile_n))](
+                buf, part, vmap, alpha_c, tgt, g_c, R, Vg, Vv, buf.stride(0), part.stride(1), smap, alpha_scalar,
+                smooth_self, smooth_all, 1.0 / scale, TILE_N=tile_n, **flags, **cf)
+        if mode == 2 or (mode == 1 and hybrid):
+            # G is in buf (lse known, the logits kernel finished it; or finished in place above): the products
+            # are ordinary GEMMs.
             if dvh is not None:
                 torch.mm(buf, w_cols()[:Vg], out=dvh[r0:r1])
                 if scale != 1.0:

@@ -11,7 +11,7 @@ import torch
 from ... import _backends
 from ..._triton import triton
 from ..._validate import check_vocab_map
-from .._gemm import addmm_into, gemm_kind, measured_kind
+from .._gemm import TILE_KINDS, addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
 from .._tile_launch import kind_logits_config, launch_logits, logits_config, tiles_fit, tma_takes, wide_applies
 from ..packed_heads import packed_view
@@ -34,10 +34,10 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
     unmapped ids are a tail of columns, fill 0 with a map), ``"tiles"`` (one tile GEMM, the map in its loads:
     any map and fill; unit-stride operands), ``"tma"`` (that tile GEMM through TMA descriptors: no map;
     ``_tile_launch.tma_takes``) or ``"wide"`` (``"tma"`` on ``_tile_launch.WIDE_TILES`` where
-    ``_tile_launch.wide_applies``). ``IVL_KERNELS_GEMM`` forces a GEMM kind; ``auto`` measures the class's
-    candidates (``_gemm.measured_kind``) on the call's first ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an
-    in-place call in place, on a copy of its base logits), against cuBLAS, or the row-tile kernel where cuBLAS
-    cannot express the fill."""
+    ``_tile_launch.wide_applies``; ``"hybrid"``, a loss kind, runs the head as ``"wide"``). ``IVL_KERNELS_GEMM``
+    forces a GEMM kind; ``auto`` measures the class's candidates (``_gemm.measured_kind``) on the call's first
+    ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an in-place call in place, on a copy of its base logits),
+    against cuBLAS, or the row-tile kernel where cuBLAS cannot express the fill."""
     M, Vv = value_hidden.shape[0], value_weight.shape[0]
     if M < GEMM_MIN_ROWS or Vv == 0:
         return "rows"
@@ -45,7 +45,7 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
     reference = "cublas" if vocab_map is None or fill == 0.0 else "rows"
     if kind == "cublas" or not tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
         return reference
-    if kind in ("tiles", "tma", "wide"):
+    if kind in TILE_KINDS:
         return kind
     in_place = base_logits is not None and out.data_ptr() == base_logits.data_ptr()
     dt, Hb = value_hidden.dtype, base_hidden.shape[1] if base_hidden is not None else 0
@@ -80,7 +80,7 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
 
 
 def _launch_head(which: str, *args) -> None:
-    if which in ("tiles", "tma", "wide"):
+    if which in TILE_KINDS:
         _launch_tiles(*args, kind=which)
     elif which == "cublas":
         _launch_cublas(*args)
