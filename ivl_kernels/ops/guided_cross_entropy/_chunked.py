@@ -44,11 +44,13 @@ ROW_ALIGN = 128
 
 def chunk_rows(bytes_per_row: int, n: int, device: torch.device, fixed: int = 0) -> int:
     """Rows per chunk: the chunk's logits plus ``fixed`` bytes (a map's gathered head and second accumulator)
-    within ``CHUNK_BYTES`` (never under a quarter of it)."""
-    total = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    within ``CHUNK_BYTES`` (never under a quarter of it). Meta tensors (the ahead-of-time compile test's stand-ins)
+    are planned as on a GPU, so that the kernels it compiles are specialised as the GPU's launches are."""
+    gpu = device.type in ("cuda", "meta")
+    total = CHUNK_BYTES["cuda" if gpu else "cpu"]
     budget = max(total // 4, total - fixed)
     rows = max(1, budget // max(bytes_per_row, 1))
-    if device.type == "cuda" and rows > ROW_ALIGN:
+    if gpu and rows > ROW_ALIGN:
         rows -= rows % ROW_ALIGN
     return max(1, min(rows, n))
 
