@@ -177,6 +177,32 @@ def test_hybrid_finishes_g_in_place_then_multiplies_in_cublas(case, chunks, tile
     assert grad_kernels and set(grad_kernels) == {"_ce_finish_grad_kernel"}, grad_kernels
 
 
+def test_chunk_plan_counts_dx_split_scratch_only_where_the_dx_tile_kernel_runs(tiles, monkeypatch):
+    """Rows per chunk come from the bytes a row needs: ``tiles``' one-pass dX ("mean") may split the vocabulary
+    into up to 8 float32 ``[rows, Hv]`` slices, so it plans ``8 Hv 4`` more bytes a row than ``hybrid``, whose dX
+    is one cuBLAS GEMM, and than the two-pass gradient pass ("none"), whose products are cuBLAS under either kind."""
+    planned = {}
+    plan = gce._chunked.chunk_rows
+
+    def recording(bytes_per_row, n, device, fixed=0):
+        planned.setdefault(key, []).append(bytes_per_row)
+        return plan(bytes_per_row, n, device, fixed)
+
+    monkeypatch.setattr(gce._chunked, "chunk_rows", recording)
+    for reduction in ("mean", "none"):
+        vh, vw, target, kw = _make(N=13, Hv=32, Vv=70, Vb=70, base="none", reduction=reduction, dtype=torch.float32)
+        upstream = torch.ones(target.shape) if reduction == "none" else None
+        for kind in ("tiles", "hybrid"):
+            key = (kind, reduction)
+            monkeypatch.setenv("IVL_KERNELS_GEMM", kind)
+            _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton"), vh, vw, target, kw,
+                 upstream)
+    # The last plan of each call is the gradient pass's tile launcher (the first, the caller's cuBLAS-sized one).
+    last = {key: calls[-1] for key, calls in planned.items()}
+    assert last[("tiles", "mean")] - last[("hybrid", "mean")] == 8 * 32 * 4, planned
+    assert last[("hybrid", "mean")] == last[("tiles", "none")] == last[("hybrid", "none")], planned
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_hybrid_float16_scaled_gradient(reduction, tiles, grad_kernels, monkeypatch):
     """float16: ``G`` is stored divided by the largest row weight (no subnormals) and the GEMM results multiplied

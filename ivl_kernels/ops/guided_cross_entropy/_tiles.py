@@ -108,7 +108,9 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     mode = 0 if not grads else (1 if lse is None else 2)
     hybrid = kind == "hybrid"
     esize = vh.element_size()
-    rows = chunk_rows((Vg * esize if mode else 0) + 3 * T * 4 + (8 * Hv * 4 if dvh is not None else 0))
+    # dX's vocabulary-split scratch (float32 [splits <= 8, rows, Hv]) exists only where the dX tile kernel runs.
+    dx_scratch = 8 * Hv * 4 if dvh is not None and mode == 1 and not hybrid else 0
+    rows = chunk_rows((Vg * esize if mode else 0) + 3 * T * 4 + dx_scratch)
     dummy = target_local
     smooth = smooth_all != 0.0
     flags = dict(HAS_MAP=vocab_map is not None, ALPHA_IS_TENSOR=alpha_tensor is not None, SMOOTH=smooth)
