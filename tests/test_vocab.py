@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ivl_kernels import vocab as V
+from ivl_kernels import _vocab_dtw as D
 from ivl_kernels.vocab import InverseVocabMap, TokenizerVocab, VocabMap, load_tokenizer, tokenizer_vocab
 
 DATA = Path(__file__).parent / "data"
@@ -365,9 +365,9 @@ def _full_dtw_reference(a: list, b: list, dist) -> list:
 
 
 def test_levenshtein():
-    assert V._levenshtein(b"kitten", b"sitting") == 3
-    assert V._levenshtein(b"", b"abc") == 3 and V._levenshtein(b"abc", b"abc") == 0
-    assert V._levenshtein(b" the", b"the") == 1
+    assert D._levenshtein(b"kitten", b"sitting") == 3
+    assert D._levenshtein(b"", b"abc") == 3 and D._levenshtein(b"abc", b"abc") == 0
+    assert D._levenshtein(b" the", b"the") == 1
 
 
 def test_dtw_path_matches_reference_on_random_sequences():
@@ -376,9 +376,9 @@ def test_dtw_path_matches_reference_on_random_sequences():
     for _ in range(200):
         a = [rng.randrange(len(alphabet)) for _ in range(rng.randint(1, 9))]
         b = [rng.randrange(len(alphabet)) for _ in range(rng.randint(1, 9))]
-        dist = lambda x, y: V._levenshtein(alphabet[x], alphabet[y])  # noqa: E731
+        dist = lambda x, y: D._levenshtein(alphabet[x], alphabet[y])  # noqa: E731
         lo, hi = [0] * len(a), [len(b) - 1] * len(a)
-        assert V._dtw_path(a, b, lo, hi, dist) == _full_dtw_reference(a, b, dist)
+        assert D._dtw_path(a, b, lo, hi, dist) == _full_dtw_reference(a, b, dist)
 
 
 @pytest.mark.parametrize("pair", [("v1", "qwen"), ("qwen", "tekken")])
@@ -390,8 +390,8 @@ def test_dtw_band_gives_the_full_dtw_result(vocabs, pair):
 
 def test_dtw_bounded_memory_paths_give_the_same_map(vocabs, monkeypatch):
     ref = VocabMap.from_tokenizers(vocabs["qwen"], vocabs["tekken"], method="dtw", corpus=CORPUS)
-    monkeypatch.setattr(V, "_FLUSH_KEYS", 50)        # fold counts every ~50 path cells
-    monkeypatch.setattr(V, "_MAX_COST_CACHE", 100)   # drop the edit-distance cache often
+    monkeypatch.setattr(D, "_FLUSH_KEYS", 50)        # fold counts every ~50 path cells
+    monkeypatch.setattr(D, "_MAX_COST_CACHE", 100)   # drop the edit-distance cache often
     small = VocabMap.from_tokenizers(vocabs["qwen"], vocabs["tekken"], method="dtw", corpus=CORPUS)
     assert torch.equal(ref.index, small.index) and ref.meta["dtw_agree_with_exact"] == small.meta["dtw_agree_with_exact"]
 
@@ -407,7 +407,7 @@ def test_dtw_agrees_with_exact_map(vocabs, exact_maps, pair, bound):
     m = VocabMap.from_tokenizers(bv, vv, method="dtw", corpus=CORPUS)
     exact = exact_maps(*pair).index
     # The corpus is tokenised in whole-line chunks (documented), so "seen" is per chunk.
-    seen = sorted({t for chunk in V._chunks([CORPUS]) for t in bv.encode(chunk)})
+    seen = sorted({t for chunk in D._chunks([CORPUS]) for t in bv.encode(chunk)})
     seen_t = torch.tensor(seen)
     assert m.meta["dtw_base_tokens_seen"] == len(seen)
     assert bool((m.index[seen_t] >= 0).all())  # every base token in the corpus gets a value token
