@@ -13,7 +13,9 @@ single GEMM with ``K = Hb + Hv``.
 alone (same storage, equal row stride, the value block starting ``Hb`` elements after the base block), so the
 recognition holds through ``torch.compile``, CUDA graphs and any wrapper that keeps the views. Nothing is
 cached or registered. The cost of packing is the buffer itself, which replaces the two heads (no extra memory
-once the original weights are dropped); the concatenated hidden states ``[M, Hb + Hv]`` are built per call.
+once the original weights are dropped); the concatenated hidden states ``[M, Hb + Hv]`` are built per call,
+except where they already lie side by side with alpha 1 (``adjacent_columns``: vLLM's forward returns
+``[X_b | X_v | ...]``), which is then read in place.
 
 One more rounding than unpacked: ``alpha * X_v`` is formed in the hidden states' dtype before the GEMM (exact
 for alpha = 1, the common case; a relative error below 2^-9 per element in bf16 otherwise, of the same order as
@@ -72,3 +74,20 @@ def packed_view(base_weight: torch.Tensor, value_weight: torch.Tensor, rows: int
     if value_weight.untyped_storage().data_ptr() != base_weight.untyped_storage().data_ptr():
         return None
     return base_weight.as_strided((rows, Hb + Hv), (stride, 1))
+
+
+def adjacent_columns(left: torch.Tensor, right: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[M, H_l + H_r]`` view over ``left [M, H_l]`` and ``right [M, H_r]`` when ``right``'s columns continue
+    ``left``'s in one buffer (same storage, dtype and row stride, unit column stride: column blocks of one
+    tensor, as ``torch.cat(..., dim=-1)`` lays them out), else ``None``. Reads only metadata."""
+    if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0] or left.dtype != right.dtype \
+            or left.device != right.device or left.shape[1] == 0 or right.shape[1] == 0:
+        return None
+    stride = left.stride(0)
+    if left.stride(1) != 1 or right.stride(1) != 1 or (left.shape[0] > 1 and right.stride(0) != stride):
+        return None
+    if right.storage_offset() != left.storage_offset() + left.shape[1]:
+        return None
+    if right.untyped_storage().data_ptr() != left.untyped_storage().data_ptr():
+        return None
+    return left.as_strided((left.shape[0], left.shape[1] + right.shape[1]), (stride, 1))

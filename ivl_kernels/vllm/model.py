@@ -14,12 +14,14 @@ vLLM's sampler, its sampling parameters and returned logprobs then act on the gu
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..guidance import BaseToValueIds, TermHead, guided_logits, head_problem, suppress_ids_
+from ..ops.packed_heads import pack_head_weights
 from . import _per_request
 from ._plan import check_guided_config
 
@@ -73,6 +75,7 @@ class IVLGuidedForCausalLM(nn.Module):
         self.fill = plan.fill
         self.suppress_from = plan.suppress_from
         self.backend = "auto"
+        self.packed_heads = False  # set by load_weights (_pack_heads)
         Vb = self.vocab_size
         base_head = self._heads[0]
         device = base_head.weight.device
@@ -168,13 +171,40 @@ class IVLGuidedForCausalLM(nn.Module):
             self._full_heads[i] = None
             if self.tp > 1:
                 self._term_weight(i)
+        self.packed_heads = self._pack_heads()
         return loaded
+
+    def _pack_heads(self) -> bool:
+        """The base head and the first term's head become views of one buffer (``ops.packed_heads``), installed
+        wherever their parameters were (a tied input embedding included), so that ``compute_logits`` runs both
+        heads as one GEMM from ``GEMM_MIN_ROWS`` rows (batches of concurrent requests, prompt logprobs): the
+        hidden states are already side by side (``forward``), so with alpha 1 nothing is copied per call. Where
+        it applies: one rank, the first term without a map, both heads plain tensors of one dtype and device.
+        ``IVL_KERNELS_VLLM_PACK_HEADS=0`` keeps the heads apart. The buffer replaces the two heads (no lasting
+        extra memory); the same logits up to the GEMM's accumulation order."""
+        if os.environ.get("IVL_KERNELS_VLLM_PACK_HEADS", "1").strip() == "0":
+            return False
+        if self.tp != 1 or not self.plan.terms or self.plan.terms[0].vocab_map is not None:
+            return False
+        old_b, old_v = self._heads[0].weight, self._heads[1].weight
+        if (type(old_b) not in (torch.Tensor, nn.Parameter) or type(old_v) not in (torch.Tensor, nn.Parameter)
+                or old_b is old_v or old_b.dtype != old_v.dtype or old_b.device != old_v.device):
+            return False
+        views = pack_head_weights(old_b.detach(), old_v.detach())
+        for sub, old, view in ((self.base, old_b, views[0]), (self.terms[0], old_v, views[1])):
+            param = nn.Parameter(view, requires_grad=False)
+            param.__dict__.update(old.__dict__)  # vLLM's attributes (weight_loader, ...): a reload writes the view
+            for module in sub.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is old:
+                        setattr(module, name, param)
+        return True
 
 
 def worker_info(worker) -> dict:
     """What one vLLM worker built, for ``llm.collective_rpc(worker_info)`` (needs
     ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``): the base ids its guided logits cover, the tensor-parallel size,
-    the terms' alphas."""
+    the terms' alphas, whether the heads are packed."""
     model = worker.model_runner.model
     return {"lo": model.lo, "hi": model.hi, "tp": model.tp, "alphas": list(model.alphas),
-            "vocab_size": model.vocab_size}
+            "vocab_size": model.vocab_size, "packed_heads": model.packed_heads}

@@ -15,7 +15,7 @@ import torch
 import ivl_kernels as ivl
 from ivl_kernels.ops import _tile_launch
 from ivl_kernels.ops import guided_logits as gl
-from ivl_kernels.ops.packed_heads import pack_head_weights, packed_view
+from ivl_kernels.ops.packed_heads import adjacent_columns, pack_head_weights, packed_view
 from ivl_kernels.reference import guided_logits_naive
 
 from _kernel_spy import KernelSpy
@@ -133,6 +133,46 @@ def test_packed_heads_match_reference_and_unpacked(backend, device, dtype, vocab
     assert not calls, "separate heads took the packed path"
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(packed, unpacked, atol=tol, rtol=tol)
+
+
+def test_adjacent_columns_recognises_column_blocks_of_one_tensor():
+    hs = torch.randn(9, 6 + 4 + 3)  # [X_b | X_v | X_v2], as vLLM's forward returns them
+    b, v, v2 = torch.split(hs, [6, 4, 3], dim=-1)
+    cat = adjacent_columns(b, v)
+    assert cat is not None and cat.data_ptr() == hs.data_ptr() and torch.equal(cat, hs[:, :10])
+    assert torch.equal(adjacent_columns(v, v2), hs[:, 6:])
+    assert adjacent_columns(v, b) is None                      # wrong order
+    assert adjacent_columns(b, v2) is None                     # a gap between the blocks
+    assert adjacent_columns(b, v.clone()) is None              # separate storage
+    assert adjacent_columns(b[:5], v[1:6]) is None             # rows shifted: offset is not b's + 6
+    assert adjacent_columns(b, v.double()) is None
+    t = torch.randn(13, 9).T                                   # column-major: stride(1) != 1
+    assert adjacent_columns(t[:, :4], t[:, 4:]) is None
+    assert adjacent_columns(hs[:, :0], hs) is None
+    one = torch.randn(1, 10)
+    assert torch.equal(adjacent_columns(one[:, :6], one[:, 6:]), one)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("alpha", [1.0, 0.75], ids=["alpha1", "alpha0.75"])
+def test_packed_heads_read_adjacent_hidden_states_in_place(backend, device, dtype, alpha, monkeypatch):
+    """Hidden states that are column blocks of one tensor (vLLM's ``[X_b | X_v | ...]``): with alpha 1 the GEMM
+    reads them in place (nothing concatenated); another alpha scales a copy. Both give the reference."""
+    _skip_unsupported(backend, device, dtype)
+    Vb, Vv, Hb, Hv = 97, 80, 40, 24
+    bw, vw = _heads(Vb, Hb, Vv, Hv, dtype, device)
+    pb, pv = pack_head_weights(bw, vw)
+    hs = torch.randn(M_GEMM, Hb + Hv + 8, device=device).to(dtype)  # a second term's columns after them
+    bh, vh = hs[:, :Hb], hs[:, Hb:Hb + Hv]
+    seen = []
+    real_mm = gl._launch.addmm_into
+    monkeypatch.setattr(gl._launch, "addmm_into", lambda c, a, *r, **k: (seen.append(a), real_mm(c, a, *r, **k))[1])
+    _check(backend, device, dtype, vh, pv, bh, pb, alpha=alpha, fill=-2.0, what=f"adjacent, alpha={alpha}")
+    packed_gemm = [a for a in seen if a.shape[1] == Hb + Hv]  # (the other GEMM: base ids past the value vocab)
+    assert len(packed_gemm) == 1, [tuple(a.shape) for a in seen]
+    in_place = packed_gemm[0].data_ptr() == hs.data_ptr()
+    assert in_place == (alpha == 1.0), (alpha, in_place)
 
 
 @pytest.mark.parametrize("backend,device", TRITON)

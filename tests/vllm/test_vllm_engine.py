@@ -24,9 +24,29 @@ ROWS = prompts([3, 9, 17], seed=5) + prompts([1, 20, 35], seed=6, prefix=PREFIX)
 def proxy_llm(checkpoints):
     from vllm import LLM
 
-    llm = LLM(model=checkpoints["proxy"], enforce_eager=True, **ENGINE)
-    yield llm
-    shutdown(llm)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function (test only)
+        llm = LLM(model=checkpoints["proxy"], enforce_eager=True, **ENGINE)
+        yield llm
+        shutdown(llm)
+
+
+def test_base_and_first_term_heads_are_packed(proxy_llm):
+    """The first term has no map and the base's dtype: its head and the base's are views of one buffer (one GEMM
+    from GEMM_MIN_ROWS rows on a GPU), the term's tied input embedding reading the same rows; every other test
+    of this module runs on these packed heads (the same tokens and logprobs as GuidedCausalLM)."""
+    def probe(worker):
+        from ivl_kernels.ops.packed_heads import packed_view
+
+        model = worker.model_runner.model
+        base, term = model.base, model.term_a
+        bw, vw = base.lm_head.weight, term.lm_head.weight
+        return {"packed": model.packed_heads, "view": packed_view(bw, vw, min(bw.shape[0], vw.shape[0])) is not None,
+                "term_tied": term.model.embed_tokens.weight is vw,
+                "base_embedding_apart": base.model.embed_tokens.weight is not bw}
+
+    assert proxy_llm.collective_rpc(probe) == [{"packed": True, "view": True, "term_tied": True,
+                                                "base_embedding_apart": True}]
 
 
 @pytest.fixture(scope="module")

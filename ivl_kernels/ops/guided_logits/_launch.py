@@ -14,7 +14,7 @@ from ..._validate import check_vocab_map
 from .._gemm import TILE_KINDS, addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
 from .._tile_launch import kind_logits_config, launch_logits, logits_config, tiles_fit, tma_takes, wide_applies
-from ..packed_heads import packed_view
+from ..packed_heads import adjacent_columns, packed_view
 from ._kernel import _guided_logits_kernel, _triton_config
 
 # From this many rows (serving batches, prefill, scoring) the head is compute-bound: the Triton tiles reached a
@@ -165,15 +165,18 @@ def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_we
 def _launch_packed(value_hidden, base_hidden, base_weight, wcat, alpha_tensor, alpha_scalar: float, fill: float,
                    out: torch.Tensor) -> None:
     """The head of packed weights (``packed_heads``) as one GEMM: ``out[:, :V] = [X_b | alpha X_v] @ wcat^T``
-    with ``wcat [V, Hb + Hv]``; base ids past the value vocabulary get ``X_b @ W_b[V:]^T + alpha * fill``."""
+    with ``wcat [V, Hb + Hv]``; base ids past the value vocabulary get ``X_b @ W_b[V:]^T + alpha * fill``.
+    ``[X_b | X_v]`` is read in place where the hidden states are adjacent columns of one tensor and alpha is 1."""
     Hb, cols, Vb = base_hidden.shape[1], wcat.shape[0], out.shape[1]
-    x = torch.empty(base_hidden.shape[0], Hb + value_hidden.shape[1], dtype=base_hidden.dtype,
-                    device=base_hidden.device)
-    x[:, :Hb].copy_(base_hidden)
-    if alpha_tensor is not None:
-        torch.mul(value_hidden, alpha_tensor[:, None].to(value_hidden.dtype), out=x[:, Hb:])
-    else:
-        torch.mul(value_hidden, alpha_scalar, out=x[:, Hb:])
+    x = adjacent_columns(base_hidden, value_hidden) if alpha_tensor is None and alpha_scalar == 1.0 else None
+    if x is None:
+        x = torch.empty(base_hidden.shape[0], Hb + value_hidden.shape[1], dtype=base_hidden.dtype,
+                        device=base_hidden.device)
+        x[:, :Hb].copy_(base_hidden)
+        if alpha_tensor is not None:
+            torch.mul(value_hidden, alpha_tensor[:, None].to(value_hidden.dtype), out=x[:, Hb:])
+        else:
+            torch.mul(value_hidden, alpha_scalar, out=x[:, Hb:])
     addmm_into(out[:, :cols], x, wcat.T, beta=0.0)
     if cols < Vb:
         tail = out[:, cols:]
