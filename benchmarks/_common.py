@@ -3,6 +3,8 @@
 Timing, in milliseconds:
   * ``time_ms``: GPU ``triton.testing.do_bench`` median (L2 flushed before each call), CPU
     ``torch.utils.benchmark`` median. For work long enough that host overhead hides behind the GPU (the loss).
+  * ``time_cpu_interleaved_ms``: CPU candidates compared side by side, timed in interleaved rounds (median of
+    the rounds), so that a drifting CPU speed hits them all alike.
   * ``time_gpu_graph``: ``triton.testing.do_bench_cudagraph`` median, the GPU time of a call with the host
     taken out (the calls are replayed from a CUDA graph). A call that cannot be captured falls back to
     ``do_bench`` and says why.
@@ -92,6 +94,26 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: flo
     m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return m.median * 1e3
+
+
+def time_cpu_interleaved_ms(fns: dict, *, min_run_time: float = 0.5, rounds: int = 7) -> dict:
+    """``{name: median ms}`` of each CPU callable, timed in ``rounds`` interleaved rounds (``torch.utils.benchmark``
+    ``Timer.timeit`` per candidate per round; about ``min_run_time`` seconds per candidate in all). A shared CPU's
+    speed drifts over seconds (up to 2x on the 2-core CI machine): timed one after the other, candidates would be
+    compared across different speeds; interleaved, each round sees all of them at about the same one."""
+    import torch.utils.benchmark as tb
+
+    timers, number = {}, {}
+    for name, fn in fns.items():
+        fn()  # warm-up (first-call allocations, compilation)
+        timers[name] = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        once = timers[name].timeit(1).median
+        number[name] = max(1, int(min_run_time / rounds / max(once, 1e-6)))
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, t in timers.items():
+            per_round[name].append(t.timeit(number[name]).median)
+    return {name: sorted(v)[len(v) // 2] * 1e3 for name, v in per_round.items()}
 
 
 def time_gpu_graph(fn: Callable[[], object], *, rep_ms: int = 50) -> tuple[float, str]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Stopped, add_output_args, cuda_context_error, env_var, environment,  # noqa: E402
                      floor_bandwidth_gbs, format_table, matrix_tflops, output_options, plot_bars, print_environment,
-                     stop_on_sigterm, time_gpu_graph, time_launch_loop, time_ms, write_csv)
+                     stop_on_sigterm, time_cpu_interleaved_ms, time_gpu_graph, time_launch_loop, write_csv)
 
 import ivl_kernels as ivl  # noqa: E402
 from ivl_kernels import _backends  # noqa: E402
@@ -93,10 +93,9 @@ class ContextLost(RuntimeError):
 
 
 def measure(fn, device: torch.device, quick: bool) -> dict:
-    if device.type == "cuda":
-        ms, how = time_gpu_graph(fn)
-        return dict(ms=ms, timing=how, launch_loop_ms=time_launch_loop(fn, ms))
-    return dict(ms=time_ms(fn, device, min_run_time=0.2 if quick else 0.5), timing="torch.utils.benchmark")
+    """One GPU candidate (CPU candidates are timed together: ``time_cpu_interleaved_ms``)."""
+    ms, how = time_gpu_graph(fn)
+    return dict(ms=ms, timing=how, launch_loop_ms=time_launch_loop(fn, ms))
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -206,6 +205,11 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
     for impl, why in skipped:
         rows.append(dict(key, impl=impl, note=f"not run: {why}"[:160]))
         print_row(rows[-1])
+    def timed(row, ms, how):
+        row.update(ms=ms, timing=how, x_floor=ms / floor_ms, GBps=moved / (ms * 1e-3) / 1e9,
+                   TFLOPs=flops / (ms * 1e-3) / 1e12)
+
+    cpu_pending = []  # CPU rows checked, timed together below (interleaved)
     for impl, fn in cands.items():
         row = dict(key, impl=impl)
         try:
@@ -215,11 +219,13 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
                 row["rel_err"] = rel_err(got, ref)
             if device.type == "cpu" and impl.startswith("ivl triton"):
                 row["note"] = "Triton interpreter: checked, not timed"
+            elif device.type == "cpu":
+                cpu_pending.append((row, fn))
+                continue
             else:
-                row.update(measure(fn, device, quick))
-                row["x_floor"] = row["ms"] / floor_ms
-                row["GBps"] = moved / (row["ms"] * 1e-3) / 1e9
-                row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
+                m = measure(fn, device, quick)
+                timed(row, m.pop("ms"), m.pop("timing"))
+                row.update(m)
         except Exception as exc:  # report, never hide, an implementation that cannot run here
             row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
             lost = cuda_context_error() if device.type == "cuda" else ""
@@ -228,6 +234,13 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
                 raise ContextLost(f"after {impl} at {key}: {lost}") from exc
         rows.append(row)
         print_row(row)
+    if cpu_pending:
+        ms = time_cpu_interleaved_ms({row["impl"]: fn for row, fn in cpu_pending},
+                                     min_run_time=0.2 if quick else 0.5)
+        for row, _ in cpu_pending:
+            timed(row, ms[row["impl"]], "torch.utils.benchmark, interleaved rounds")
+            rows.append(row)
+            print_row(row)
     rows.append(dict(key, impl="floor", ms=floor_ms, x_floor=1.0, GBps=bw_gbs,
                      note=f"max(memory {mem_ms:.3g} ms: {moved / 1e6:.1f} MB, FLOP {flop_ms:.3g} ms: "
                           f"{flops / 1e12:.3g} TFLOP at {tflops or 0:.0f} TFLOP/s)"))
