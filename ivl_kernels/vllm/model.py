@@ -180,15 +180,20 @@ class IVLGuidedForCausalLM(nn.Module):
         heads as one GEMM from ``GEMM_MIN_ROWS`` rows (batches of concurrent requests, prompt logprobs): the
         hidden states are already side by side (``forward``), so with alpha 1 nothing is copied per call. Where
         it applies: one rank, the first term without a map, both heads plain tensors of one dtype and device.
-        ``IVL_KERNELS_VLLM_PACK_HEADS=0`` keeps the heads apart. The buffer replaces the two heads (no lasting
-        extra memory); the same logits up to the GEMM's accumulation order."""
-        if os.environ.get("IVL_KERNELS_VLLM_PACK_HEADS", "1").strip() == "0":
-            return False
-        if self.tp != 1 or not self.plan.terms or self.plan.terms[0].vocab_map is not None:
+        ``IVL_KERNELS_VLLM_PACK_HEADS``: ``auto`` (default: on CUDA devices, where the GEMM is cuBLAS's; on a
+        CPU the torch backend runs the heads as two GEMMs either way, and strided heads read a little slower),
+        ``1`` wherever it applies, ``0`` never. The buffer replaces the two heads (no lasting extra memory); the
+        same logits up to the GEMM's accumulation order."""
+        mode = os.environ.get("IVL_KERNELS_VLLM_PACK_HEADS", "auto").strip().lower() or "auto"
+        if mode not in ("auto", "0", "1"):
+            raise ValueError(f"IVL_KERNELS_VLLM_PACK_HEADS must be one of auto, 0, 1; got {mode!r}")
+        if mode == "0" or self.tp != 1 or not self.plan.terms or self.plan.terms[0].vocab_map is not None:
             return False
         old_b, old_v = self._heads[0].weight, self._heads[1].weight
         if (type(old_b) not in (torch.Tensor, nn.Parameter) or type(old_v) not in (torch.Tensor, nn.Parameter)
                 or old_b is old_v or old_b.dtype != old_v.dtype or old_b.device != old_v.device):
+            return False
+        if mode == "auto" and old_b.device.type != "cuda":
             return False
         views = pack_head_weights(old_b.detach(), old_v.detach())
         for sub, old, view in ((self.base, old_b, views[0]), (self.terms[0], old_v, views[1])):

@@ -26,15 +26,17 @@ def proxy_llm(checkpoints):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function (test only)
+        mp.setenv("IVL_KERNELS_VLLM_PACK_HEADS", "1")  # packed on CPU too ("auto" packs on CUDA devices only)
         llm = LLM(model=checkpoints["proxy"], enforce_eager=True, **ENGINE)
         yield llm
         shutdown(llm)
 
 
 def test_base_and_first_term_heads_are_packed(proxy_llm):
-    """The first term has no map and the base's dtype: its head and the base's are views of one buffer (one GEMM
-    from GEMM_MIN_ROWS rows on a GPU), the term's tied input embedding reading the same rows; every other test
-    of this module runs on these packed heads (the same tokens and logprobs as GuidedCausalLM)."""
+    """The first term has no map and the base's dtype: with IVL_KERNELS_VLLM_PACK_HEADS=1 (the default packs on
+    CUDA devices) its head and the base's are views of one buffer (one GEMM from GEMM_MIN_ROWS rows on a GPU),
+    the term's tied input embedding reading the same rows; every other test of this module runs on these packed
+    heads (the same tokens and logprobs as GuidedCausalLM)."""
     def probe(worker):
         from ivl_kernels.ops.packed_heads import packed_view
 

@@ -30,7 +30,7 @@ def _stub(*, tp=1, vocab_map=None, value_dtype=torch.float32):
 
 
 def test_packs_the_heads_and_every_holder_reads_the_buffer(monkeypatch):
-    monkeypatch.delenv("IVL_KERNELS_VLLM_PACK_HEADS", raising=False)
+    monkeypatch.setenv("IVL_KERNELS_VLLM_PACK_HEADS", "1")  # CPU stand-ins: "auto" packs on CUDA devices only
     m = _stub()
     base_w, value_w = m._heads[0].weight.detach().clone(), m._heads[1].weight.detach().clone()
     assert IVLGuidedForCausalLM._pack_heads(m) is True
@@ -44,14 +44,19 @@ def test_packs_the_heads_and_every_holder_reads_the_buffer(monkeypatch):
     assert torch.equal(m.terms[0].embed_tokens(ids), value_w[ids])
 
 
-@pytest.mark.parametrize("why", ["disabled", "tensor_parallel", "map", "dtypes"])
+@pytest.mark.parametrize("why", ["disabled", "auto_on_cpu", "tensor_parallel", "map", "dtypes"])
 def test_leaves_the_heads_apart(why, monkeypatch):
-    monkeypatch.delenv("IVL_KERNELS_VLLM_PACK_HEADS", raising=False)
-    if why == "disabled":
-        monkeypatch.setenv("IVL_KERNELS_VLLM_PACK_HEADS", "0")
+    monkeypatch.setenv("IVL_KERNELS_VLLM_PACK_HEADS", {"disabled": "0", "auto_on_cpu": "auto"}.get(why, "1"))
     m = _stub(tp=2 if why == "tensor_parallel" else 1,
               vocab_map=torch.arange(50, dtype=torch.int32) % 40 if why == "map" else None,
               value_dtype=torch.float64 if why == "dtypes" else torch.float32)
     heads = [m._heads[0].weight, m._heads[1].weight]
     assert IVLGuidedForCausalLM._pack_heads(m) is False
     assert m.base.lm_head.weight is heads[0] and m.terms[0].lm_head.weight is heads[1]
+
+
+def test_unknown_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("IVL_KERNELS_VLLM_PACK_HEADS", "yes")
+    m = _stub()
+    with pytest.raises(ValueError, match="IVL_KERNELS_VLLM_PACK_HEADS must be one of auto, 0, 1; got 'yes'"):
+        IVLGuidedForCausalLM._pack_heads(m)
