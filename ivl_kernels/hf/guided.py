@@ -20,10 +20,10 @@ from torch import nn
 from .._validate import check_alpha_float
 from ..guidance import BaseToValueIds, TermHead, guided_logits, resolve_suppress_from, suppress_ids_
 from ..ops.guided_logits import fused_guided_logits
-from ..ops.packed_heads import pack_head_weights
+from ..ops.packed_heads import install_parameter, pack_head_weights
 from ._model_api import GuidedModelAPI, config_for, guided_config_of, loading_kwargs
 from ._common import (check_prompt_batch, decode_prompts, fallback_input_id, input_vocab_size, left_pad_rows,
-                      render_prompt, resolve_vocab_map, split_causal_lm, unwrap_causal_lm)
+                      render_prompt, resolve_vocab_map, split_causal_lm)
 from ._generate import GuidedGenerateOutput, Outputs, Settings, choose, resolve_settings
 from ._value_state import DynamicDecoder
 
@@ -144,12 +144,8 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         new_base, new_value = pack_head_weights(base_w.detach(), value_w.detach())
         params = []
         for model, old, view in ((self.base_model, base_w, new_base), (self.terms[0].model, value_w, new_value)):
-            lm = unwrap_causal_lm(model)
             param = nn.Parameter(view, requires_grad=old.requires_grad)
-            emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
-            if emb is not None and getattr(emb, "weight", None) is old:
-                emb.weight = param  # tied: the embedding reads the same rows, now from the packed buffer
-            lm.get_output_embeddings().weight = param
+            install_parameter(model, old, param)  # the head, and an input embedding tied to it
             params.append(param)
         self._base_weight, self._prepared[0].head.weight = params
 

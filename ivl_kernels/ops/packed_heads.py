@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch import nn
 
 
 def pack_head_weights(base_weight: torch.Tensor, value_weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -60,20 +61,12 @@ def pack_head_weights(base_weight: torch.Tensor, value_weight: torch.Tensor) -> 
 
 def packed_view(base_weight: torch.Tensor, value_weight: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
     """``[rows, Hb + Hv]`` view over both heads when ``value_weight``'s columns continue ``base_weight``'s in
-    one buffer (rows ``< rows`` of both exist: ``rows <= min(Vb, Vv)``), else ``None``. Reads only metadata."""
-    Hb, Hv = base_weight.shape[1], value_weight.shape[1]
-    if (base_weight.dtype != value_weight.dtype or base_weight.device != value_weight.device or Hb == 0 or Hv == 0
-            or rows > min(base_weight.shape[0], value_weight.shape[0]) or rows <= 0):
+    one buffer (rows ``< rows`` of both exist: ``rows <= min(Vb, Vv)``; rows do not overlap), else ``None``.
+    Reads only metadata."""
+    if rows <= 0 or rows > min(base_weight.shape[0], value_weight.shape[0]) \
+            or base_weight.stride(0) < base_weight.shape[1] + value_weight.shape[1]:
         return None
-    stride = base_weight.stride(0)
-    if base_weight.stride(1) != 1 or value_weight.stride(1) != 1 or value_weight.stride(0) != stride \
-            or stride < Hb + Hv:
-        return None
-    if value_weight.storage_offset() != base_weight.storage_offset() + Hb:
-        return None
-    if value_weight.untyped_storage().data_ptr() != base_weight.untyped_storage().data_ptr():
-        return None
-    return base_weight.as_strided((rows, Hb + Hv), (stride, 1))
+    return adjacent_columns(base_weight[:rows], value_weight[:rows])
 
 
 def adjacent_columns(left: torch.Tensor, right: torch.Tensor) -> Optional[torch.Tensor]:
@@ -84,10 +77,19 @@ def adjacent_columns(left: torch.Tensor, right: torch.Tensor) -> Optional[torch.
             or left.device != right.device or left.shape[1] == 0 or right.shape[1] == 0:
         return None
     stride = left.stride(0)
-    if left.stride(1) != 1 or right.stride(1) != 1 or (left.shape[0] > 1 and right.stride(0) != stride):
+    if left.stride(1) != 1 or right.stride(1) != 1 or right.stride(0) != stride:
         return None
     if right.storage_offset() != left.storage_offset() + left.shape[1]:
         return None
     if right.untyped_storage().data_ptr() != left.untyped_storage().data_ptr():
         return None
     return left.as_strided((left.shape[0], left.shape[1] + right.shape[1]), (stride, 1))
+
+
+def install_parameter(model: nn.Module, old: torch.Tensor, new: nn.Parameter) -> None:
+    """``new`` in place of the parameter ``old`` in every module of ``model`` that holds it (an LM head, an
+    input embedding tied to it): how packed head views replace the heads they were copied from."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is old:
+                setattr(module, name, new)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..guidance import BaseToValueIds, TermHead, guided_logits, head_problem, suppress_ids_
-from ..ops.packed_heads import pack_head_weights
+from ..ops.packed_heads import install_parameter, pack_head_weights
 from . import _per_request
 from ._plan import check_guided_config
 
@@ -199,10 +199,7 @@ class IVLGuidedForCausalLM(nn.Module):
         for sub, old, view in ((self.base, old_b, views[0]), (self.terms[0], old_v, views[1])):
             param = nn.Parameter(view, requires_grad=False)
             param.__dict__.update(old.__dict__)  # vLLM's attributes (weight_loader, ...): a reload writes the view
-            for module in sub.modules():
-                for name, p in list(module._parameters.items()):
-                    if p is old:
-                        setattr(module, name, param)
+            install_parameter(sub, old, param)
         return True
 
 
