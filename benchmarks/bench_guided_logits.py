@@ -92,7 +92,7 @@ class ContextLost(RuntimeError):
     """A kernel fault poisoned the CUDA context: nothing after it can run in this process."""
 
 
-def measure(fn, device: torch.device, quick: bool) -> dict:
+def measure(fn) -> dict:
     """One GPU candidate (CPU candidates are timed together: ``time_cpu_interleaved_ms``)."""
     ms, how = time_gpu_graph(fn)
     return dict(ms=ms, timing=how, launch_loop_ms=time_launch_loop(fn, ms))
@@ -223,7 +223,7 @@ def run_config(rows, *, M, base, map_name, vocab_map, wl, dtype, weights, compil
                 cpu_pending.append((row, fn))
                 continue
             else:
-                m = measure(fn, device, quick)
+                m = measure(fn)
                 timed(row, m.pop("ms"), m.pop("timing"))
                 row.update(m)
         except Exception as exc:  # report, never hide, an implementation that cannot run here
