@@ -210,6 +210,57 @@ def test_triton_half_on_gpu(case, dtype):
     _check("triton", vh, vw, target, kw, dtype)
 
 
+# The torch backend's own paths: the value head read in base-column order (no L1 term) with the base head's GEMM
+# written first and the value GEMM accumulated into it (float32/float64 base hidden states), fill columns (unmapped
+# ids, or base ids past the value vocabulary), scalar and per-row alpha, a narrower base; with L1 the value logits
+# gathered. Chunks of a few rows: every chunk boundary and the accumulators across chunks.
+TORCH_PATH_CASES = [
+    _case("N29-hidden-map-fill-alpha_tensor-mean", N=29, vmap="map", Vb=140, fill=0.4, alpha="tensor"),
+    _case("N29-hidden-wide_base_identity-fill-alpha1.5-sum", N=29, Vb=131, Vv=97, fill=0.3, alpha=1.5,
+          reduction="sum", ignore=(3,)),
+    _case("N29-none-map-fill-smooth-ignore-mean", N=29, base="none", vmap="map", Vb=120, fill=-0.7, smoothing=0.1,
+          ignore=(0, 28)),
+    _case("N29-logits-narrow_base_identity-alpha_tensor-mean", N=29, base="logits", Vb=70, Vv=100,
+          alpha="tensor"),
+    _case("N29-hidden-map-l1all-fill-ignore-mean", N=29, vmap="map", Vb=110, l1_coef=0.7, l1_reduction="all",
+          fill=0.2, ignore=(1, 2, 27)),
+    _case("N29-hidden-injective-none", N=29, vmap="injective", Vb=80, reduction="none", alpha="tensor"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", TORCH_PATH_CASES)
+def test_torch_backend_paths_over_many_chunks(case, dtype, monkeypatch):
+    monkeypatch.setattr(gce._torch_backend, "CHUNK_ELEMS", 4 * 140)  # 4 rows a chunk, a short last one
+    vh, vw, target, kw = _make(**case, dtype=dtype, device="cpu")
+    _check("torch", vh, vw, target, kw, dtype)
+
+
+@pytest.mark.parametrize("reduction,passes", [("mean", 1), ("sum", 1), ("none", 2)])
+def test_torch_backend_computes_gradients_in_the_forward_pass(reduction, passes, monkeypatch):
+    """"mean"/"sum": the row weights are known in the forward pass, so the gradients come from the forward's pass
+    over the logits (one pass; the backward only scales them by the upstream gradient, here 3). "none": the
+    backward needs the upstream gradient of every row and runs the chunks again."""
+    calls = []
+    real = gce._autograd.torch_chunks
+
+    def spy(*a, **k):
+        calls.append(k["want_stats"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(gce._autograd, "torch_chunks", spy)
+    vh, vw, target, kw = _make(N=9, vmap="map", Vb=90, fill=0.1, reduction=reduction, device="cpu",
+                               dtype=torch.float64)
+    upstream = torch.full(target.shape, 3.0, dtype=torch.float64) if reduction == "none" else torch.tensor(3.0,
+                                                                                                            dtype=torch.float64)
+    ours = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="torch"), vh, vw, target, kw, upstream)
+    ref = _run(guided_cross_entropy_naive, vh, vw, target, kw, upstream)
+    assert len(calls) == passes, calls
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("l1_reduction", ["kept", "all"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_torch_backend(reduction, l1_reduction):
@@ -399,7 +450,7 @@ def test_bad_inputs_raise_before_computing(exc, match, over, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("computed before validation")
 
-    monkeypatch.setattr(gce._autograd, "torch_fwd", boom)
+    monkeypatch.setattr(gce._autograd, "torch_chunks", boom)
     monkeypatch.setattr(gce._chunked, "chunked_loss", boom)
     args = dict(value_hidden=vh, value_weight=vw, target=target, **kw)
     for k, f in over.items():

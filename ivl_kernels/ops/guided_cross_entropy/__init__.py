@@ -21,7 +21,8 @@ for "mean"), nonzero for ignored rows too. ``dvl`` exists one chunk of rows at a
 Backends: ``triton`` (``_chunked.py``: rows in chunks; the base and value heads and the gradient products run
 as cuBLAS GEMMs, the row-wise log-sum-exp, target, smoothing, L1 and ``dvl`` in one Triton kernel; gradients in
 the forward pass where the row weights are known then; no atomics, bit-reproducible), ``torch``
-(``_torch_backend.py``: plain PyTorch chunked over rows, logits recomputed in the backward pass). There is no
+(``_torch_backend.py``: plain PyTorch chunked over rows, the same one pass where the row weights are known in the
+forward, else the logits recomputed in the backward pass). There is no
 ``cuda`` backend for this op. The ``autograd.Function`` is in ``_autograd.py``.
 
 Distributed (``process_group=`` a ``ProcessGroup`` or a 1-D ``DeviceMesh`` such as ``mesh["tp"]``,
@@ -45,10 +46,10 @@ from ... import _backends
 from ..._validate import CrossEntropyArgs, check_backend, validate_cross_entropy
 from ._autograd import Config, GuidedCrossEntropy
 from ._chunked import chunked_loss, launch_bwd, launch_fwd
-from ._torch_backend import CHUNK_ELEMS, torch_bwd, torch_fwd
+from ._torch_backend import CHUNK_ELEMS, torch_bwd, torch_chunks, torch_fwd
 
-__all__ = ["fused_guided_cross_entropy", "chunked_loss", "launch_fwd", "launch_bwd", "torch_fwd", "torch_bwd",
-           "CHUNK_ELEMS"]
+__all__ = ["fused_guided_cross_entropy", "chunked_loss", "launch_fwd", "launch_bwd", "torch_chunks", "torch_fwd",
+           "torch_bwd", "CHUNK_ELEMS"]
 
 
 def _triton_supports(a: CrossEntropyArgs) -> str:
@@ -117,7 +118,8 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
         for float64 inputs). Gradients flow to ``value_hidden`` and ``value_weight`` (input dtype, float32
         accumulation). Memory, never ``[N, V]``: the Triton backend holds one chunk of logits (at most
         ``_chunked.CHUNK_BYTES``, 1.25 GiB on a GPU), a float32 ``[Vv, Hv]`` gradient accumulator and, with a map,
-        the value head gathered into base order; the torch backend about six chunks of ``~2**22`` logits.
+        the value head gathered into base order; the torch backend a few buffers of ``~2**22`` logits, the
+        ``[Vv, Hv]`` accumulator in the compute dtype and, with a map, the value head gathered into base order.
         Deterministic: neither backend uses atomics (a many-to-one map's gradients are folded with
         ``index_put_``, deterministic under ``torch.use_deterministic_algorithms``).
     """

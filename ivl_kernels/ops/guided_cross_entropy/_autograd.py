@@ -1,9 +1,9 @@
 """The loss's ``autograd.Function``: per-row statistics to the reduced loss, and the gradients of both backends.
 
-With ``backend="triton"``, ``reduction`` "mean"/"sum" and no process group, the weight of every row is known in
-the forward pass (up to the scalar upstream gradient), so the forward computes the gradients in the same pass
-over the logits (``_chunked.py``) and the backward only scales them. Otherwise the forward gathers the statistics
-(all-reduced over the process group) and the backward recomputes the logits chunk by chunk.
+With ``reduction`` "mean"/"sum" and no process group, the weight of every row is known in the forward pass (up
+to the scalar upstream gradient), so the forward computes the gradients in the same pass over the logits
+(``_chunked.py``, ``_torch_backend.py``) and the backward only scales them. Otherwise the forward gathers the
+statistics (all-reduced over the process group) and the backward recomputes the logits chunk by chunk.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._torch_backend import torch_bwd, torch_fwd
+from ._torch_backend import torch_chunks
 
 
 @dataclass(frozen=True)
@@ -73,20 +73,21 @@ class GuidedCrossEntropy(torch.autograd.Function):
         with_l1 = cfg.l1_coef != 0.0
         need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_kept = kept.sum()
-        one_pass = (cfg.backend == "triton" and cfg.process_group is None and cfg.reduction != "none"
-                    and (need_dvh or need_dvw))
-        dvh = dvw = None
+        one_pass = cfg.process_group is None and cfg.reduction != "none" and (need_dvh or need_dvw)
+        g = h = None
+        if one_pass:
+            g, h = row_weights(cfg, kept, n_kept, torch.ones((), dtype=cfg.compute, device=kept.device))
         if cfg.backend == "triton":
-            g = h = None
-            if one_pass:
-                g, h = row_weights(cfg, kept, n_kept, torch.ones((), dtype=torch.float32, device=kept.device))
             st, dvh, dvw = torch.ops.ivl_kernels.guided_ce_chunked(
                 value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                 cfg.alpha_scalar, cfg.fill, target_local, None, g, h, cfg.Vb, with_l1, cfg.smooth_self,
                 cfg.smooth_all, cfg.l1_scale, one_pass and need_dvh, one_pass and need_dvw)
         else:
-            st = torch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
-                           alpha_tensor, cfg.alpha_scalar, cfg.fill, target_local, cfg.Vb, with_l1, cfg.compute)
+            st, dvh, dvw = torch_chunks(
+                value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                cfg.alpha_scalar, cfg.fill, target_local, cfg.Vb, with_l1, cfg.smooth_self, cfg.smooth_all,
+                cfg.l1_scale, cfg.compute, want_stats=True, want_sum=cfg.smoothing != 0.0, g=g, h=h,
+                need_dvh=one_pass and need_dvh, need_dvw=one_pass and need_dvw)
         lse, zt, zs, l1 = st[0], st[1], st[2], st[3]
         if cfg.process_group is not None:
             import torch.distributed as dist
@@ -156,10 +157,11 @@ class GuidedCrossEntropy(torch.autograd.Function):
             dvh = dvh if need_dvh else None
             dvw = dvw if need_dvw else None
         else:
-            dvh, dvw = torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
-                                 alpha_tensor, cfg.alpha_scalar, cfg.fill, target_local, lse, g, cfg.Vb,
-                                 cfg.smooth_self, cfg.smooth_all, cfg.l1_scale, cfg.compute, need_dvh, need_dvw,
-                                 g_l1)
+            _, dvh, dvw = torch_chunks(
+                value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                cfg.alpha_scalar, cfg.fill, target_local, cfg.Vb, cfg.l1_coef != 0.0, cfg.smooth_self,
+                cfg.smooth_all, cfg.l1_scale, cfg.compute, want_stats=False, lse=lse, g=g, h=g_l1,
+                need_dvh=need_dvh, need_dvw=need_dvw)
         if cfg.process_group is not None:
             import torch.distributed as dist
 

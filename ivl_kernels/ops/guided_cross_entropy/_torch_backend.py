@@ -1,136 +1,216 @@
-"""The loss's torch backend: plain PyTorch chunked over rows, logits recomputed in the backward pass.
+"""The loss's torch backend: plain PyTorch chunked over rows (the CPU path and the float64 path).
 
-The CPU path (``backend="auto"`` on CPU tensors) and the float64 path. Extra memory: about six ``[rows, V]``
-temporaries of ``CHUNK_ELEMS`` logits each, whatever N is. The tests' oracle is ``ivl_kernels.reference``,
-written independently of this module.
+As the Triton backend's chunks (``_chunked.py``), it computes the gradients in the forward pass when the row
+weights are known then (``reduction`` "mean"/"sum", no process group): one logits GEMM per chunk of rows, then
+``dX`` and ``dW`` GEMMs, nothing recomputed. Otherwise the forward gathers per-row statistics and the backward
+recomputes each chunk's logits with the final log-sum-exp. Per chunk of ``r`` rows:
+
+- Without the L1 term the value head is read in base-column order, ``W_cols`` = ``value_weight[:min(Vb, Vv)]``
+  (identity) or ``value_weight[map]`` with the rows of unmapped ids zeroed (gathered once per call):
+  ``z = alpha * (X_v W_cols^T + fill_cols) + base``, the base head's GEMM written first and the value GEMM
+  accumulated into it when both are in the compute dtype. The softmax and then the gradient ``G`` are formed in
+  place over ``z``; ``dX = G W_cols``, ``dW_cols += G^T X_v`` (folded into ``d value_weight`` through the map once,
+  at the end, with an accumulating ``index_put_``: deterministic).
+- With the L1 term the value logits over the whole value vocabulary are needed (their ``|.|`` and sign): they
+  are computed once, ``z`` is gathered from them, and the gradient of both terms is formed over them.
+
+Extra memory: ``z`` and, with L1, the value logits (``r * V`` elements each, about ``CHUNK_ELEMS``), a base GEMM's
+result when it cannot be accumulated in place, the ``[Vv, Hv]`` accumulator and, with a map, the gathered head
+and its ``[Vb, Hv]`` accumulator: never ``[N, V]``. The tests' oracle is ``ivl_kernels.reference``, written
+independently of this module.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .._columns import gather_columns
 
-# Rows are processed in chunks of about this many logits per [rows, V] temporary (16 MiB in fp32).
+# Rows are processed in chunks of about this many logits per [rows, V] buffer (16 MiB in fp32).
 CHUNK_ELEMS = 1 << 22
 
 
-def loop_shape(value_weight, vocab_map, base_logits, base_weight, Vb_hint: int) -> tuple:
-    """``(Vb, Vv, Vloop, fuse_l1)``: without a map the column loop covers max(Vb, Vv) and carries L1 along."""
-    Vv = value_weight.shape[0]
-    if base_logits is not None:
-        Vb = base_logits.shape[1]
-    elif base_weight is not None:
-        Vb = base_weight.shape[0]
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` (``out`` may have another dtype: the product is then computed in ``a``'s and cast)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
     else:
-        Vb = Vb_hint
-    fuse = vocab_map is None
-    return Vb, Vv, (max(Vb, Vv) if fuse else Vb), fuse
+        out.copy_(torch.mm(a, b))
 
 
-
-def _torch_chunk(vh, vw, base_logits, base_hidden, base_weight, cols, unmapped, identity_view, Vb, alpha_c,
-                 fill, compute):
-    """``(value_logits [r, Vv], z [r, Vb])`` of one chunk of rows, in ``compute`` dtype."""
-    vl = torch.matmul(vh, vw.T).to(compute)
-    rem = vl[:, :Vb] if identity_view else vl.index_select(1, cols)
-    if unmapped is not None:
-        rem = rem.masked_fill(unmapped, fill)
-    z = rem * alpha_c
-    if base_logits is not None:
-        z = z + base_logits.to(compute)
-    elif base_hidden is not None:
-        z = z + torch.matmul(base_hidden, base_weight.T).to(compute)
-    return vl, z
+def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``acc += alpha * a @ b``, in place when the dtypes allow it (no ``[Vv, Hv]`` temporary per chunk)."""
+    if acc.dtype == a.dtype == b.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+    else:
+        acc.add_(torch.mm(a, b), alpha=alpha)
 
 
-def _torch_setup(value_weight, vocab_map, base_logits, base_weight, Vb_hint, device):
-    Vb, Vv, _, _ = loop_shape(value_weight, vocab_map, base_logits, base_weight, Vb_hint)
+def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch.Tensor],
+                 base_hidden: Optional[torch.Tensor], base_weight: Optional[torch.Tensor],
+                 vocab_map: Optional[torch.Tensor], alpha_tensor: Optional[torch.Tensor], alpha_scalar: float,
+                 fill: float, target_local: torch.Tensor, Vb: int, with_l1: bool, smooth_self: float,
+                 smooth_all: float, l1_scale: float, compute: torch.dtype, *, want_stats: bool,
+                 want_sum: bool = True, lse: Optional[torch.Tensor] = None, g: Optional[torch.Tensor] = None,
+                 h: Optional[torch.Tensor] = None, need_dvh: bool = False, need_dvw: bool = False) -> tuple:
+    """``(stats [4, N] or None, d value_hidden [N, Hv] or None, d value_weight [Vv, Hv] or None)``.
+
+    Same contract as ``_chunked.chunked_loss``, in the ``compute`` dtype: ``stats`` = (lse, target logit, sum_b z
+    (0 unless ``want_sum``), sum_v |value logit|) per row when ``want_stats``, else ``lse [N]`` must be given;
+    gradients (input dtype) for the row weights ``g [N]`` (cross-entropy) and ``h [N]`` (L1; ``None``: ``g``).
+    """
+    N, Hv = vh.shape
+    Vv = vw.shape[0]
+    dt, dev = vh.dtype, vh.device
+    grads = need_dvh or need_dvw
+    h = g if h is None else h
+    stats = None
+    if want_stats:
+        stats = torch.zeros((4, N), dtype=compute, device=dev)
+        stats[0].fill_(float("-inf"))
+    dvh = torch.zeros((N, Hv), dtype=dt, device=dev) if need_dvh else None
+    acc_v = torch.zeros((Vv, Hv), dtype=compute, device=dev) if need_dvw else None
+
+    def result():
+        return stats, dvh, (acc_v.to(vw.dtype) if need_dvw else None)
+
+    if N == 0 or (Vb == 0 and not with_l1):
+        return result()
+    scale = 1.0
+    if grads and dt == torch.float16:
+        # float16 gradients of a mean over many rows (g ~ 1/N) would sink into subnormals: G is formed divided by
+        # the largest row weight and the GEMM results multiplied back (as the Triton backend does).
+        top = max(g.abs().max().item(), h.abs().max().item() * l1_scale)
+        scale = top if top > 0 else 1.0
+
+    v_min = min(Vb, Vv)
+    cols, unmapped = gather_columns(vocab_map, Vb, Vv, dev)
     identity_view = vocab_map is None and Vb <= Vv
-    cols, unmapped = (None, None) if identity_view else gather_columns(vocab_map, Vb, Vv, device)
+    if not with_l1:
+        if vocab_map is None:
+            w_cols, v_val = vw[:v_min], v_min
+        else:
+            # Clamped columns, rows of unmapped ids zeroed: their logit is the fill alone, their gradient goes nowhere.
+            w_cols, v_val = vw.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0), Vb
+        acc_cols = None
+        if need_dvw:
+            acc_cols = acc_v[:v_min] if vocab_map is None else torch.zeros((Vb, Hv), dtype=compute, device=dev)
+        fill_cols = unmapped.to(compute) * fill if (unmapped is not None and fill != 0.0) else None
+        base_in_place = (base_hidden is not None and dt == compute and base_hidden.dtype == compute
+                         and base_weight.dtype == compute)
     rows = max(1, CHUNK_ELEMS // max(Vb, Vv, 1))
-    return Vb, Vv, identity_view, cols, unmapped, rows
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        r = r1 - r0
+        xv = vh[r0:r1]
+        a_c = alpha_tensor[r0:r1].to(compute).unsqueeze(1) if alpha_tensor is not None else alpha_scalar
+        if with_l1:
+            vl = torch.mm(xv, vw.T).to(compute)
+            if want_stats:
+                stats[3, r0:r1] = vl.abs().sum(1)
+            z = vl[:, :Vb].clone() if identity_view else vl.index_select(1, cols)
+            if unmapped is not None:
+                z.masked_fill_(unmapped, fill)
+            z.mul_(a_c)
+            if base_logits is not None:
+                z.add_(base_logits[r0:r1])
+            elif base_hidden is not None:
+                z.add_(torch.mm(base_hidden[r0:r1], base_weight.T))
+        elif base_in_place:
+            z = torch.mm(base_hidden[r0:r1], base_weight.T)
+            if v_val:
+                if alpha_tensor is not None:
+                    z[:, :v_val].addmm_(xv * a_c, w_cols.T)
+                else:
+                    z[:, :v_val].addmm_(xv, w_cols.T, alpha=alpha_scalar)
+            if fill_cols is not None and alpha_tensor is not None:
+                z.addr_(a_c.squeeze(1), fill_cols)
+            elif fill_cols is not None:
+                z.add_(fill_cols, alpha=alpha_scalar)
+        else:
+            z = torch.empty((r, Vb), dtype=compute, device=dev)
+            if v_val:
+                _mm_into(z[:, :v_val], xv, w_cols.T)
+            z[:, v_val:].zero_()
+            if fill_cols is not None:
+                z.add_(fill_cols)
+            if alpha_tensor is not None or alpha_scalar != 1.0:
+                z.mul_(a_c)
+            if base_logits is not None:
+                z.add_(base_logits[r0:r1])
+            elif base_hidden is not None:
+                z.add_(torch.mm(base_hidden[r0:r1], base_weight.T))
+
+        if Vb > 0:
+            t = target_local[r0:r1]
+            has_t = (t >= 0) & (t < Vb)
+            tc = t.clamp(0, Vb - 1).long()
+            if want_stats:
+                stats[1, r0:r1] = torch.where(has_t, z.gather(1, tc.unsqueeze(1)).squeeze(1), 0.0)
+                if want_sum:
+                    stats[2, r0:r1] = z.sum(1)
+                # The softmax is formed in place: z - max, exp, then 1 / sum as a row factor.
+                m = z.amax(1, keepdim=True)
+                m.masked_fill_(~torch.isfinite(m), 0.0)  # a row of -inf logits: exp gives 0, lse -inf
+                e = z.sub_(m).exp_()
+                s = e.sum(1, keepdim=True)
+                stats[0, r0:r1] = (m + s.log()).squeeze(1)
+                inv = torch.where(s > 0, s.reciprocal(), 0.0)
+            elif grads:
+                lse_c = lse[r0:r1].to(compute).unsqueeze(1)
+                e = z.sub_(lse_c.masked_fill(~torch.isfinite(lse_c), 0.0)).exp_()
+                inv = 1.0
+        if not grads:
+            continue
+        if Vb > 0:
+            gw = g[r0:r1].to(compute).unsqueeze(1) * a_c
+            if scale != 1.0:
+                gw = gw / scale
+            # G = g * alpha * (p - (1 - eps) * onehot(t) - eps / Vb), in place over the exponentials.
+            dz = e.mul_(gw * inv)
+            if smooth_all:
+                dz.sub_(gw * smooth_all)
+            # One target per row: an indexed subtract writes distinct elements, deterministic on every device
+            # (scatter_add_ on a 2-D CUDA tensor is not, under torch.use_deterministic_algorithms).
+            dz[torch.arange(r, device=dev), tc] -= torch.where(has_t, gw.squeeze(1) * smooth_self, 0.0)
+        if with_l1:
+            dvl = vl.sign_().mul_(h[r0:r1].to(compute).unsqueeze(1) * (l1_scale / scale))
+            if Vb > 0:
+                if identity_view:
+                    dvl[:, :Vb].add_(dz)
+                else:
+                    if unmapped is not None:
+                        dz.masked_fill_(unmapped, 0.0)
+                    dvl.index_add_(1, cols, dz)
+            dvl, w_g, acc_g = dvl.to(dt), vw, acc_v
+        else:
+            dvl, w_g, acc_g = dz[:, :v_val].to(dt), w_cols, acc_cols
+        if need_dvh:
+            _mm_into(dvh[r0:r1], dvl, w_g)
+        if need_dvw:
+            _addmm(acc_g, dvl.T, xv, scale)
+    if need_dvh and scale != 1.0:
+        dvh.mul_(scale)
+    if need_dvw and not with_l1 and vocab_map is not None:
+        # Rows of unmapped ids hold their columns' gradient for the zeroed head rows: dropped, not folded.
+        acc_cols.masked_fill_(unmapped.unsqueeze(1), 0.0)
+        acc_v.index_put_((cols,), acc_cols, accumulate=True)
+    return result()
 
 
 def torch_fwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
               alpha_scalar, fill, target_local, Vb, with_l1, compute) -> torch.Tensor:
-    """Same contract as ``launch_fwd``: ``[4, N]`` (lse, target logit, sum z, L1 sum) in ``compute`` dtype."""
-    N = value_hidden.shape[0]
-    Vb, Vv, identity_view, cols, unmapped, rows = _torch_setup(value_weight, vocab_map, base_logits, base_weight,
-                                                               Vb, value_hidden.device)
-    out = torch.zeros((4, N), dtype=compute, device=value_hidden.device)
-    out[0].fill_(float("-inf"))
-    if Vb == 0 and not with_l1:
-        return out
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        alpha_c = alpha_tensor[r0:r1].to(compute).unsqueeze(1) if alpha_tensor is not None else alpha_scalar
-        vl, z = _torch_chunk(value_hidden[r0:r1], value_weight,
-                             base_logits[r0:r1] if base_logits is not None else None,
-                             base_hidden[r0:r1] if base_hidden is not None else None, base_weight,
-                             cols, unmapped, identity_view, Vb, alpha_c, fill, compute)
-        if Vb > 0:
-            t = target_local[r0:r1]
-            has_t = (t >= 0) & (t < Vb)
-            out[0, r0:r1] = torch.logsumexp(z, 1)
-            out[1, r0:r1] = z.gather(1, t.clamp(0, Vb - 1).long().unsqueeze(1)).squeeze(1) * has_t
-            out[2, r0:r1] = z.sum(1)
-        if with_l1:
-            out[3, r0:r1] = vl.abs().sum(1)
-    return out
+    """``[4, N]`` (lse, target logit, sum z, L1 sum) in ``compute`` dtype (``launch_fwd``'s contract)."""
+    return torch_chunks(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                        alpha_scalar, fill, target_local, Vb, with_l1, 1.0, 0.0, 0.0, compute, want_stats=True)[0]
 
 
 def torch_bwd(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
               alpha_scalar, fill, target_local, lse, g, Vb, smooth_self, smooth_all, l1_scale, compute,
               need_dvh=True, need_dvw=True, g_l1=None) -> tuple:
-    """Same contract as ``launch_bwd``; logits are recomputed chunk by chunk (extra memory: one chunk)."""
-    if g_l1 is None:
-        g_l1 = g
-    N, Hv = value_hidden.shape
-    Vb, Vv, identity_view, cols, unmapped, rows = _torch_setup(value_weight, vocab_map, base_logits, base_weight,
-                                                               Vb, value_hidden.device)
-    dt = value_hidden.dtype
-    dvh = torch.empty((N, Hv), dtype=dt, device=value_hidden.device) if need_dvh else None
-    dvw_acc = torch.zeros((Vv, Hv), dtype=compute, device=value_hidden.device) if need_dvw else None
-    if not identity_view:
-        keep = (~unmapped).nonzero().squeeze(1) if unmapped is not None else None
-        keep_cols = cols[keep] if keep is not None else cols
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        vh = value_hidden[r0:r1]
-        alpha_c = alpha_tensor[r0:r1].to(compute).unsqueeze(1) if alpha_tensor is not None else alpha_scalar
-        vl, z = _torch_chunk(vh, value_weight,
-                             base_logits[r0:r1] if base_logits is not None else None,
-                             base_hidden[r0:r1] if base_hidden is not None else None, base_weight,
-                             cols, unmapped, identity_view, Vb, alpha_c, fill, compute)
-        g_c = g[r0:r1].to(compute).unsqueeze(1)
-        dz = torch.exp(z.sub_(lse[r0:r1].to(compute).unsqueeze(1)))
-        del z
-        if smooth_all:
-            dz.sub_(smooth_all)
-        t = target_local[r0:r1]
-        has_t = ((t >= 0) & (t < Vb)).to(compute)
-        # One target per row: an indexed subtract writes distinct elements, deterministic on every device
-        # (scatter_add_ on a 2-D CUDA tensor is not, under torch.use_deterministic_algorithms).
-        rows_c = torch.arange(r1 - r0, device=dz.device)
-        dz[rows_c, t.clamp(0, max(Vb - 1, 0)).long()] -= smooth_self * has_t
-        dz.mul_(g_c * alpha_c)
-        if identity_view and Vb == Vv:
-            dvl = dz
-        else:
-            dvl = torch.zeros((r1 - r0, Vv), dtype=compute, device=vh.device)
-            if identity_view:
-                dvl[:, :Vb] = dz
-            else:
-                dvl.index_add_(1, keep_cols, dz if keep is None else dz.index_select(1, keep))
-            del dz
-        if l1_scale:
-            dvl.add_(torch.sign(vl).mul_(g_l1[r0:r1].to(compute).unsqueeze(1) * l1_scale))
-        del vl
-        dvl = dvl.to(dt)
-        if need_dvh:
-            dvh[r0:r1] = torch.matmul(dvl, value_weight)
-        if need_dvw:
-            dvw_acc += torch.matmul(dvl.T, vh).to(compute)
-    return dvh, (dvw_acc.to(value_weight.dtype) if need_dvw else None)
-
+    """``(d value_hidden, d value_weight)`` from the final ``lse`` (``launch_bwd``'s contract), logits recomputed."""
+    return torch_chunks(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
+                        alpha_scalar, fill, target_local, Vb, l1_scale != 0.0, smooth_self, smooth_all, l1_scale,
+                        compute, want_stats=False, lse=lse, g=g, h=g_l1, need_dvh=need_dvh, need_dvw=need_dvw)[1:]
