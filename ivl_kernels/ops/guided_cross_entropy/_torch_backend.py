@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .._columns import gather_columns
+from .._gemm import addmm_into
 
 # Rows are processed in chunks of about this many logits per [rows, V] buffer (16 MiB in fp32).
 CHUNK_ELEMS = 1 << 22
@@ -38,14 +39,6 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.mm(a, b, out=out)
     else:
         out.copy_(torch.mm(a, b))
-
-
-def _addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """``acc += alpha * a @ b``, in place when the dtypes allow it (no ``[Vv, Hv]`` temporary per chunk)."""
-    if acc.dtype == a.dtype == b.dtype:
-        acc.addmm_(a, b, alpha=alpha)
-    else:
-        acc.add_(torch.mm(a, b), alpha=alpha)
 
 
 def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch.Tensor],
@@ -190,7 +183,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         if need_dvh:
             _mm_into(dvh[r0:r1], dvl, w_g)
         if need_dvw:
-            _addmm(acc_g, dvl.T, xv, scale)
+            addmm_into(acc_g, dvl.T, xv, alpha=scale)  # in place: no [Vv, Hv] temporary a chunk
     if need_dvh and scale != 1.0:
         dvh.mul_(scale)
     if need_dvw and not with_l1 and vocab_map is not None:
