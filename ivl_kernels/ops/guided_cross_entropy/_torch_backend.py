@@ -102,11 +102,12 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         if with_l1:
             vl = torch.mm(xv, vw.T).to(compute)
             if want_stats:
-                stats[3, r0:r1] = vl.abs().sum(1)
+                stats[3, r0:r1] = torch.linalg.vector_norm(vl, 1, dim=1)  # sum |.| without an [r, Vv] temporary
             z = vl[:, :Vb].clone() if identity_view else vl.index_select(1, cols)
             if unmapped is not None:
                 z.masked_fill_(unmapped, fill)
-            z.mul_(a_c)
+            if alpha_tensor is not None or alpha_scalar != 1.0:
+                z.mul_(a_c)
             if base_logits is not None:
                 z.add_(base_logits[r0:r1])
             elif base_hidden is not None:
