@@ -84,7 +84,9 @@ def check_finite_float(name: str, x, *, allow_inf: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
     x = float(x)
-    if math.isnan(x) or (not allow_inf and math.isinf(x)):
+    # Comparisons, not math.isnan / math.isinf: under torch.compile a float argument that changes between calls
+    # becomes symbolic, and dynamo traces comparisons of it (as guards) but not the math module's tests.
+    if x != x or (not allow_inf and abs(x) == math.inf):
         raise ValueError(f"{name} must be a finite float, got {x}")
     return x
 

@@ -386,6 +386,45 @@ def test_torch_compile_fullgraph_cpu(backend, device, in_place):
             torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_logits"].clone(), bad)
 
 
+def test_torch_compile_fullgraph_with_a_float_alpha_that_changes():
+    """A float alpha passed to a compiled step: from its second value on, dynamo traces it as a symbolic float,
+    and the validation must trace too (comparisons, not ``math.isnan``): fullgraph works for every value."""
+    vh, vw, kw = _inputs(4, 32, 100, 120, 0, torch.float32, "cpu", "logits")
+
+    def step(vh, vw, base, alpha):
+        return ivl.fused_guided_logits(vh, vw, base_logits=base, alpha=alpha, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for alpha in (0.5, 0.7, -1.25):
+        torch.testing.assert_close(compiled(vh, vw, kw["base_logits"], alpha), step(vh, vw, kw["base_logits"], alpha))
+
+
+@pytest.mark.parametrize("alpha", ["scalar", "per_row"])
+@pytest.mark.parametrize("map_kind", ["injective", "many_to_one"])
+@pytest.mark.parametrize("base_mode", ["logits-in-place", "hidden"])
+@pytest.mark.parametrize("M", [23, 24, 77], ids=lambda m: f"M{m}")
+def test_torch_backend_with_a_map_around_the_gathered_head_switch(M, base_mode, map_kind, alpha):
+    """With a map, the torch backend gathers value logits below ``M = Hv`` rows and the value head's rows from
+    ``M = Hv`` on (one GEMM accumulated into ``out``; unmapped columns get ``alpha * fill`` by a rank-1 update):
+    both sides of the switch, scalar and per-row alpha, in place on base logits and with the base head fused."""
+    Hv, Vv, Vb, Hb = 24, 301, 333, 16
+    vh, vw, kw = _inputs(M, Hv, Vv, Vb, Hb, torch.float32, "cpu", base_mode.split("-")[0])
+    a = 1.7 if alpha == "scalar" else torch.rand(M) * 2 - 0.5
+    _run_and_check("torch", "cpu", torch.float32, vh, vw, kw, make_map(map_kind, Vb, Vv, "cpu"), a, 0.3,
+                   what=f"M{M}/{base_mode}/{map_kind}/{alpha}", in_place=base_mode == "logits-in-place")
+    if M >= Hv and base_mode == "hidden":
+        # Traced by torch.compile (the torch backend is plain user code there): equal to eager.
+        m = make_map(map_kind, Vb, Vv, "cpu")
+
+        def step(vh, vw, bh, bw, m):
+            return ivl.fused_guided_logits(vh, vw, base_hidden=bh, base_weight=bw, vocab_map=m, alpha=a, fill=0.3,
+                                           backend="torch")
+
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_hidden"], kw["base_weight"],
+                                                                       m)
+        torch.testing.assert_close(got, step(vh, vw, kw["base_hidden"], kw["base_weight"], m))
+
+
 @pytest.mark.skipif(HAS_GPU or not HAS_TRITON, reason="the interpreter's self-test: a machine without a GPU")
 @pytest.mark.parametrize("problem", ["unprobed", "broken"])
 def test_compiled_first_call_probes_the_interpreter_in_the_op(problem, monkeypatch):

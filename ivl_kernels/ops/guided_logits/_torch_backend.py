@@ -21,16 +21,21 @@ def guided_logits_torch(a: GuidedArgs, out: torch.Tensor) -> torch.Tensor:
     ``out`` in the compute dtype (float32, or float64 for float64 inputs): the base term is written into it
     first (copied, or ``X_b W_b^T`` by a GEMM into it), then the value term added once: with the identity map
     and operands in the compute dtype as a GEMM accumulated into ``out[:, :min(Vb, Vv)]`` (``alpha X_v W_v^T``;
-    no ``[M, V]`` temporary), with a map as the value logits of a chunk of rows gathered through the map.
+    no ``[M, V]`` temporary); with a map and ``M >= Hv`` the same GEMM over the value head's rows gathered into
+    base order (``W_v[map]``, unmapped rows zeroed and their columns given ``alpha * fill``: gathering
+    ``Vb x Hv`` weights costs less than gathering ``M x Vb`` logits); with a map and fewer rows as the value
+    logits of a chunk of rows gathered through the map.
     Otherwise (``out`` in half precision) value and base logits are summed in float32 per chunk, then rounded
     once to ``out``'s dtype. Matmuls run in the operands' dtype (fp32 accumulation inside for half types).
-    Extra memory: one chunk of about ``2**25`` logits, whatever ``M`` is. ``out`` may alias ``base_logits``.
+    Extra memory: one chunk of about ``2**25`` logits, whatever ``M`` is, or the gathered ``[Vb, Hv]`` head (no
+    larger than ``out``). ``out`` may alias ``base_logits``.
     """
     compute = torch.float64 if a.value_hidden.dtype == torch.float64 or a.out_dtype == torch.float64 else torch.float32
     alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None
     alpha_scalar = 1.0 if alpha_tensor is not None else float(a.alpha)
-    if out.dtype == compute and a.vocab_map is None and a.value_hidden.dtype == compute:
-        _identity_into(a, out, alpha_tensor, alpha_scalar, compute)
+    if out.dtype == compute and a.value_hidden.dtype == compute and (a.vocab_map is None
+                                                                     or a.M >= a.value_hidden.shape[1]):
+        _gemm_into(a, out, alpha_tensor, alpha_scalar, compute)
         return out
     cols, unmapped = gather_columns(a.vocab_map, a.Vb, a.Vv, a.device)
     rows = max(1, _CHUNK_ELEMS // max(a.Vv, a.Vb, 1))
@@ -71,17 +76,35 @@ def _base_into(a: GuidedArgs, o: torch.Tensor, r0: int, r1: int, compute: torch.
         o.zero_()
 
 
-def _identity_into(a: GuidedArgs, out: torch.Tensor, alpha_tensor, alpha_scalar: float, compute) -> None:
-    """The identity map with value operands in the compute dtype: ``out = base``, then
-    ``out[:, :V] += (alpha X_v) @ W_v[:V]^T`` and ``out[:, V:] += alpha * fill`` (``V = min(Vb, Vv)``)."""
+def _gemm_into(a: GuidedArgs, out: torch.Tensor, alpha_tensor, alpha_scalar: float, compute) -> None:
+    """Value operands in the compute dtype: ``out = base``, then ``out[:, :V] += (alpha X_v) @ W_cols^T`` and
+    ``alpha * fill`` added at the unmapped columns. Identity: ``W_cols = W_v[:V]``, ``V = min(Vb, Vv)``, the columns
+    past ``Vv`` unmapped; a map: ``W_cols = W_v[map]`` (``V = Vb``) with the rows of unmapped ids zeroed."""
     _base_into(a, out, 0, a.M, compute)
-    cols = min(a.Vb, a.Vv)
-    if alpha_tensor is not None:
-        alpha_col = alpha_tensor.to(compute).unsqueeze(1)
-        xs, scale = a.value_hidden * alpha_col, 1.0
+    if a.vocab_map is None:
+        v, unmapped = min(a.Vb, a.Vv), None
+        w_cols = a.value_weight[:v]
     else:
-        alpha_col, xs, scale = None, a.value_hidden, alpha_scalar
-    if cols:
-        out[:, :cols].addmm_(xs, a.value_weight[:cols].T, alpha=scale)
-    if cols < a.Vb and a.fill != 0.0:
-        out[:, cols:].add_(alpha_col * a.fill if alpha_col is not None else alpha_scalar * a.fill)
+        v = a.Vb
+        cols, unmapped = gather_columns(a.vocab_map, a.Vb, a.Vv, a.device)
+        w_cols = a.value_weight.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0.0)
+    if alpha_tensor is not None:
+        alpha_vec = alpha_tensor.to(compute)
+        xs, scale = a.value_hidden * alpha_vec.unsqueeze(1), 1.0
+    else:
+        alpha_vec, xs, scale = None, a.value_hidden, alpha_scalar
+    if v:
+        out[:, :v].addmm_(xs, w_cols.T, alpha=scale)
+    if a.fill == 0.0:
+        return
+    if unmapped is None:  # identity: the columns past Vv, one block
+        if v < a.Vb:
+            out[:, v:].add_(alpha_vec.unsqueeze(1) * a.fill if alpha_vec is not None else alpha_scalar * a.fill)
+        return
+    # A map's unmapped columns by a rank-1 update of out (selecting them would read the map's values, which
+    # torch.compile cannot trace without a graph break).
+    fill_cols = unmapped.to(compute) * a.fill
+    if alpha_vec is not None:
+        out.addr_(alpha_vec, fill_cols)
+    else:
+        out.add_(fill_cols, alpha=alpha_scalar)
