@@ -159,7 +159,7 @@ def test_no_tokens_by_vocab_tensor_in_forward_and_backward(monkeypatch):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, H.BASE_VOCAB, (4, 24), generator=g)
     N, V = ids.numel(), min(H.BASE_VOCAB, H.VALUE_VOCAB)
-    monkeypatch.setattr(gce._torch_backend, "CHUNK_ELEMS", 4 * H.BASE_VOCAB)
+    monkeypatch.setitem(gce._torch_backend.CHUNK_ELEMS, "cpu", 4 * H.BASE_VOCAB)
     model = IVLForCausalLM(base, value, vocab_map=H.random_map(), backend="torch")
     with Largest():
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss

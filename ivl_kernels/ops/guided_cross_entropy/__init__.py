@@ -118,10 +118,12 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
         for float64 inputs). Gradients flow to ``value_hidden`` and ``value_weight`` (input dtype, float32
         accumulation). Memory, never ``[N, V]``: the Triton backend holds one chunk of logits (at most
         ``_chunked.CHUNK_BYTES``, 1.25 GiB on a GPU), a float32 ``[Vv, Hv]`` gradient accumulator and, with a map,
-        the value head gathered into base order; the torch backend a few buffers of ``~2**22`` logits, the
-        ``[Vv, Hv]`` accumulator in the compute dtype and, with a map, the value head gathered into base order.
-        Deterministic: neither backend uses atomics (a many-to-one map's gradients are folded with
-        ``index_put_``, deterministic under ``torch.use_deterministic_algorithms``).
+        the value head gathered into base order; the torch backend a few buffers of ``CHUNK_ELEMS`` logits
+        (``2**22`` on a CPU, ``2**27`` on a GPU), the ``[Vv, Hv]`` accumulator in the compute dtype and, with a
+        map, the value head gathered into base order.
+        Deterministic: the Triton backend uses no atomics (a many-to-one map's gradients are folded with
+        ``index_put_``, deterministic under ``torch.use_deterministic_algorithms``); the torch backend neither,
+        except on a GPU with both a map and the L1 term (``index_add_``, deterministic in that mode too).
     """
     check_backend(backend)
     a = validate_cross_entropy(value_hidden, value_weight, target, base_logits=base_logits,

@@ -14,9 +14,9 @@ recomputes each chunk's logits with the final log-sum-exp. Per chunk of ``r`` ro
 - With the L1 term the value logits over the whole value vocabulary are needed (their ``|.|`` and sign): they
   are computed once, ``z`` is gathered from them, and the gradient of both terms is formed over them.
 
-Extra memory: ``z`` and, with L1, the value logits (``r * V`` elements each, about ``CHUNK_ELEMS``), a base GEMM's
-result when it cannot be accumulated in place, the ``[Vv, Hv]`` accumulator and, with a map, the gathered head
-and its ``[Vb, Hv]`` accumulator: never ``[N, V]``. The tests' oracle is ``ivl_kernels.reference``, written
+Extra memory: ``z`` and, with L1, the value logits (``r * V`` elements each, about ``CHUNK_ELEMS`` of the
+device), a base GEMM's result when it cannot be accumulated in place, the ``[Vv, Hv]`` accumulator and, with a
+map, the gathered head and its ``[Vb, Hv]`` accumulator: never ``[N, V]``. The tests' oracle is ``ivl_kernels.reference``, written
 independently of this module.
 """
 
@@ -29,8 +29,11 @@ import torch
 from .._columns import gather_columns
 from .._gemm import addmm_into
 
-# Rows are processed in chunks of about this many logits per [rows, V] buffer (16 MiB in fp32).
-CHUNK_ELEMS = 1 << 22
+# Logits per [rows, V] buffer of a chunk of rows. CPU: 16 MiB in fp32, so a chunk's passes run near the caches
+# (2**23 measured no faster on the 2-core CI machine). GPU (the fallback without Triton): 512 MiB in fp32, ~880 rows
+# of the qwen heads, enough for cuBLAS to run at its rate with the loss's extra memory (the float32 chunk, its
+# half-precision temporaries, the float32 accumulators) under 2 GiB; 2**22 would be 27 rows and launch-bound.
+CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 27}
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -93,7 +96,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         fill_cols = unmapped.to(compute) * fill if (unmapped is not None and fill != 0.0) else None
         base_in_place = (base_hidden is not None and dt == compute and base_hidden.dtype == compute
                          and base_weight.dtype == compute)
-    rows = max(1, CHUNK_ELEMS // max(Vb, Vv, 1))
+    rows = max(1, CHUNK_ELEMS.get(dev.type, CHUNK_ELEMS["cpu"]) // max(Vb, Vv, 1))
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         r = r1 - r0
