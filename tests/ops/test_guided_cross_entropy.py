@@ -261,6 +261,36 @@ def test_torch_backend_computes_gradients_in_the_forward_pass(reduction, passes,
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_no_gradients_computed_under_no_grad(backend, monkeypatch):
+    """An evaluation loop (torch.no_grad(), parameters that require grad) gets the loss alone: the one-pass
+    forward would otherwise compute gradients no backward will read (autograd's needs_input_grad stays True
+    under no_grad)."""
+    asked = []
+    real_torch, real_chunked = gce._autograd.torch_chunks, gce._chunked.chunked_loss
+
+    def spy_torch(*a, **k):
+        asked.append((k["need_dvh"], k["need_dvw"]))
+        return real_torch(*a, **k)
+
+    def spy_chunked(*a, **k):
+        asked.append((k["need_dvh"], k["need_dvw"]))
+        return real_chunked(*a, **k)
+
+    monkeypatch.setattr(gce._autograd, "torch_chunks", spy_torch)
+    monkeypatch.setattr(gce._chunked, "chunked_loss", spy_chunked)
+    vh, vw, target, kw = _make(N=9, vmap="map", Vb=90, device="cpu")
+    vh.requires_grad_()
+    vw.requires_grad_()
+    with torch.no_grad():
+        loss = ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **kw)
+    ref = guided_cross_entropy_naive(vh.detach(), vw.detach(), target, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert asked and all(a == (False, False) for a in asked), asked
+    ivl.fused_guided_cross_entropy(vh, vw, target, backend=backend, **kw).backward()  # with grad: one pass
+    assert asked[-1] == (True, True) and vh.grad is not None and vw.grad is not None
+
+
 @pytest.mark.parametrize("l1_reduction", ["kept", "all"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_torch_backend(reduction, l1_reduction):

@@ -145,7 +145,7 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
     cfg = Config(backend=which, alpha_scalar=float(alpha_scalar), fill=g.fill, Vb=g.Vb, Vb_global=a.Vb_global,
                   Vv_global=a.Vv_global, smoothing=a.label_smoothing, l1_coef=a.l1_coef,
                   l1_all=a.l1_reduction == "all", reduction=a.reduction,
-                  process_group=a.process_group, compute=compute)
+                  process_group=a.process_group, compute=compute, grad_enabled=torch.is_grad_enabled())
     loss = GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
                                      g.vocab_map, alpha_tensor, target_local, kept, cfg)
     loss = loss.to(g.value_hidden.dtype)

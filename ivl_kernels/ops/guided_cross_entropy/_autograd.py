@@ -29,6 +29,7 @@ class Config:
     reduction: str
     process_group: object
     compute: torch.dtype
+    grad_enabled: bool = True  # grad mode at the call: without it no backward runs, and no gradient is computed
 
     @property
     def smooth_self(self) -> float:
@@ -73,7 +74,10 @@ class GuidedCrossEntropy(torch.autograd.Function):
         with_l1 = cfg.l1_coef != 0.0
         need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_kept = kept.sum()
-        one_pass = cfg.process_group is None and cfg.reduction != "none" and (need_dvh or need_dvw)
+        # needs_input_grad is True for a parameter even under torch.no_grad() (an evaluation loop): grad mode is
+        # read at the call (cfg.grad_enabled), else every evaluation would pay for the gradients too.
+        one_pass = (cfg.grad_enabled and cfg.process_group is None and cfg.reduction != "none"
+                    and (need_dvh or need_dvw))
         g = h = None
         if one_pass:
             g, h = row_weights(cfg, kept, n_kept, torch.ones((), dtype=cfg.compute, device=kept.device))
