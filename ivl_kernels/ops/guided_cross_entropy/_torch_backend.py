@@ -44,6 +44,16 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
+def _scale_add_base(z: torch.Tensor, a_c, base_logits, base_hidden, base_weight, r0: int, r1: int) -> None:
+    """``z = a_c * z + base`` in place, for rows ``[r0, r1)`` (``a_c`` a float or an ``[r, 1]`` column)."""
+    if isinstance(a_c, torch.Tensor) or a_c != 1.0:
+        z.mul_(a_c)
+    if base_logits is not None:
+        z.add_(base_logits[r0:r1])
+    elif base_hidden is not None:
+        z.add_(torch.mm(base_hidden[r0:r1], base_weight.T))
+
+
 def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch.Tensor],
                  base_hidden: Optional[torch.Tensor], base_weight: Optional[torch.Tensor],
                  vocab_map: Optional[torch.Tensor], alpha_tensor: Optional[torch.Tensor], alpha_scalar: float,
@@ -109,12 +119,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
             z = vl[:, :Vb].clone() if identity_view else vl.index_select(1, cols)
             if unmapped is not None:
                 z.masked_fill_(unmapped, fill)
-            if alpha_tensor is not None or alpha_scalar != 1.0:
-                z.mul_(a_c)
-            if base_logits is not None:
-                z.add_(base_logits[r0:r1])
-            elif base_hidden is not None:
-                z.add_(torch.mm(base_hidden[r0:r1], base_weight.T))
+            _scale_add_base(z, a_c, base_logits, base_hidden, base_weight, r0, r1)
         elif base_in_place:
             z = torch.mm(base_hidden[r0:r1], base_weight.T)
             if v_val:
@@ -133,12 +138,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
             z[:, v_val:].zero_()
             if fill_cols is not None:
                 z.add_(fill_cols)
-            if alpha_tensor is not None or alpha_scalar != 1.0:
-                z.mul_(a_c)
-            if base_logits is not None:
-                z.add_(base_logits[r0:r1])
-            elif base_hidden is not None:
-                z.add_(torch.mm(base_hidden[r0:r1], base_weight.T))
+            _scale_add_base(z, a_c, base_logits, base_hidden, base_weight, r0, r1)
 
         if Vb > 0:
             t = target_local[r0:r1]
