@@ -412,17 +412,23 @@ def test_torch_backend_with_a_map_around_the_gathered_head_switch(M, base_mode, 
     a = 1.7 if alpha == "scalar" else torch.rand(M) * 2 - 0.5
     _run_and_check("torch", "cpu", torch.float32, vh, vw, kw, make_map(map_kind, Vb, Vv, "cpu"), a, 0.3,
                    what=f"M{M}/{base_mode}/{map_kind}/{alpha}", in_place=base_mode == "logits-in-place")
-    if M >= Hv and base_mode == "hidden":
-        # Traced by torch.compile (the torch backend is plain user code there): equal to eager.
-        m = make_map(map_kind, Vb, Vv, "cpu")
 
-        def step(vh, vw, bh, bw, m):
-            return ivl.fused_guided_logits(vh, vw, base_hidden=bh, base_weight=bw, vocab_map=m, alpha=a, fill=0.3,
-                                           backend="torch")
 
-        got = torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_hidden"], kw["base_weight"],
-                                                                       m)
-        torch.testing.assert_close(got, step(vh, vw, kw["base_hidden"], kw["base_weight"], m))
+@pytest.mark.parametrize("alpha", ["scalar", "per_row"])
+def test_torch_compile_fullgraph_of_the_gathered_head_path(alpha):
+    """The torch backend's gathered-head path (a map, ``M >= Hv``) traced by ``torch.compile(fullgraph=True)``
+    (plain user code there, no custom op): equal to eager."""
+    M, Hv, Vv, Vb, Hb = 40, 24, 301, 333, 16
+    vh, vw, kw = _inputs(M, Hv, Vv, Vb, Hb, torch.float32, "cpu", "hidden")
+    a = 1.7 if alpha == "scalar" else torch.rand(M) * 2 - 0.5
+    m = make_map("many_to_one", Vb, Vv, "cpu")
+
+    def step(vh, vw, bh, bw, m):
+        return ivl.fused_guided_logits(vh, vw, base_hidden=bh, base_weight=bw, vocab_map=m, alpha=a, fill=0.3,
+                                       backend="torch")
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_hidden"], kw["base_weight"], m)
+    torch.testing.assert_close(got, step(vh, vw, kw["base_hidden"], kw["base_weight"], m))
 
 
 @pytest.mark.skipif(HAS_GPU or not HAS_TRITON, reason="the interpreter's self-test: a machine without a GPU")
