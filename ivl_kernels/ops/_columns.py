@@ -1,4 +1,5 @@
-"""Base id -> value column, as the torch backends read it (the tests' oracle in ``reference.py`` has its own)."""
+"""Base id -> value column, as the torch backends and the GEMM paths read it (the tests' oracle in ``reference.py``
+has its own)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def gather_columns(vocab_map: Optional[torch.Tensor], Vb: int, Vv: int, device) 
     vocab_map = vocab_map.long()
     unmapped = (vocab_map < 0) | (vocab_map >= Vv)
     return vocab_map.masked_fill(unmapped, 0), unmapped
+
+
+def gathered_head(value_weight: torch.Tensor, vocab_map: torch.Tensor) -> tuple:
+    """``(w [Vb, Hv], cols [Vb] int64, unmapped [Vb] bool)``: the value head's rows in base-column order through
+    the map (``w[b] = value_weight[map[b]]``; ``cols``, ``unmapped`` as ``gather_columns``), the rows of unmapped
+    ids zero. A GEMM against ``w`` gives each base id its value logit and unmapped ids 0 (their fill is added
+    apart); ``G @ w`` sends their columns no gradient. One gather: a ``[Vb, Hv]`` copy of the head."""
+    cols, unmapped = gather_columns(vocab_map, vocab_map.shape[0], value_weight.shape[0], value_weight.device)
+    return value_weight.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0), cols, unmapped

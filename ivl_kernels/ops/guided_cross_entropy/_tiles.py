@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..._triton import interpreter_enabled, triton
+from .._columns import gathered_head
 from .._gemm import addmm_into
 from .._tile_kernels import _ce_combine_kernel, _ce_dw_tile_kernel, _ce_dx_tile_kernel, _ce_finish_grad_kernel
 from .._tile_launch import kind_logits_config, launch_logits, logits_config, partial_tile_n, sm_count, tiles_fit
@@ -121,11 +122,7 @@ def tile_chunks(vh, vw, v_val: int, base_logits, base_hidden, base_weight, vocab
     @functools.lru_cache(maxsize=None)
     def w_cols():
         # The two-pass backward's dX is a cuBLAS GEMM: it needs the value head in column order (gathered once).
-        if vocab_map is None:
-            return vw
-        idx = vocab_map.long()
-        valid = (idx >= 0) & (idx < Vv)
-        return vw.index_select(0, idx.clamp(0, max(Vv - 1, 0))).mul_(valid[:, None].to(vw.dtype))
+        return vw if vocab_map is None else gathered_head(vw, vocab_map)[0]
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         R = r1 - r0

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .._columns import gather_columns
+from .._columns import gather_columns, gathered_head
 from .._gemm import addmm_into
 
 # Logits per [rows, V] buffer of a chunk of rows. CPU: 16 MiB in fp32, so a chunk's passes run near the caches
@@ -92,14 +92,15 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         scale = top if top > 0 else 1.0
 
     v_min = min(Vb, Vv)
-    cols, unmapped = gather_columns(vocab_map, Vb, Vv, dev)
     identity_view = vocab_map is None and Vb <= Vv
+    # Without L1 the value head is read in base-column order (W[:v_min], or W[map] with unmapped rows zeroed);
+    # with L1 the value logits over all of Vv are computed and gathered through cols.
+    if with_l1 or vocab_map is None:
+        cols, unmapped = (None, None) if identity_view else gather_columns(vocab_map, Vb, Vv, dev)
+        w_cols, v_val = vw[:v_min], v_min
+    else:
+        (w_cols, cols, unmapped), v_val = gathered_head(vw, vocab_map), Vb
     if not with_l1:
-        if vocab_map is None:
-            w_cols, v_val = vw[:v_min], v_min
-        else:
-            # Clamped columns, rows of unmapped ids zeroed: their logit is the fill alone, their gradient goes nowhere.
-            w_cols, v_val = vw.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0), Vb
         acc_cols = None
         if need_dvw:
             acc_cols = acc_v[:v_min] if vocab_map is None else torch.zeros((Vb, Hv), dtype=compute, device=dev)

@@ -11,6 +11,7 @@ import torch
 from ... import _backends
 from ..._triton import triton
 from ..._validate import check_vocab_map
+from .._columns import gathered_head
 from .._gemm import TILE_KINDS, addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
 from .._tile_launch import kind_logits_config, launch_logits, logits_config, tiles_fit, tma_takes, wide_applies
@@ -153,10 +154,8 @@ def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_we
                 tail.zero_()
             tail.add_(a_col * fill)
     else:
-        idx = vocab_map.long()
-        valid = (idx >= 0) & (idx < Vv)
         # Clamped gather: no entry, whatever its value, addresses outside the head; invalid rows are zeroed.
-        w = value_weight.index_select(0, idx.clamp(0, max(Vv - 1, 0))).mul_(valid[:, None].to(dt))
+        w = gathered_head(value_weight, vocab_map)[0]
         addmm_into(out, xs, w.T, beta=beta_v, alpha=a)
     if base_hidden is not None:
         addmm_into(out, base_hidden, base_weight.T, beta=1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..._validate import GuidedArgs
-from .._columns import gather_columns
+from .._columns import gather_columns, gathered_head
 
 # Rows per chunk are chosen so one chunk of value logits holds about this many elements (128 MiB in fp32).
 _CHUNK_ELEMS = 1 << 25
@@ -86,8 +86,7 @@ def _gemm_into(a: GuidedArgs, out: torch.Tensor, alpha_tensor, alpha_scalar: flo
         w_cols = a.value_weight[:v]
     else:
         v = a.Vb
-        cols, unmapped = gather_columns(a.vocab_map, a.Vb, a.Vv, a.device)
-        w_cols = a.value_weight.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0.0)
+        w_cols, _, unmapped = gathered_head(a.value_weight, a.vocab_map)
     if alpha_tensor is not None:
         alpha_vec = alpha_tensor.to(compute)
         xs, scale = a.value_hidden * alpha_vec.unsqueeze(1), 1.0
