@@ -34,3 +34,21 @@ def gathered_head(value_weight: torch.Tensor, vocab_map: torch.Tensor) -> tuple:
     apart); ``G @ w`` sends their columns no gradient. One gather: a ``[Vb, Hv]`` copy of the head."""
     cols, unmapped = gather_columns(vocab_map, vocab_map.shape[0], value_weight.shape[0], value_weight.device)
     return value_weight.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0), cols, unmapped
+
+
+def add_fill(out: torch.Tensor, unmapped: torch.Tensor, fill: float, alpha_vec: Optional[torch.Tensor],
+             alpha_scalar: float) -> None:
+    """``out[:, b] += alpha * fill`` at the unmapped base ids ``b`` (``out [M, Vb]``, ``unmapped [Vb]`` bool,
+    ``alpha_vec [M]`` per row or ``alpha_scalar``), after a GEMM against ``gathered_head`` gave them 0.
+
+    A rank-1 update over every column (``fill * unmapped`` is 0 at the mapped ones): selecting the unmapped columns
+    would read the map's values on the host, a device sync that a CUDA-graph capture forbids and torch.compile
+    cannot trace. Computed in float32 (float64 for a float64 ``out``), rounded once to ``out``'s dtype."""
+    if fill == 0.0:
+        return
+    acc = torch.promote_types(out.dtype, torch.float32)
+    fill_cols = unmapped.to(acc) * fill
+    if alpha_vec is not None:
+        out.addcmul_(alpha_vec.to(acc).unsqueeze(1), fill_cols)
+    else:
+        out.add_(fill_cols, alpha=alpha_scalar)

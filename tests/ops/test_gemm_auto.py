@@ -135,8 +135,9 @@ def test_nothing_is_measured_where_it_must_not_be(why, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("forced", ["cublas", "tiles"])
 def test_a_forced_kind_that_cannot_compute_the_call_gives_way(forced, monkeypatch):
-    """A map with a nonzero fill: cuBLAS cannot express it (the row-tile kernel runs); tiles need unit-stride
-    operands (a strided value head: the reference runs). Never a wrong path."""
+    """A map with a nonzero fill from ``GEMM_MIN_ROWS`` rows: cuBLAS takes it (the fill by a rank-1 update, not
+    the row-tile kernel); the tiles need unit-stride operands (a strided value head: cuBLAS runs). Never a wrong
+    path."""
     monkeypatch.setenv("IVL_KERNELS_GEMM", forced)
     M, Vb, Vv, Hv = gl.GEMM_MIN_ROWS, 50, 40, 16
     vh = torch.randn(M, Hv, device=DEVICE)
@@ -149,7 +150,7 @@ def test_a_forced_kind_that_cannot_compute_the_call_gives_way(forced, monkeypatc
     out = ivl.fused_guided_logits(vh, vw, backend="triton", **kw)
     ref = guided_logits_naive(vh, vw, dtype=torch.float64, **kw)
     assert_guided_close(out, ref, guided_logits_naive(vh, vw, **kw), torch.float32, forced)
-    assert ran == ["_launch_rows"]
+    assert ran == ["_launch_cublas"]
 
 
 def test_auto_is_cublas_off_a_gpu(monkeypatch):
@@ -267,8 +268,8 @@ def test_loss_measures_on_its_first_rows_and_keys_the_row_bucket(fake_gpu, monke
 @pytest.mark.parametrize("fill", [0.0, -1.5], ids=["fill0", "fill-1.5"])
 @pytest.mark.parametrize("faster", ["tiles", "reference"])
 def test_head_runs_the_faster_kind_and_writes_once(fake_gpu, base_mode, fill, faster):
-    """With a map, cuBLAS expresses fill 0 only: a nonzero fill measures the row-tile kernel against the tiles."""
-    reference = "cublas" if fill == 0.0 else "rows"
+    """With a map and either fill, cuBLAS is measured against the tiles (the row-tile kernel never is)."""
+    reference = "cublas"
     fake_gpu["ms"] = {reference: 1.0, "tiles": 2.0 if faster == "reference" else 0.5}
     faster = reference if faster == "reference" else faster
     M, Vb, Vv, Hv, Hb = gl.GEMM_MIN_ROWS + 5, 70, 60, 24, 40

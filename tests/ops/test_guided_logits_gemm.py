@@ -48,13 +48,19 @@ def _check(backend, device, dtype, vh, vw, bh, bw, vocab_map=None, alpha=1.0, fi
 @pytest.mark.parametrize("base_mode", ["logits", "hidden"])
 @pytest.mark.parametrize("map_kind", ["identity", "injective", "many_to_one"])
 @pytest.mark.parametrize("fill", [0.0, -1.5], ids=["fill0", "fill-1.5"])
-def test_gemm_rows_match_reference(backend, device, dtype, base_mode, map_kind, fill):
+@pytest.mark.parametrize("alpha_kind", ["scalar", "per-row"])
+def test_gemm_rows_match_reference(backend, device, dtype, base_mode, map_kind, fill, alpha_kind, monkeypatch):
+    """From ``GEMM_MIN_ROWS`` rows off a GPU ``auto`` is the cuBLAS path for every map and fill (the fill of a
+    map's unmapped ids by a rank-1 update): no Triton kernel runs."""
     _skip_unsupported(backend, device, dtype)
+    launched = []
+    if device == "cpu":
+        monkeypatch.setattr(gl._launch, "_guided_logits_kernel", KernelSpy(gl._launch._guided_logits_kernel, launched))
     Vb, Vv, Hv, Hb = 97, 80, 24, 40
     vh = torch.randn(M_GEMM, Hv, device=device).to(dtype)
     vw = (torch.randn(Vv, Hv, device=device) / math.sqrt(Hv)).to(dtype)
     vmap = make_map(map_kind, Vb, Vv, device)
-    alpha = torch.rand(M_GEMM, device=device) * 2 - 0.5
+    alpha = torch.rand(M_GEMM, device=device) * 2 - 0.5 if alpha_kind == "per-row" else -0.7
     kw = {}
     if base_mode == "logits":
         kw["base_logits"] = torch.randn(M_GEMM, Vb, device=device).to(dtype)
@@ -66,7 +72,8 @@ def test_gemm_rows_match_reference(backend, device, dtype, base_mode, map_kind, 
     out_dtype = kw["base_logits"].dtype if "base_logits" in kw else torch.float32
     out = torch.full(ref.shape, float("nan"), dtype=out_dtype, device=device)
     ivl.fused_guided_logits(vh, vw, vocab_map=vmap, alpha=alpha, fill=fill, out=out, backend=backend, **kw)
-    assert_guided_close(out, ref, plain, dtype, f"M={M_GEMM} {base_mode} {map_kind} fill={fill}")
+    assert_guided_close(out, ref, plain, dtype, f"M={M_GEMM} {base_mode} {map_kind} fill={fill} {alpha_kind}")
+    assert launched == []
 
 
 def test_pack_head_weights_layout():

@@ -11,7 +11,7 @@ import torch
 from ... import _backends
 from ..._triton import triton
 from ..._validate import check_vocab_map
-from .._columns import gathered_head
+from .._columns import add_fill, gathered_head
 from .._gemm import TILE_KINDS, addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
 from .._tile_launch import kind_logits_config, launch_logits, logits_config, tiles_fit, tma_takes, wide_applies
@@ -31,21 +31,19 @@ HEAD_MEASURE_ROWS = 512
 def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                alpha_scalar: float, fill: float, out: torch.Tensor) -> str:
     """How the ``triton`` backend computes the head: ``"rows"`` (the row-tile kernel: below ``GEMM_MIN_ROWS``
-    rows, where the head is memory-bound), else ``"cublas"`` (GEMMs: any fill with the identity map, whose
-    unmapped ids are a tail of columns, fill 0 with a map), ``"tiles"`` (one tile GEMM, the map in its loads:
-    any map and fill; unit-stride operands), ``"tma"`` (that tile GEMM through TMA descriptors: no map;
+    rows, where the head is memory-bound), else ``"cublas"`` (GEMMs: any map and fill), ``"tiles"`` (one tile
+    GEMM, the map in its loads: any map and fill; unit-stride operands), ``"tma"`` (that tile GEMM through TMA descriptors: no map;
     ``_tile_launch.tma_takes``) or ``"wide"`` (``"tma"`` on ``_tile_launch.WIDE_TILES`` where
     ``_tile_launch.wide_applies``; ``"hybrid"``, a loss kind, runs the head as ``"wide"``). ``IVL_KERNELS_GEMM``
     forces a GEMM kind; ``auto`` measures the class's candidates (``_gemm.measured_kind``) on the call's first
     ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an in-place call in place, on a copy of its base logits),
-    against cuBLAS, or the row-tile kernel where cuBLAS cannot express the fill."""
+    against cuBLAS."""
     M, Vv = value_hidden.shape[0], value_weight.shape[0]
     if M < GEMM_MIN_ROWS or Vv == 0:
         return "rows"
     kind = gemm_kind()
-    reference = "cublas" if vocab_map is None or fill == 0.0 else "rows"
     if kind == "cublas" or not tiles_fit(out, value_hidden, value_weight, base_hidden, base_weight):
-        return reference
+        return "cublas"
     if kind in TILE_KINDS:
         return kind
     in_place = base_logits is not None and out.data_ptr() == base_logits.data_ptr()
@@ -71,13 +69,13 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
             return scratch
         return run
 
-    kinds = [reference, "tiles"]
+    kinds = ["cublas", "tiles"]
     if tma_takes(vocab_map, value_hidden, value_weight, base_hidden, base_weight):
         kinds += ["tma", "wide"] if wide_applies(dt, True) else ["tma"]
     rtol = rtol_for(out.dtype)
     choice = measured_kind(out.device, key, {k: candidate(k) for k in kinds},
                            agree=lambda x, y: tensors_agree(x, y, rtol))
-    return choice if choice in kinds else reference
+    return choice if choice in kinds else "cublas"
 
 
 def _launch_head(which: str, *args) -> None:
@@ -114,9 +112,10 @@ def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_we
     """The head as GEMMs into ``out [M, Vb]`` (float32 accumulation, one rounding to ``out``'s dtype per GEMM):
 
         out  = (alpha * X_v) @ W^T  (W = value_weight[:Vb], or its rows gathered through the map, zero rows
-                                     for unmapped ids: contributes nothing there, the fill being 0; added to
-                                     a copy of base_logits, or to base_logits itself when out is it)
-        out[:, Vv:] = alpha * fill  (identity map: the base ids beyond the value vocabulary, added likewise)
+                                     for unmapped ids; added to a copy of base_logits, or to base_logits
+                                     itself when out is it)
+        out[:, Vv:] += alpha * fill (identity map: the base ids beyond the value vocabulary)
+        out += alpha * fill * unmapped  (a map: its unmapped ids, one rank-1 update; none for fill 0)
         out += X_b @ W_b^T          (base hidden states)
 
     A map costs one gather of the value head per call (``[Vb, Hv]``).
@@ -155,8 +154,9 @@ def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_we
             tail.add_(a_col * fill)
     else:
         # Clamped gather: no entry, whatever its value, addresses outside the head; invalid rows are zeroed.
-        w = gathered_head(value_weight, vocab_map)[0]
+        w, _, unmapped = gathered_head(value_weight, vocab_map)
         addmm_into(out, xs, w.T, beta=beta_v, alpha=a)
+        add_fill(out, unmapped, fill, alpha_tensor, alpha_scalar)
     if base_hidden is not None:
         addmm_into(out, base_hidden, base_weight.T, beta=1.0)
 

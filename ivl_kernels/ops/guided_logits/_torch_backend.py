@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..._validate import GuidedArgs
-from .._columns import gather_columns, gathered_head
+from .._columns import add_fill, gather_columns, gathered_head
 
 # Rows per chunk are chosen so one chunk of value logits holds about this many elements (128 MiB in fp32).
 _CHUNK_ELEMS = 1 << 25
@@ -100,10 +100,4 @@ def _gemm_into(a: GuidedArgs, out: torch.Tensor, alpha_tensor, alpha_scalar: flo
         if v < a.Vb:
             out[:, v:].add_(alpha_vec.unsqueeze(1) * a.fill if alpha_vec is not None else alpha_scalar * a.fill)
         return
-    # A map's unmapped columns by a rank-1 update of out (selecting them would read the map's values, which
-    # torch.compile cannot trace without a graph break).
-    fill_cols = unmapped.to(compute) * a.fill
-    if alpha_vec is not None:
-        out.addr_(alpha_vec, fill_cols)
-    else:
-        out.add_(fill_cols, alpha=alpha_scalar)
+    add_fill(out, unmapped, a.fill, alpha_vec, alpha_scalar)
