@@ -8,13 +8,12 @@ was expected, and leaves every tensor it was given untouched.
 from __future__ import annotations
 
 import math
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+
+from ._checked_values import already_checked, remember_checked
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -135,48 +134,6 @@ def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
-# Value checks of a CUDA tensor (a map's range, an alpha's finiteness) cost a device synchronisation; a decoding
-# loop passes the same tensors every step, so remember the tensors already checked: keyed on the object itself (a
-# weak reference, so a new tensor allocated at a freed one's address is checked again), its version counter
-# (in-place edits through torch bump it) and what it was checked against. A CUDA tensor written behind torch's
-# back (DLPack, raw pointers) is not seen here; the kernels treat any map entry outside [-1, Vv) as unmapped, so
-# memory safety never rests on this check. Servers call the ops from several threads: the cache's
-# get/move_to_end/popitem sequences run under one lock (an OrderedDict is not safe under concurrent mutation).
-_CHECKED: "OrderedDict[tuple, tuple]" = OrderedDict()
-_CHECKED_MAX = 32
-_CHECKED_LOCK = threading.Lock()
-
-
-def _already_checked(t: torch.Tensor, what) -> bool:
-    key = (id(t), what[0])
-    with _CHECKED_LOCK:
-        entry = _CHECKED.get(key)
-        if entry is None:
-            return False
-        ref, version, checked = entry
-        if ref() is not t or version != t._version or checked != what:
-            return False
-        _CHECKED.move_to_end(key)
-        return True
-
-
-def _remember_checked(t: torch.Tensor, what) -> None:
-    key = (id(t), what[0])
-    with _CHECKED_LOCK:
-        _CHECKED[key] = (weakref.ref(t), t._version, what)
-        _CHECKED.move_to_end(key)
-        while len(_CHECKED) > _CHECKED_MAX:
-            _CHECKED.popitem(last=False)
-
-
-def _map_checked(vocab_map: torch.Tensor, Vv: int) -> bool:
-    return _already_checked(vocab_map, ("map", Vv))
-
-
-def _remember_map(vocab_map: torch.Tensor, Vv: int) -> None:
-    _remember_checked(vocab_map, ("map", Vv))
-
-
 def check_alpha_tensor_values(alpha: torch.Tensor) -> None:
     """Every per-row alpha must be finite, and finite in float32 (the kernels accumulate in float32): a NaN alpha
     on one row gives NaN logits there, and in the loss NaN gradients for every row (even an ignored one). Read on
@@ -185,7 +142,7 @@ def check_alpha_tensor_values(alpha: torch.Tensor) -> None:
     if alpha.numel() == 0:
         return
     cached = alpha.device.type != "cpu"
-    if cached and (_already_checked(alpha, ("alpha",)) or _capturing(alpha.device)):
+    if cached and (already_checked(alpha, ("alpha",)) or _capturing(alpha.device)):
         return
     bad = ~torch.isfinite(alpha)
     if alpha.dtype == torch.float64:
@@ -195,7 +152,7 @@ def check_alpha_tensor_values(alpha: torch.Tensor) -> None:
         raise ValueError(f"alpha tensor entries must be finite (and within float32's range); row {row} is "
                          f"{float(alpha.reshape(-1)[row])}")
     if cached:
-        _remember_checked(alpha, ("alpha",))
+        remember_checked(alpha, ("alpha",))
 
 
 def _capturing(device: torch.device) -> bool:
@@ -227,7 +184,7 @@ def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_val
     if not check_values or Vb == 0:
         return vocab_map
     cached = vocab_map.device.type != "cpu"
-    if cached and (_map_checked(vocab_map, Vv) or _capturing(vocab_map.device)):
+    if cached and (already_checked(vocab_map, ("map", Vv)) or _capturing(vocab_map.device)):
         return vocab_map
     lo, hi = torch.aminmax(vocab_map)
     lo, hi = int(lo), int(hi)
@@ -235,7 +192,7 @@ def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_val
         raise ValueError(f"vocab_map entries must lie in [-1, {Vv}) (value vocabulary size {Vv}), "
                          f"got min {lo}, max {hi}")
     if cached:
-        _remember_map(vocab_map, Vv)
+        remember_checked(vocab_map, ("map", Vv))
     return vocab_map
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ivl_kernels as ivl
-from ivl_kernels import _atomic, _validate, cli
+from ivl_kernels import _atomic, _checked_values, cli
 
 
 def _args(M=3, Vb=11, Vv=7, H=5):
@@ -60,10 +60,10 @@ def test_alpha_check_is_cached_per_tensor_version():
     """On a GPU the finiteness read is a sync: done once per tensor and version, again after an in-place edit
     (exercised here on the cache itself, which is device-agnostic)."""
     a = torch.ones(4)
-    _validate._remember_checked(a, ("alpha",))
-    assert _validate._already_checked(a, ("alpha",))
+    _checked_values.remember_checked(a, ("alpha",))
+    assert _checked_values.already_checked(a, ("alpha",))
     a[1] = float("nan")  # bumps the version: checked again
-    assert not _validate._already_checked(a, ("alpha",))
+    assert not _checked_values.already_checked(a, ("alpha",))
 
 
 def test_empty_value_vocabulary_is_refused():
@@ -82,8 +82,8 @@ def test_value_check_cache_is_thread_safe():
         try:
             for i in range(2000):
                 m = maps[(seed * 7 + i) % len(maps)]
-                if not _validate._map_checked(m, 5):
-                    _validate._remember_map(m, 5)
+                if not _checked_values.already_checked(m, ("map", 5)):
+                    _checked_values.remember_checked(m, ("map", 5))
         except Exception as exc:  # pragma: no cover - the failure being tested for
             errors.append(exc)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ivl_kernels as ivl
-from ivl_kernels import _backends, _validate
+from ivl_kernels import _backends, _checked_values, _validate
 from ivl_kernels._triton import HAS_TRITON, interpreter_enabled
 from ivl_kernels._validate import validate_guided
 from ivl_kernels.ops import guided_cross_entropy as gce
@@ -161,13 +161,13 @@ def test_numpy_mutated_map_still_raises_eagerly():
 def test_checked_map_cache_holds_tensors_not_addresses():
     """The CUDA-map cache: a hit needs the same live tensor object at the same version and value vocabulary."""
     m = torch.zeros(10, dtype=torch.int32)
-    _validate._remember_map(m, 5)
-    assert _validate._map_checked(m, 5)
-    assert not _validate._map_checked(m, 4)
-    assert not _validate._map_checked(m.clone(), 5)
+    _checked_values.remember_checked(m, ("map", 5))
+    assert _checked_values.already_checked(m, ("map", 5))
+    assert not _checked_values.already_checked(m, ("map", 4))
+    assert not _checked_values.already_checked(m.clone(), ("map", 5))
     m.add_(1)  # in-place through torch: version bump
-    assert not _validate._map_checked(m, 5)
-    _validate._remember_map(m, 5)
+    assert not _checked_values.already_checked(m, ("map", 5))
+    _checked_values.remember_checked(m, ("map", 5))
     key = id(m)
     del m
     gc.collect()
@@ -176,7 +176,7 @@ def test_checked_map_cache_holds_tensors_not_addresses():
         n = torch.full((10,), 99, dtype=torch.int32)
         if id(n) == key:
             break
-    assert not _validate._map_checked(n, 5)
+    assert not _checked_values.already_checked(n, ("map", 5))
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
