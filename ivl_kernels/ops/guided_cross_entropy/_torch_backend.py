@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .._columns import gather_columns, gathered_head
+from .._columns import add_fill, gather_columns, gathered_head
 from .._gemm import addmm_into
 
 # Logits per [rows, V] buffer of a chunk of rows. CPU: 16 MiB in fp32, so a chunk's passes run near the caches
@@ -128,10 +128,8 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
                     z[:, :v_val].addmm_(xv * a_c, w_cols.T)
                 else:
                     z[:, :v_val].addmm_(xv, w_cols.T, alpha=alpha_scalar)
-            if fill_cols is not None and alpha_tensor is not None:
-                z.addr_(a_c.squeeze(1), fill_cols)
-            elif fill_cols is not None:
-                z.add_(fill_cols, alpha=alpha_scalar)
+            if unmapped is not None:
+                add_fill(z, unmapped, fill, a_c.squeeze(1) if alpha_tensor is not None else None, alpha_scalar)
         else:
             z = torch.empty((r, Vb), dtype=compute, device=dev)
             if v_val:

@@ -32,8 +32,8 @@ def _head_kind(value_hidden, value_weight, base_logits, base_hidden, base_weight
                alpha_scalar: float, fill: float, out: torch.Tensor) -> str:
     """How the ``triton`` backend computes the head: ``"rows"`` (the row-tile kernel: below ``GEMM_MIN_ROWS``
     rows, where the head is memory-bound), else ``"cublas"`` (GEMMs: any map and fill), ``"tiles"`` (one tile
-    GEMM, the map in its loads: any map and fill; unit-stride operands), ``"tma"`` (that tile GEMM through TMA descriptors: no map;
-    ``_tile_launch.tma_takes``) or ``"wide"`` (``"tma"`` on ``_tile_launch.WIDE_TILES`` where
+    GEMM, the map in its loads: any map and fill; unit-stride operands), ``"tma"`` (that tile GEMM through TMA
+    descriptors: no map; ``_tile_launch.tma_takes``) or ``"wide"`` (``"tma"`` on ``_tile_launch.WIDE_TILES`` where
     ``_tile_launch.wide_applies``; ``"hybrid"``, a loss kind, runs the head as ``"wide"``). ``IVL_KERNELS_GEMM``
     forces a GEMM kind; ``auto`` measures the class's candidates (``_gemm.measured_kind``) on the call's first
     ``HEAD_MEASURE_ROWS`` rows into scratch outputs (an in-place call in place, on a copy of its base logits),
@@ -128,9 +128,9 @@ def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_we
             _launch_packed(value_hidden, base_hidden, base_weight, wcat, alpha_tensor, alpha_scalar, fill, out)
             return
     if alpha_tensor is not None:
-        xs, a, a_col = value_hidden * alpha_tensor[:, None].to(dt), 1.0, alpha_tensor[:, None].to(out.dtype)
+        xs, a = value_hidden * alpha_tensor[:, None].to(dt), 1.0
     else:
-        xs, a, a_col = value_hidden, alpha_scalar, alpha_scalar
+        xs, a = value_hidden, alpha_scalar
     if base_hidden is not None:
         # The value GEMM writes (beta = 0) and the base GEMM, K = Hb (4x the value head's K at the qwen shapes),
         # adds on top: the read of ``out`` rides on the longer GEMM, whose epilogue has more compute to hide it.
@@ -151,7 +151,7 @@ def _launch_cublas(value_hidden, value_weight, base_logits, base_hidden, base_we
             tail = out[:, cols:]
             if beta_v == 0.0:
                 tail.zero_()
-            tail.add_(a_col * fill)
+            add_fill(tail, None, fill, alpha_tensor, alpha_scalar)
     else:
         # Clamped gather: no entry, whatever its value, addresses outside the head; invalid rows are zeroed.
         w, _, unmapped = gathered_head(value_weight, vocab_map)
@@ -180,8 +180,7 @@ def _launch_packed(value_hidden, base_hidden, base_weight, wcat, alpha_tensor, a
     if cols < Vb:
         tail = out[:, cols:]
         addmm_into(tail, base_hidden, base_weight[cols:].T, beta=0.0)
-        a_col = alpha_tensor[:, None].to(out.dtype) if alpha_tensor is not None else alpha_scalar
-        tail.add_(a_col * fill)
+        add_fill(tail, None, fill, alpha_tensor, alpha_scalar)
 
 
 def launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,

@@ -94,10 +94,5 @@ def _gemm_into(a: GuidedArgs, out: torch.Tensor, alpha_tensor, alpha_scalar: flo
         alpha_vec, xs, scale = None, a.value_hidden, alpha_scalar
     if v:
         out[:, :v].addmm_(xs, w_cols.T, alpha=scale)
-    if a.fill == 0.0:
-        return
-    if unmapped is None:  # identity: the columns past Vv, one block
-        if v < a.Vb:
-            out[:, v:].add_(alpha_vec.unsqueeze(1) * a.fill if alpha_vec is not None else alpha_scalar * a.fill)
-        return
-    add_fill(out, unmapped, a.fill, alpha_vec, alpha_scalar)
+    # Identity: the columns past Vv, one block; a map: its unmapped columns.
+    add_fill(out[:, v:] if unmapped is None else out, unmapped, a.fill, alpha_vec, alpha_scalar)
