@@ -49,7 +49,7 @@ def _static_cache(model: nn.Module, max_len: int):
     return StaticCache(config=model.config, max_cache_len=int(max_len))
 
 
-def _model_dtype(backbone: nn.Module) -> torch.dtype:
+def model_dtype(backbone: nn.Module) -> torch.dtype:
     for p in backbone.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -85,6 +85,23 @@ def static_supported(model: nn.Module) -> str:
     return ""
 
 
+def static_window_fits(model: nn.Module, max_len: int) -> str:
+    """``""`` when every layer of ``model``'s ``StaticCache`` of ``max_len`` columns holds all of them, else why
+    not. A sliding-window layer keeps only its window's columns (a rolling buffer), while the decode step gives every
+    layer one additive mask as wide as the cache: past the window the two disagree. Read from the cache's layers
+    (capability, not a config field: transformers allocates them lazily, so building one costs no memory)."""
+    try:
+        layers = getattr(_static_cache(model, max_len), "layers", None) or ()
+    except Exception as exc:  # a model transformers cannot give a StaticCache: say so, run the dynamic cache
+        return f"transformers builds no StaticCache for {type(model).__name__} ({type(exc).__name__}: {exc})"
+    short = min((int(getattr(layer, "max_cache_len", max_len)) for layer in layers), default=max_len)
+    if short < max_len:
+        return (f"{type(model).__name__} has attention layers with a sliding window of {short} tokens, fewer than "
+                f"the {max_len} columns this call's static cache needs (prompt + max_new_tokens, in steps of "
+                f"{BUCKET})")
+    return ""
+
+
 class StaticRunner:
     """One backbone over a ``StaticCache`` of ``max_len`` columns: ``prefill`` the prompt, then ``decode`` one
     token per row per step from the buffers ``ids`` / ``pos`` / ``bias`` (updated by ``advance``)."""
@@ -117,8 +134,10 @@ class StaticRunner:
         full[:, :T] = mask
         out = self.backbone(input_ids=ids, attention_mask=full, position_ids=position_ids_from_mask(mask),
                             use_cache=True, **{cache_kwarg(self.backbone): self.cache})
-        dtype = _model_dtype(self.backbone)
-        bias = torch.where(full.bool(), 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        dtype = model_dtype(self.backbone)
+        # Built in the model's dtype (a float32 intermediate cannot hold float64's minimum).
+        bias = torch.zeros(full.shape, dtype=dtype, device=full.device).masked_fill_(
+            ~full.bool(), torch.finfo(dtype).min)[:, None, None, :]
         pos = mask.sum(1, keepdim=True)
         if self.bias is not None and self.bias.shape == bias.shape and self.bias.dtype == bias.dtype:
             self.bias.copy_(bias)

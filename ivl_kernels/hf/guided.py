@@ -227,13 +227,14 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                 out.append(None)
         return out
 
-    def _decode_mode(self, cache_implementation, cuda_graph, device, owners,
-                     compile_step: bool = False) -> Tuple[bool, bool]:
+    def _decode_mode(self, cache_implementation, cuda_graph, device, owners, compile_step: bool = False,
+                     sizes: Optional[Sequence[int]] = None) -> Tuple[bool, bool]:
         """``(static cache, CUDA graph)`` for one call. Default (``None``): on CUDA, static caches and a captured
-        step when every model supports a ``StaticCache`` (else the dynamic cache, said once at INFO level); on
-        CPU the dynamic cache. ``cache_implementation`` / ``cuda_graph`` force either; ``compile_step=True``
-        needs (and with the default cache, chooses) the static one."""
-        from ._static import _log_once, static_supported
+        step when every model supports a ``StaticCache`` of its size in ``sizes`` (else the dynamic cache, said
+        once at INFO level); on CPU the dynamic cache. ``cache_implementation`` / ``cuda_graph`` force either;
+        ``compile_step=True`` needs (and with the default cache, chooses) the static one. A static cache that
+        cannot hold a call (a sliding window shorter than it) is an error when forced."""
+        from ._static import _log_once, static_supported, static_window_fits
 
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
@@ -249,6 +250,14 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         why = next((w for w in map(static_supported, owners) if w), "")
         if compile_step and why:
             raise ValueError(f"compile_step=True needs a static cache for every model: {why}")
+        if sizes is not None and cache_implementation != "dynamic" and (device.type == "cuda" or compile_step
+                                                                        or cache_implementation == "static"):
+            window = next((w for w in map(static_window_fits, owners, sizes) if w), "")
+            if window and (compile_step or cache_implementation == "static"):
+                raise ValueError(f"a static cache cannot serve this call: {window}. Use "
+                                 f"cache_implementation='dynamic'" + (" and compile_step=False" if compile_step
+                                                                      else ""))
+            why = why or window
         if cache_implementation is None and not compile_step:
             if device.type != "cuda" or cuda_graph is False:
                 return False, False
@@ -268,16 +277,17 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         the bucketed cache lengths and the graph choice match: a captured graph is replayed across calls, not
         captured again. One set is kept (its static caches hold the previous request's memory; the next request
         of another shape replaces it)."""
+        from ._static import StaticDecoder, StaticRunner, bucketed, model_dtype, reuse_or_build
+
         owners = [self.base_model] + list(self.value_models)
         backbones = [self._base_backbone] + [t.backbone for t in self._prepared]
-        static, graph = self._decode_mode(s.cache_implementation, cuda_graph, self.device, owners, compile_step)
-        if not static:
-            return DynamicDecoder(backbones, self._combine)
-        from ._static import StaticDecoder, StaticRunner, bucketed, reuse_or_build
-
         T = s.input_ids.shape[1]
         lengths = [T] + [T if own is None else own[0].shape[1] for own in own_prompts]
         sizes = tuple(bucketed(n + s.max_new_tokens) for n in lengths)
+        static, graph = self._decode_mode(s.cache_implementation, cuda_graph, self.device, owners, compile_step,
+                                          sizes=sizes)
+        if not static:
+            return DynamicDecoder(backbones, self._combine)
         graph_required = bool(cuda_graph)
 
         def build():
@@ -285,7 +295,10 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                        for bb, owner, n in zip(backbones, owners, sizes)]
             return runners, StaticDecoder(runners, self._combine, use_graph=graph, graph_required=graph_required)
 
-        key = (s.input_ids.shape[0], sizes, graph, graph_required, compile_step)
+        # The models' device and dtypes too: a static cache is allocated in them (after ``model.to(...)`` the
+        # kept one would no longer fit).
+        key = (s.input_ids.shape[0], sizes, graph, graph_required, compile_step, self.device,
+               tuple(model_dtype(bb) for bb in backbones))
         return reuse_or_build(self, "_decode_cache", key, build)[1]
 
     def _combine(self, hidden: List[torch.Tensor]) -> tuple:
@@ -294,7 +307,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None, *,
-                 max_new_tokens: Optional[int] = None, min_new_tokens: int = 0, max_length: Optional[int] = None,
+                 max_new_tokens: Optional[int] = None, min_new_tokens: Optional[int] = None, max_length: Optional[int] = None,
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None, streamer=None,
                  logits_processor=None, stopping_criteria=None, stop_strings=None, max_time: Optional[float] = None,
@@ -307,12 +320,24 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         """Guided decoding; returns ``[B, T + new]`` token ids (prompt included), like ``model.generate``.
 
         Args:
-            input_ids: ``[B, T]`` prompts, left-padded; ``attention_mask [B, T]`` (``None`` = no padding).
+            input_ids: ``[B, T]`` prompts, left-padded, ids in the base's input embedding; ``attention_mask
+                [B, T]`` (``None`` = inferred from the pad token as transformers does; a mask whose last column
+                is not all 1, i.e. right padding, is an error).
             max_new_tokens / min_new_tokens: limits on generated tokens (EOS is suppressed before the minimum).
-                ``max_length``: prompt + new tokens (when ``max_new_tokens`` is not given).
-            do_sample, temperature, top_k, top_p: sampling (transformers' warpers); greedy by default.
-            eos_token_id, pad_token_id: int or list; finished rows are padded with ``pad_token_id`` and
-                generation stops when every row has finished. Defaults from the base generation config.
+                ``max_length`` / ``min_length`` (a keyword): prompt + new tokens (when ``max_new_tokens`` /
+                ``min_new_tokens`` is not given). Default: 20 new tokens.
+            do_sample, temperature, top_k, top_p: sampling (transformers' warpers; as there, ``top_k`` is 50
+                unless set, ``top_k=0`` keeps every id); greedy by default.
+            eos_token_id, pad_token_id: int, list or tensor; finished rows are padded with ``pad_token_id`` and
+                generation stops when every row has finished.
+            generation_config: a ``GenerationConfig``; its unset fields come from the base model's (as in
+                transformers 5). Every argument left ``None`` takes the config's value. The config's (or a
+                keyword's) ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ``suppress_tokens``,
+                ``begin_suppress_tokens``, ``min_p`` and ``typical_p`` are applied with transformers' own
+                processors, in its order (before ``logits_processor``; the warpers after it). Settings it has that
+                guided decoding does not apply (``sequence_bias``, ``forced_eos_token_id``...) are said once at
+                WARNING level; as keywords they are a ``TypeError``. A config's ``cache_implementation`` other than
+                ``"dynamic"`` / ``"static"`` (Gemma's ``"hybrid"``) leaves the default.
             streamer: an object with ``put(ids)`` / ``end()`` (e.g. ``transformers.TextStreamer``); batch 1.
             logits_processor: extra transformers logits processors, applied after the guidance.
             stopping_criteria: a ``StoppingCriteriaList`` (or list of callables ``(input_ids, scores) -> bool
@@ -345,7 +370,9 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                 it). ``cuda_graph``: ``None`` (default: a graph on CUDA; if capturing fails, the step runs without
                 one, said once), ``True`` (a failed capture raises), ``False`` (no graph; with the default cache,
                 the dynamic one). Same tokens on every path. Models must support ``StaticCache`` (Llama, Qwen2,
-                Mistral, ...).
+                Mistral, ...) of the call's size: a sliding-window layer (Mistral, Gemma 2/3) whose window is
+                shorter than the cache makes the default the dynamic cache (said once) and a forced static one a
+                ``ValueError``.
             compile_step: ``True``: each model's decode forward runs through ``torch.compile`` (static cache; with
                 the default ``cache_implementation`` the static one is chosen, on CPU too), compiled on the first
                 decode step of each batch size and bucketed length, then captured in the CUDA graph on CUDA; as

@@ -1,13 +1,15 @@
 """``IVLLogitsProcessor``: attach a value network to any ``model.generate()`` as a logits processor.
 
-    scores[b, :] += alpha * remap(value_logits[b, :])        (in place, one fused kernel call per step)
+    guided[b, :] = scores[b, :] + alpha * remap(value_logits[b, :])        (one fused kernel call per step)
 
 The value model runs incrementally with its own KV cache (one new token per step, never a recompute), batched,
 left padding respected. On CUDA (by default, when the value model supports a ``StaticCache`` and both models share
 a tokenizer) that cache is static and the value model's decode step is captured in a CUDA graph and replayed
 (``ivl_kernels.hf._static``), as ``GuidedCausalLM.generate`` does; the fused head then runs on the replayed
-hidden state, in place on transformers' ``scores``. The kernel gets the value model's last hidden state and its LM head weight and does the
-head, the remap and the add in one pass: the value model's ``[B, Vv]`` logits are never materialised.
+hidden state. The kernel gets the value model's last hidden state and its LM head weight and does the
+head, the remap and the add in one pass: the value model's ``[B, Vv]`` logits are never materialised. The guided
+scores are a new tensor, as every transformers logits processor returns: ``scores`` is left as it was (with
+``output_logits=True`` transformers keeps it as the step's raw logits).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         max_new_tokens: the ``max_new_tokens`` given to ``generate`` (sizes the static cache; optional).
 
     Call shapes (transformers' contract): ``input_ids [B, t]`` (prompt + tokens so far), ``scores [B, Vb]``;
-    returns ``scores``, modified in place. Supported: greedy search and sampling. Beam search, assisted
+    returns the guided scores, a new ``[B, Vb]`` tensor (``scores`` is not modified). Supported: greedy search and sampling. Beam search, assisted
     decoding, contrastive search... raise ``ValueError`` on the first call, before any token is chosen. One
     processor serves one prompt batch: call ``reset(attention_mask=...)`` before reusing it for another.
     """
@@ -188,39 +190,52 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         mask = self.attention_mask if self.attention_mask is not None else torch.ones_like(input_ids)
         return self._translate(input_ids), mask.to(input_ids.device).long()
 
-    def _use_static(self, device: torch.device) -> bool:
-        from ._static import _log_once, static_supported
+    def _static_columns(self, T: int) -> int:
+        from ._static import bucketed
+
+        return bucketed(T + (self.max_new_tokens or 256))
+
+    def _use_static(self, device: torch.device, columns: int) -> bool:
+        """Whether the value model runs on a static cache of ``columns`` columns for this batch."""
+        from ._static import _log_once, static_supported, static_window_fits
 
         mode = self.cache_implementation
-        if self.compile_step:
-            return True
-        if mode == "dynamic" or (mode is None and (device.type != "cuda" or self.cuda_graph is False)):
+        forced = self.compile_step or mode == "static"
+        if not forced and (mode == "dynamic" or device.type != "cuda" or self.cuda_graph is False):
             return False
-        why = static_supported(self.value_model)
-        if why and mode is None:
+        window = static_window_fits(self.value_model, columns)
+        if window and forced:
+            raise ValueError(f"IVLLogitsProcessor: a static cache cannot serve this batch: {window}. Use "
+                             f"cache_implementation='dynamic'" + (" and compile_step=False" if self.compile_step
+                                                                  else ""))
+        why = window or ("" if forced else static_supported(self.value_model))
+        if why:
             _log_once(f"IVLLogitsProcessor: dynamic cache for the value model ({why})")
             return False
         return True
 
     def _static_prefill(self, ids: torch.Tensor, mask: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
         """Build (or reuse) the static runner for ``columns`` cache columns and read the value prompt."""
-        from ._static import StaticDecoder, StaticRunner, bucketed, reuse_or_build
+        from ._static import StaticDecoder, StaticRunner, bucketed, model_dtype, reuse_or_build
 
         B, T = ids.shape
         graph = ids.device.type == "cuda" and self.cuda_graph is not False
-        size = bucketed(columns if columns is not None else T + (self.max_new_tokens or 256))
+        size = bucketed(columns) if columns is not None else self._static_columns(T)
 
         def build():
             runner = StaticRunner(self.backbone, self.value_model, size, compiled=self.compile_step)
             return runner, StaticDecoder([runner], lambda hs: hs[0], use_graph=graph,
                                          graph_required=bool(self.cuda_graph))
 
-        runner, decoder = reuse_or_build(self, "_static_kept", (B, size, graph, ids.device, self.compile_step),
-                                          build)
+        # The model's dtype too: after ``value_model.to(dtype)`` the kept cache would no longer fit.
+        key = (B, size, graph, ids.device, model_dtype(self.backbone), self.compile_step)
+        runner, decoder = reuse_or_build(self, "_static_kept", key, build)
         self._static = (runner, decoder)
         return decoder.prefill([(ids, mask)])
 
     def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from ._static import _log_once, static_window_fits
+
         runner, decoder = self._static
         if runner.columns >= runner.max_len:
             # Full: a cache twice the size, filled by reading the whole value sequence again (prompt + tokens).
@@ -228,6 +243,13 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             new = self._translate(input_ids[:, self._prompt.shape[1]:])
             ids = torch.cat([ids, new], 1)
             mask = torch.cat([mask, torch.ones_like(new)], 1)
+            why = static_window_fits(self.value_model, 2 * runner.max_len)
+            if why:
+                # The rest of this batch on the dynamic cache (it has no window limit), from the whole sequence.
+                _log_once(f"IVLLogitsProcessor: the value model's static cache is full and cannot grow ({why}); "
+                          f"the rest of the batch runs on the dynamic cache")
+                self._static = None
+                return self._runner.feed(ids, mask)
             return self._static_prefill(ids, mask, columns=2 * runner.max_len)
         return decoder.step([self._translate(input_ids[:, -1:])])
 
@@ -269,10 +291,12 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             self._start(input_ids, scores)
             if self.retokenize:
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
-            elif self._use_static(input_ids.device):
-                hidden = self._static_prefill(*self._value_prompt(input_ids))
             else:
-                hidden = self._runner.feed(*self._value_prompt(input_ids))
+                prompt = self._value_prompt(input_ids)
+                if self._use_static(input_ids.device, self._static_columns(prompt[0].shape[1])):
+                    hidden = self._static_prefill(*prompt)
+                else:
+                    hidden = self._runner.feed(*prompt)
         else:
             self._seen = T
             if self.retokenize:
@@ -283,6 +307,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                 hidden = self._runner.feed(self._translate(input_ids[:, -1:]),
                                            torch.ones((B, 1), dtype=torch.long, device=input_ids.device),
                                            every_row_fed=True)
-        fused_guided_logits(hidden, self.value_weight, base_logits=scores, out=scores, vocab_map=self._vocab_map,
-                            alpha=self.alpha, fill=self.fill, backend=self.backend)
-        return suppress_ids_(scores, self._limit)
+        # Not in place: transformers keeps ``scores`` as the step's raw logits (output_logits=True).
+        guided = fused_guided_logits(hidden, self.value_weight, base_logits=scores, vocab_map=self._vocab_map,
+                                     alpha=self.alpha, fill=self.fill, backend=self.backend)
+        return suppress_ids_(guided, self._limit)

@@ -105,7 +105,8 @@ def test_sampling_first_step_draws_from_softmax_of_guided_logits(path):
         proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap)
         out = base.generate(ids, logits_processor=[proc], max_new_tokens=1, do_sample=True, top_k=0, pad_token_id=0)
     else:
-        out = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap).generate(ids, max_new_tokens=1, do_sample=True)
+        out = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap).generate(ids, max_new_tokens=1, do_sample=True,
+                                                                              top_k=0)
     counts = torch.bincount(out[:, -1], minlength=BASE_VOCAB).double()
     p = torch.softmax(reference_next_logits(base, [(value, ALPHA, vmap)], prompt), -1)
     p_base = torch.softmax(reference_next_logits(base, [], prompt), -1)
@@ -126,7 +127,7 @@ def test_seeded_sampling_equals_multinomial_of_reference():
                         pad_token_id=0)
     g = torch.Generator().manual_seed(7)
     out2 = GuidedCausalLM(base, value, alpha=ALPHA, vocab_map=vmap).generate(prompt[None], max_new_tokens=NEW,
-                                                                              do_sample=True, generator=g)
+                                                                              do_sample=True, top_k=0, generator=g)
     torch.manual_seed(7)
     ids = prompt.clone()
     for _ in range(NEW):
