@@ -18,6 +18,9 @@ from ._checked_values import already_checked, remember_checked
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 BACKENDS = ("auto", "cuda", "triton", "torch")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT64_MAX = float(torch.finfo(torch.float64).max)
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 @dataclass
@@ -79,14 +82,31 @@ def check_backend(backend) -> str:
     return backend
 
 
-def check_finite_float(name: str, x, *, allow_inf: bool = False) -> float:
+def _shown(x) -> str:
+    """``x`` for a message: an int beyond float32's range rounded (``2**200``: ``1.607e+60``), and one too large
+    for any float (``10**400``; ``str`` of an int of over 4300 digits even raises) by its size."""
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) > _FLOAT32_MAX:
+        return f"{float(x):.4g}" if abs(x) <= _FLOAT64_MAX else f"an int of {x.bit_length()} bits"
+    return repr(x)
+
+
+def check_finite_float(name: str, x, *, allow_inf: bool = False, float32: bool = False) -> float:
+    """A real number (a Python int or float, not a bool) as a float: not NaN, finite unless ``allow_inf``, and with
+    ``float32`` within float32's finite range (``check_float32_range``; an allowed infinity stays allowed). An int
+    beyond the range is a ``ValueError`` as a float beyond it is (``float(10**400)`` would raise ``OverflowError``).
+    """
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(x).__name__}")
+    limit = _FLOAT32_MAX if float32 else _FLOAT64_MAX
+    if isinstance(x, int) and abs(x) > limit:  # compared exactly, before float() could overflow
+        raise ValueError(_range_message(name, limit, allow_inf, _shown(x)))
     x = float(x)
     # Comparisons, not math.isnan / math.isinf: under torch.compile a float argument that changes between calls
     # becomes symbolic, and dynamo traces comparisons of it (as guards) but not the math module's tests.
     if x != x or (not allow_inf and abs(x) == math.inf):
-        raise ValueError(f"{name} must be a finite float, got {x}")
+        raise ValueError(f"{name} must be {'a float (not NaN)' if allow_inf else 'a finite float'}, got {x}")
+    if float32 and abs(x) != math.inf:
+        check_float32_range(name, x, allow_inf=allow_inf)
     return x
 
 
@@ -105,14 +125,17 @@ def check_int(name: str, x, *, minimum: int = 1) -> int:
     return x
 
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+def _range_message(name: str, limit: float, allow_inf: bool, shown: str) -> str:
+    where = "finite in float32" if limit == _FLOAT32_MAX else "a finite float"
+    return (f"{name} must be {where} (|{name}| <= {limit:.4g}){' or +-inf' if allow_inf else ''}, got {shown}")
 
 
-def check_float32_range(name: str, x: float) -> float:
+def check_float32_range(name: str, x: float, *, allow_inf: bool = False) -> float:
     """A finite Python float that stays finite in float32: the kernels accumulate in float32, where 1e39
-    becomes inf and the guided logits NaN/inf without a word."""
+    becomes inf and the guided logits NaN/inf without a word (``allow_inf``: the message says an infinity is
+    allowed; ``x`` itself must be finite here)."""
     if abs(x) > _FLOAT32_MAX:
-        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {_FLOAT32_MAX:.4g}), got {x}")
+        raise ValueError(_range_message(name, _FLOAT32_MAX, allow_inf, repr(x)))
     return x
 
 
@@ -120,7 +143,14 @@ def check_alpha_float(name: str, x) -> float:
     """A guidance strength given as a number: a real number (not a bool or a string), finite, and finite in
     float32 (the kernels accumulate in float32). One rule for the ops, the models' constructors and the guided
     checkpoint's config."""
-    return check_float32_range(name, check_finite_float(name, x))
+    return check_finite_float(name, x, float32=True)
+
+
+def check_fill(x) -> float:
+    """``fill``, the value logit of unmapped base ids: a real number, not NaN, finite in float32 (the kernels
+    compute ``alpha * fill`` in float32: 1e39 cannot be represented there) or infinite (``-inf`` bans the unmapped
+    ids, ``+inf`` forces them: meaningful, and exact in float32)."""
+    return check_finite_float("fill", x, allow_inf=True, float32=True)
 
 
 def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
@@ -278,10 +308,7 @@ def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden
             check_alpha_tensor_values(alpha)
     else:
         alpha = check_alpha_float("alpha", alpha)
-    fill = float(fill) if not isinstance(fill, bool) and isinstance(fill, (int, float)) else fill
-    if not isinstance(fill, float) or math.isnan(fill):
-        raise (TypeError if not isinstance(fill, float) else ValueError)(
-            f"fill must be a float (not NaN), got {fill!r}")
+    fill = check_fill(fill)
 
     return GuidedArgs(
         value_hidden=_flatten_rows(value_hidden),
@@ -433,17 +460,23 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
         raise ValueError(f"target is on {target.device}, expected {g.device} (the device of value_hidden)")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be a Python int, got {type(ignore_index).__name__}")
+    if not (_INT64_MIN <= ignore_index <= _INT64_MAX):  # compared with int64 targets: 2**70 would overflow there
+        raise ValueError(f"ignore_index must be an int64 (in [-2**63, 2**63), as F.cross_entropy's), got "
+                         f"{_shown(ignore_index)}")
     if isinstance(l1_coef, bool) or not isinstance(l1_coef, (int, float)):
         raise TypeError(f"l1_coef must be a Python float, got {type(l1_coef).__name__}")
+    # Comparisons before float(): exact for an int too large for a float, False for NaN, traced by dynamo (a
+    # changing float argument is symbolic under torch.compile: math.isfinite of it is not traced).
+    if not (0 <= l1_coef <= _FLOAT32_MAX):
+        raise ValueError(f"l1_coef must be a finite float >= 0, and finite in float32 (0 <= l1_coef <= "
+                         f"{_FLOAT32_MAX:.4g}: the L1 term is computed in float32), got {_shown(l1_coef)}")
     l1_coef = float(l1_coef)
-    if not math.isfinite(l1_coef) or l1_coef < 0:
-        raise ValueError(f"l1_coef must be a finite float >= 0, got {l1_coef}")
     l1_reduction = check_l1_reduction(l1_reduction)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
+    if not (0 <= label_smoothing < 1):  # before float(): float(10**400) would raise OverflowError
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {_shown(label_smoothing)}")
     label_smoothing = float(label_smoothing)
-    if not (0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 

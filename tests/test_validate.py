@@ -56,6 +56,14 @@ CASES = [
     ("alpha-int-tensor", lambda k: k.update(alpha=torch.ones(M, dtype=torch.int64, device=DEV)), TypeError, "alpha"),
     ("fill-nan", lambda k: k.update(fill=float("nan")), ValueError, "fill"),
     ("fill-string", lambda k: k.update(fill="0"), TypeError, "fill"),
+    # A finite fill beyond float32 cannot be represented where alpha * fill is computed (+-inf can: allowed).
+    ("fill-beyond-float32", lambda k: k.update(fill=1e39), ValueError, "fill must be finite in float32"),
+    ("fill-below-float32", lambda k: k.update(fill=-1e39), ValueError, "or +-inf, got -1e+39"),
+    ("fill-int-beyond-float32", lambda k: k.update(fill=2 ** 200), ValueError, "fill must be finite in float32"),
+    ("fill-int-beyond-float", lambda k: k.update(fill=10 ** 400), ValueError, "got an int of 1329 bits"),
+    ("alpha-beyond-float32", lambda k: k.update(alpha=-1e39), ValueError, "alpha must be finite in float32"),
+    ("alpha-int-beyond-float", lambda k: k.update(alpha=10 ** 400), ValueError, "alpha must be finite in float32"),
+    ("alpha-int-of-5000-digits", lambda k: k.update(alpha=10 ** 5000), ValueError, "alpha"),
     ("out-shape", lambda k: k.update(out=torch.empty(M, Vb + 1, device=DEV)), ValueError, "out"),
     ("out-dtype", lambda k: k.update(out=torch.empty(M, Vb, dtype=torch.float16, device=DEV)), TypeError, "out"),
     ("unknown-backend", None, ValueError, "backend"),
@@ -87,6 +95,13 @@ def test_bad_input_raises_and_writes_nothing(backend, case_id, mutate, exc, text
 def test_valid_call_passes_validation():
     out = _call(good(), "torch")
     assert out.shape == (M, Vb)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("inf"), -3, 3.0e38], ids=["neg_inf", "pos_inf", "int", "near_max"])
+def test_fill_accepts_infinities_and_float32_values(fill):
+    """+-inf (ban or force the unmapped ids), an int, the edge of float32's range: valid fills."""
+    out = _call(dict(good(), fill=fill), "torch")
+    assert out.shape == (M, Vb) and not out.isnan().any()
 
 
 def test_map_range_cache_sees_in_place_edits():

@@ -36,16 +36,23 @@ def gathered_head(value_weight: torch.Tensor, vocab_map: torch.Tensor) -> tuple:
     return value_weight.index_select(0, cols).masked_fill_(unmapped.unsqueeze(1), 0), cols, unmapped
 
 
+def fill_columns(unmapped: torch.Tensor, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[Vb]`` in ``dtype``: ``fill`` at the unmapped base ids, exactly 0 at the mapped ones, for an infinite
+    ``fill`` too (``unmapped * fill`` would be ``0 * inf = NaN`` there, poisoning every mapped column: ``fill=-inf``
+    is how a caller bans the unmapped tokens)."""
+    return torch.zeros(unmapped.shape, dtype=dtype, device=unmapped.device).masked_fill_(unmapped, fill)
+
+
 def add_fill(out: torch.Tensor, unmapped: Optional[torch.Tensor], fill: float, alpha_vec: Optional[torch.Tensor],
              alpha_scalar: float) -> None:
     """``out[:, b] += alpha * fill`` at the unmapped base ids ``b`` (``out [M, Vb]``, ``unmapped [Vb]`` bool,
     ``alpha_vec [M]`` per row or ``alpha_scalar``), after a GEMM against ``gathered_head`` gave them 0;
     ``unmapped=None``: every column of ``out`` (the identity map's ids past ``Vv``, passed as that slice).
 
-    A map's ids by a rank-1 update over every column (``fill * unmapped`` is 0 at the mapped ones): selecting the
-    unmapped columns would read the map's values on the host, a device sync that a CUDA-graph capture forbids and
-    torch.compile cannot trace. Computed in float32 (float64 for a float64 ``out``), rounded once to ``out``'s
-    dtype."""
+    A map's ids by a rank-1 update over every column (``fill_columns``: ``fill`` at the unmapped ones, 0 at the
+    mapped ones): selecting the unmapped columns would read the map's values on the host, a device sync that a
+    CUDA-graph capture forbids and torch.compile cannot trace. Computed in float32 (float64 for a float64 ``out``),
+    rounded once to ``out``'s dtype."""
     if fill == 0.0 or out.numel() == 0:
         return
     acc = torch.promote_types(out.dtype, torch.float32)
@@ -55,7 +62,7 @@ def add_fill(out: torch.Tensor, unmapped: Optional[torch.Tensor], fill: float, a
         else:
             out.add_(alpha_scalar * fill)
         return
-    fill_cols = unmapped.to(acc) * fill
+    fill_cols = fill_columns(unmapped, fill, acc)
     if alpha_vec is not None:
         out.addcmul_(alpha_vec.to(acc).unsqueeze(1), fill_cols)
     else:

@@ -244,6 +244,25 @@ def test_in_place_on_base_logits(emu, dtype):
     _run_case(emu, dtype, 6, "logits", "many-to-one-int32", seed=7, in_place=True)
 
 
+# (fill, base, map). +inf and per-row alpha (which may be negative: the out-of-range maps) only with the base head
+# fused: base logits hold -inf entries, and -inf + inf is NaN there in every implementation.
+INF_FILL_CASES = [(fill, base_mode, map_kind) for fill in (float("-inf"), float("inf"))
+                  for base_mode in ("logits", "hidden")
+                  for map_kind in ("identity", "injective-int64", "out-of-range-int32")
+                  if base_mode == "hidden" or (fill < 0 and map_kind != "out-of-range-int32")]
+
+
+@pytest.mark.parametrize("fill,base_mode,map_kind", INF_FILL_CASES,
+                         ids=[f"fill_{'neg' if f < 0 else 'pos'}_inf-{b}-{m}" for f, b, m in INF_FILL_CASES])
+def test_infinite_fill(emu, fill, base_mode, map_kind, monkeypatch):
+    """``fill=-inf`` (ban the unmapped ids) or ``+inf``: the kernel selects ``fill`` for an unmapped id rather than
+    multiplying a mask by it, so exactly the unmapped columns are infinite and the mapped ones finite and within
+    the bound, as in the float64 reference (and the torch and Triton backends)."""
+    monkeypatch.setitem(globals(), "FILL", fill)
+    _run_case(emu, torch.float32, 3, base_mode, map_kind,
+              seed=zlib.crc32(f"inf/{fill}/{base_mode}/{map_kind}".encode()))
+
+
 def test_several_worker_threads_give_the_same_bits(emu):
     a, _ = _run_case(emu, torch.bfloat16, 8, "hidden", "out-of-range-int64", seed=3, workers=1)
     b, _ = _run_case(emu, torch.bfloat16, 8, "hidden", "out-of-range-int64", seed=3, workers=2)

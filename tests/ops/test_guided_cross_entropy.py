@@ -237,6 +237,45 @@ def test_torch_backend_paths_over_many_chunks(case, dtype, monkeypatch):
     _check("torch", vh, vw, target, kw, dtype)
 
 
+# fill=-inf bans the unmapped base ids: they get probability 0 and the loss of the others stays finite. The torch
+# backend's paths: base logits (z formed apart, fill columns added), base head fused in float32/float64 (the value
+# GEMM accumulated into the base's, fill added by a rank-1 update), no base, the L1 term (z gathered from the value
+# logits); a map with -1 entries and the identity with Vb > Vv (ids past the value vocabulary).
+INF_FILL_CASES = [
+    _case("N7-logits-map-mean", N=7, base="logits", vmap="map", Vb=90),
+    _case("N29-hidden-map-alpha_tensor-sum", N=29, vmap="map", Vb=110, alpha="tensor", reduction="sum",
+          ignore=(3,)),
+    _case("N7-none-map-none", N=7, base="none", vmap="map", Vb=90, reduction="none"),
+    _case("N7-logits-wide_base_identity-mean", N=7, base="logits", Vb=131, Vv=97),
+    _case("N29-hidden-wide_base_identity-alpha_tensor-none", N=29, Vb=131, Vv=97, alpha="tensor",
+          reduction="none", ignore=(0,)),
+    _case("N7-hidden-map-l1-mean", N=7, vmap="map", Vb=90, l1_coef=0.5),
+    _case("N7-logits-wide_base_identity-l1all-sum", N=7, base="logits", Vb=131, Vv=97, l1_coef=0.5,
+          l1_reduction="all", reduction="sum"),
+]
+
+
+def _targets_on_mapped_ids(target, kw, Vv):
+    """Targets moved onto mapped base ids (an unmapped target has probability 0 under fill=-inf: an infinite
+    loss); ignored rows stay ignored."""
+    m = kw.get("vocab_map")
+    mapped = (m >= 0).nonzero().squeeze(1) if m is not None else torch.arange(Vv, device=target.device)
+    moved = mapped[target.clamp(min=0) % mapped.numel()].to(target.dtype)
+    return torch.where(target == -100, target, moved)
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    pytest.param("torch", torch.float64, id="torch-float64"), pytest.param("torch", torch.float32, id="torch-float32"),
+    pytest.param("triton", torch.float32, id="triton-float32", marks=needs_triton)])
+@pytest.mark.parametrize("case", INF_FILL_CASES)
+def test_neg_inf_fill_bans_unmapped_ids(case, backend, dtype):
+    vh, vw, target, kw = _make(**case, fill=float("-inf"), dtype=dtype, device="cpu" if backend == "torch" else DEVICE)
+    if "vocab_map" in kw:
+        kw["vocab_map"][5:8] = -1  # whatever the draw, some unmapped ids
+    target = _targets_on_mapped_ids(target, kw, vw.shape[0])
+    _check(backend, vh, vw, target, kw, dtype)
+
+
 @pytest.mark.parametrize("reduction,passes", [("mean", 1), ("sum", 1), ("none", 2)])
 def test_torch_backend_computes_gradients_in_the_forward_pass(reduction, passes, monkeypatch):
     """"mean"/"sum": the row weights are known in the forward pass, so the gradients come from the forward's pass
@@ -301,6 +340,34 @@ def test_gradcheck_torch_backend(reduction, l1_reduction):
     vw.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda h, w: ivl.fused_guided_cross_entropy(h, w, target, backend="torch", **kw), (vh, vw))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_derivative_raises_instead_of_a_wrong_value(backend, reduction):
+    """The backward computes the gradients from saved statistics (or from gradients saved by the forward) as
+    constants: it is not differentiable itself. ``create_graph=True`` still gives the right first-order gradients,
+    and differentiating them (a Hessian-vector product, a gradient penalty) raises a clear error, whichever input
+    it is taken with respect to, instead of a number that silently misses this op's Hessian term (or, for "none",
+    an unrelated ``mm(): out=`` error)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    vh, vw, target, kw = _make(N=5, Hv=6, Vv=11, Vb=13, base="logits", vmap="map", reduction=reduction, ignore=(1,),
+                               dtype=dtype, device="cpu" if backend == "torch" else DEVICE)
+    upstream = torch.rand(target.shape, dtype=dtype, device=vh.device) if reduction == "none" else 1.0
+
+    def grads(fn, create_graph):
+        x, w = vh.clone().requires_grad_(), vw.clone().requires_grad_()
+        loss = (fn(x.tanh(), w, target, **kw) * upstream).sum()  # value_hidden a non-linear function of x
+        return (x, w) + torch.autograd.grad(loss, (x, w), create_graph=create_graph)
+
+    x, w, gx, gw = grads(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend), True)
+    _, _, rx, rw = grads(guided_cross_entropy_naive, False)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    for g in (gx, gw):
+        for wrt in (x, w):
+            with pytest.raises(RuntimeError, match="fused_guided_cross_entropy has no second derivative"):
+                torch.autograd.grad(g.pow(2).sum(), wrt, retain_graph=True)
 
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="this torch has no F.linear_cross_entropy")
@@ -458,6 +525,18 @@ BAD = [
     _bad("l1_coef-nan", ValueError, "l1_coef must be a finite float >= 0", l1_coef=lambda _: float("nan")),
     _bad("l1_coef-inf", ValueError, "l1_coef must be a finite float >= 0", l1_coef=lambda _: float("inf")),
     _bad("l1_coef-negative", ValueError, "l1_coef must be a finite float >= 0", l1_coef=lambda _: -1.0),
+    _bad("l1_coef-beyond-float32", ValueError, r"l1_coef must be a finite float >= 0, and finite in float32",
+         l1_coef=lambda _: 1e39),
+    _bad("l1_coef-int-beyond-float", ValueError, "l1_coef.*got an int of 1329 bits", l1_coef=lambda _: 10 ** 400),
+    _bad("fill-beyond-float32", ValueError, r"fill must be finite in float32 \(\|fill\| <= 3.403e\+38\) or \+-inf",
+         fill=lambda _: 1e39),
+    _bad("fill-int-beyond-float", ValueError, "fill must be finite in float32", fill=lambda _: 10 ** 400),
+    _bad("fill-nan", ValueError, r"fill must be a float \(not NaN\)", fill=lambda _: float("nan")),
+    _bad("alpha-int-beyond-float", ValueError, "alpha must be finite in float32", alpha=lambda _: 10 ** 400),
+    _bad("label_smoothing-int-beyond-float", ValueError, r"label_smoothing must lie in \[0, 1\)",
+         label_smoothing=lambda _: 10 ** 400),
+    _bad("ignore_index-beyond-int64", ValueError, r"ignore_index must be an int64", ignore_index=lambda _: 2 ** 70),
+    _bad("ignore_index-below-int64", ValueError, r"ignore_index must be an int64", ignore_index=lambda _: -2 ** 63 - 1),
     _bad("l1_reduction-unknown", ValueError, r"l1_reduction must be one of \('kept', 'all'\).*got 'mean'",
          l1_reduction=lambda _: "mean"),
     _bad("l1_reduction-not-str", ValueError, r"l1_reduction must be one of", l1_reduction=lambda _: None),
@@ -564,20 +643,53 @@ def test_triton_memory_on_gpu_is_a_chunk_plus_accumulators(N):
     assert extra <= bound, (extra, bound)
 
 
-@pytest.mark.parametrize("l1_reduction", ["kept", "all"])
+@pytest.mark.parametrize("case", [
+    _case("l1_kept", l1_coef=0.5),
+    _case("l1_all", l1_coef=0.5, l1_reduction="all"),
+    # No L1: the value head's GEMM written into the first Vv columns of the chunk's logits (a strided view)
+    _case("wide_base_identity-no_l1-mean", Vb=60),
+    _case("wide_base_identity-no_l1-none", Vb=60, reduction="none"),
+    _case("map-no_l1-sum", Vb=60, vmap="map", fill=-0.5, reduction="sum"),
+    # float16: the gradients' scale (the largest row weight) without a host read
+    _case("fp16-map-l1-mean", Vb=60, vmap="map", l1_coef=0.5, dtype=torch.float16),
+    _case("fp16-wide_base_identity-no_l1-none", Vb=60, reduction="none", dtype=torch.float16),
+])
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON and (interpreter_enabled() or HAS_GPU) else []))
-def test_traced_whole_by_torch_compile(backend, l1_reduction):
+def test_traced_whole_by_torch_compile(backend, case):
     """torch.compile(fullgraph=True) traces the loss and its backward (no graph break); results equal eager.
     aot_eager runs dynamo + AOTAutograd (functionalisation, the custom ops' fakes) without a C++ toolchain."""
+    torch._dynamo.reset()  # each case recompiles the same lambda: stay under dynamo's recompile limit
     device = "cuda" if HAS_GPU else "cpu"
-    vh, vw, target, kw = _make(N=7, Vv=50, base="logits", l1_coef=0.5, device=device, l1_reduction=l1_reduction,
-                               ignore=(2,))
+    vh, vw, target, kw = _make(**dict(dict(N=7, Vv=50, base="logits", ignore=(2,)), **case), device=device)
+    upstream = torch.rand(target.shape, dtype=torch.float64) if kw["reduction"] == "none" else None
     fn = torch.compile(lambda h, w: ivl.fused_guided_cross_entropy(h, w, target, backend=backend, **kw),
                        fullgraph=True, backend="aot_eager")
-    compiled = _run(lambda h, w, t, **k: fn(h, w), vh, vw, target, {})
-    eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend), vh, vw, target, kw)
+    compiled = _run(lambda h, w, t, **k: fn(h, w), vh, vw, target, {}, upstream)
+    eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend), vh, vw, target, kw,
+                 upstream)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("arg,values", [
+    ("fill", (0.5, -0.25, 1.5, float("-inf"))), ("l1_coef", (0.5, 0.7, 0.0, 1.25)), ("alpha", (0.5, 0.7, -1.25)),
+    ("label_smoothing", (0.1, 0.2, 0.0))], ids=["fill", "l1_coef", "alpha", "label_smoothing"])
+def test_traced_whole_with_a_float_argument_that_changes(arg, values):
+    """A float argument that changes between calls of a compiled step is traced as a symbolic float from its
+    second value on: its validation must trace too (comparisons, not ``math.isnan`` / ``math.isfinite``), so
+    fullgraph works for every value, and loss and gradients equal eager (torch backend)."""
+    torch._dynamo.reset()
+    vh, vw, target, kw = _make(N=7, Vv=50, Vb=60, base="logits", vmap="map", ignore=(2,), device="cpu")
+    target = _targets_on_mapped_ids(target, kw, 50)  # fill=-inf: a target on an unmapped id has an infinite loss
+    kw.pop(arg, None)
+    fn = torch.compile(lambda h, w, x: ivl.fused_guided_cross_entropy(h, w, target, backend="torch", **{arg: x}, **kw),
+                       fullgraph=True, backend="aot_eager")
+    for x in values:
+        compiled = _run(lambda h, w, t, **k: fn(h, w, x), vh, vw, target, {})
+        eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="torch", **{arg: x}), vh, vw,
+                     target, kw)
+        for c, e in zip(compiled, eager):
+            torch.testing.assert_close(c, e)
 
 
 @needs_triton

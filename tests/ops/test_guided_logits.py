@@ -399,6 +399,24 @@ def test_torch_compile_fullgraph_with_a_float_alpha_that_changes():
         torch.testing.assert_close(compiled(vh, vw, kw["base_logits"], alpha), step(vh, vw, kw["base_logits"], alpha))
 
 
+@pytest.mark.parametrize("map_kind", ["identity", "many_to_one"])  # identity: Vb > Vv, the ids past Vv get fill
+@pytest.mark.parametrize("M", [4, 40], ids=lambda m: f"M{m}")  # both sides of the torch backend's M = Hv switch
+def test_torch_compile_fullgraph_with_a_float_fill_that_changes(M, map_kind):
+    """As alpha: a float fill that changes between calls of a compiled step is traced as a symbolic float, and
+    its validation traces too (comparisons, not ``math.isnan``), down to ``-inf``; every value equals eager."""
+    torch._dynamo.reset()
+    Hv, Vv, Vb = 24, 100, 120
+    vh, vw, kw = _inputs(M, Hv, Vv, Vb, 0, torch.float32, "cpu", "logits")
+    m = make_map(map_kind, Vb, Vv, "cpu")
+
+    def step(vh, vw, base, fill):
+        return ivl.fused_guided_logits(vh, vw, base_logits=base, vocab_map=m, alpha=0.7, fill=fill, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for fill in (0.5, -0.25, 1.5, float("-inf")):
+        torch.testing.assert_close(compiled(vh, vw, kw["base_logits"], fill), step(vh, vw, kw["base_logits"], fill))
+
+
 @pytest.mark.parametrize("alpha", ["scalar", "per_row"])
 @pytest.mark.parametrize("map_kind", ["injective", "many_to_one"])
 @pytest.mark.parametrize("base_mode", ["logits-in-place", "hidden"])
@@ -412,6 +430,32 @@ def test_torch_backend_with_a_map_around_the_gathered_head_switch(M, base_mode, 
     a = 1.7 if alpha == "scalar" else torch.rand(M) * 2 - 0.5
     _run_and_check("torch", "cpu", torch.float32, vh, vw, kw, make_map(map_kind, Vb, Vv, "cpu"), a, 0.3,
                    what=f"M{M}/{base_mode}/{map_kind}/{alpha}", in_place=base_mode == "logits-in-place")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("fill", [float("-inf"), float("inf")], ids=["fill_neg_inf", "fill_pos_inf"])
+@pytest.mark.parametrize("map_kind", ["identity", "many_to_one"])
+@pytest.mark.parametrize("base_mode", ["logits-in-place", "hidden"])
+@pytest.mark.parametrize("M,alpha", [(3, "scalar"), (3, "per_row"), (40, "scalar"), (40, "per_row")],
+                         ids=lambda v: f"M{v}" if isinstance(v, int) else v)
+def test_infinite_fill_leaves_mapped_columns_finite(backend, device, fill, map_kind, base_mode, M, alpha):
+    """``fill=-inf`` bans the unmapped base ids (``+inf`` forces them): exactly those columns are infinite and every
+    mapped column is the finite guided logit (``fill * unmapped`` would be ``inf * 0 = NaN`` there). A map with
+    ``-1`` entries, and the identity with ``Vb > Vv`` (ids past the value vocabulary); both sides of the torch
+    backend's gathered-head switch (``M = Hv``), in place on base logits and with the base head fused, float32 and a
+    half-precision ``out`` (summed in float32, then rounded)."""
+    if backend == "cuda" and M > CUDA_MAX_ROWS:
+        pytest.skip(f"the CUDA decode kernel handles M <= {CUDA_MAX_ROWS}")
+    Hv, Vv, Vb, Hb = 24, 97, 131, 16
+    for dtype in ([torch.float32, torch.float16] if base_mode != "hidden" else [torch.float32]):
+        vh, vw, kw = _inputs(M, Hv, Vv, Vb, Hb, dtype, device, base_mode.split("-")[0])
+        vocab_map = make_map(map_kind, Vb, Vv, device)
+        if vocab_map is not None:
+            vocab_map[:3] = -1  # whatever the draw, some unmapped ids
+        a = 1.7 if alpha == "scalar" else torch.rand(M, device=device) + 0.25  # nonzero: 0 * inf is NaN
+        _run_and_check(backend, device, dtype, vh, vw, kw, vocab_map, a, fill,
+                       what=f"{backend}/{dtype}/fill={fill}/{map_kind}/{base_mode}/M{M}/{alpha}",
+                       in_place=base_mode == "logits-in-place")
 
 
 @pytest.mark.parametrize("alpha", ["scalar", "per_row"])

@@ -44,7 +44,7 @@ import torch
 
 from ... import _backends
 from ..._validate import CrossEntropyArgs, check_backend, validate_cross_entropy
-from ._autograd import Config, GuidedCrossEntropy
+from ._autograd import Config, GuidedCrossEntropy, graph_anchor
 from ._chunked import chunked_loss, launch_bwd, launch_fwd
 from ._torch_backend import CHUNK_ELEMS, torch_bwd, torch_chunks, torch_fwd
 
@@ -94,7 +94,8 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
         vocab_map: int32/int64 ``[Vb]`` (or a ``VocabMap``), entries in ``[-1, Vv)``; ``None`` = identity.
             Many-to-one maps are allowed (their gradients add up).
         alpha: float or ``[N]`` tensor; a constant (no gradient; a tensor that requires grad is an error).
-        fill: value logit of unmapped base ids.
+        fill: value logit of unmapped base ids: finite in float32, or ``-inf`` (they get probability 0; a target
+            on one then has an infinite loss).
         l1_coef: weight (>= 0) of the L1 regulariser.
         l1_reduction: ``"kept"`` (default: the L1 term of the kept rows, normalised like the cross-entropy) or
             ``"all"`` (the L1 term of every row, ignored ones included, averaged over ``N`` for ``"mean"``); see
@@ -121,6 +122,7 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
         the value head gathered into base order; the torch backend a few buffers of ``CHUNK_ELEMS`` logits
         (``2**22`` on a CPU, ``2**27`` on a GPU), the ``[Vv, Hv]`` accumulator in the compute dtype and, with a
         map, the value head gathered into base order.
+        No second derivative: differentiating gradients taken with ``create_graph=True`` raises.
         Deterministic: the Triton backend uses no atomics (a many-to-one map's gradients are folded with
         ``index_put_``, deterministic under ``torch.use_deterministic_algorithms``); the torch backend neither,
         except on a GPU with both a map and the L1 term (``index_add_``, deterministic in that mode too).
@@ -147,7 +149,8 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
                   l1_all=a.l1_reduction == "all", reduction=a.reduction,
                   process_group=a.process_group, compute=compute, grad_enabled=torch.is_grad_enabled())
     loss = GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
-                                     g.vocab_map, alpha_tensor, target_local, kept, cfg)
+                                     g.vocab_map, alpha_tensor, target_local, kept,
+                                     graph_anchor(g.value_hidden, g.value_weight), cfg)
     loss = loss.to(g.value_hidden.dtype)
     if a.reduction == "none" and len(g.lead_shape) != 1:
         loss = loss.view(g.lead_shape)

@@ -70,7 +70,7 @@ class GuidedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                target_local, kept, cfg: Config):
+                target_local, kept, anchor, cfg: Config):
         with_l1 = cfg.l1_coef != 0.0
         need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_kept = kept.sum()
@@ -122,10 +122,10 @@ class GuidedCrossEntropy(torch.autograd.Function):
                 # IVL's released normaliser: every row passed (N), not the kept ones.
                 loss = loss + l1_row.sum() / max(row.shape[0], 1)
         if one_pass:
-            ctx.save_for_backward(dvh if need_dvh else None, dvw if need_dvw else None)
+            ctx.save_for_backward(dvh if need_dvh else None, dvw if need_dvw else None, anchor)
         else:
             ctx.save_for_backward(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
-                                  alpha_tensor, target_local, kept, lse)
+                                  alpha_tensor, target_local, kept, lse, anchor)
         ctx.one_pass = one_pass
         ctx.cfg = cfg
         ctx.n_kept = n_kept
@@ -138,16 +138,32 @@ class GuidedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # The gradients are computed from saved statistics (or saved gradients) as constants: this backward is not
+        # differentiable itself. It runs without recording (create_graph=True would otherwise try to record the
+        # in-place GEMMs), and under create_graph=True the gradients get a node that raises if they are
+        # differentiated. torch.autograd.function.once_differentiable is not enough: its node hangs off grad_out
+        # only, which usually does not require grad, and a second derivative then silently misses this op's
+        # Hessian term. Ours hangs off ``anchor``, a 0-d tensor that the public function derives from value_hidden
+        # and value_weight (``graph_anchor``), so it lies on every path a second derivative takes to them.
+        with torch.no_grad():
+            grads = GuidedCrossEntropy._gradients(ctx, grad_out)
+        anchor = ctx.saved_tensors[-1]
+        if torch.is_grad_enabled() and anchor is not None:
+            grads = _raise_if_differentiated(anchor, grads)
+        return grads + (None,)
+
+    @staticmethod
+    def _gradients(ctx, grad_out):
         cfg: Config = ctx.cfg
         none = (None,) * 8
         if ctx.one_pass:
-            dvh, dvw = ctx.saved_tensors
+            dvh, dvw, _ = ctx.saved_tensors
             # The forward's gradients are for an upstream gradient of 1 (a scalar loss): scale them.
             dvh = dvh * grad_out.to(dvh.dtype) if dvh is not None else None
             dvw = dvw * grad_out.to(dvw.dtype) if dvw is not None else None
             return (dvh, dvw) + none
         (value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, target_local,
-         kept, lse) = ctx.saved_tensors
+         kept, lse, _) = ctx.saved_tensors
         g, g_l1 = row_weights(cfg, kept, ctx.n_kept, grad_out)
         need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if cfg.process_group is not None:
@@ -173,3 +189,44 @@ class GuidedCrossEntropy(torch.autograd.Function):
             dvh32 = _all_reduce(dvh.to(cfg.compute), dist.ReduceOp.SUM, cfg.process_group)
             dvh = dvh32.to(value_hidden.dtype)
         return (dvh if ctx.needs_input_grad[0] else None, dvw if ctx.needs_input_grad[1] else None) + none
+
+
+
+SECOND_DERIVATIVE_ERROR = (
+    "fused_guided_cross_entropy has no second derivative: its backward is not differentiable (the gradients of "
+    "value_hidden / value_weight were computed with create_graph=True, then differentiated again). For "
+    "higher-order derivatives use ivl_kernels.reference.guided_cross_entropy_naive (materialised logits).")
+
+
+def graph_anchor(value_hidden: torch.Tensor, value_weight: torch.Tensor):
+    """A 0-d zero whose autograd graph reaches ``value_hidden`` and ``value_weight`` (the sum of an empty slice of
+    each: nothing is saved, no storage is kept alive), or ``None`` when neither can get a gradient at this call."""
+    if not torch.is_grad_enabled() or not (value_hidden.requires_grad or value_weight.requires_grad):
+        return None
+    return value_hidden[:0].sum() + value_weight[:0].sum()
+
+
+class _RaiseIfDifferentiated(torch.autograd.Function):
+    """Passes the gradients a backward returns under ``create_graph=True`` through (as views); differentiating
+    them raises ``SECOND_DERIVATIVE_ERROR``."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
+def _raise_if_differentiated(anchor: torch.Tensor, grads: tuple) -> tuple:
+    """``grads`` (tensors and ``None``s) with each tensor replaced by its view through ``_RaiseIfDifferentiated``,
+    whose node leads to ``anchor``."""
+    where = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not where:
+        return grads
+    wrapped = _RaiseIfDifferentiated.apply(anchor, *(grads[i] for i in where))
+    out = list(grads)
+    for i, w in zip(where, wrapped if isinstance(wrapped, tuple) else (wrapped,)):
+        out[i] = w
+    return tuple(out)

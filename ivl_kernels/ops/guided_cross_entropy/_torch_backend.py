@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .._columns import add_fill, gather_columns, gathered_head
+from .._columns import add_fill, fill_columns, gather_columns, gathered_head
 from .._gemm import addmm_into
 
 # Logits per [rows, V] buffer of a chunk of rows. CPU: 16 MiB in fp32, so a chunk's passes run near the caches
@@ -37,8 +37,12 @@ CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 27}
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out = a @ b`` (``out`` may have another dtype: the product is then computed in ``a``'s and cast)."""
-    if out.dtype == a.dtype:
+    """``out = a @ b`` (``out`` may have another dtype: the product is then computed in ``a``'s and cast).
+
+    Eagerly into ``out`` (a strided view, such as the first ``Vv`` columns of a chunk's logits: no temporary);
+    while torch.compile traces, as a product copied in, since dynamo does not trace ``out=`` into a
+    non-contiguous tensor (the compiler may then write the product in place)."""
+    if out.dtype == a.dtype and not torch.compiler.is_compiling():
         torch.mm(a, b, out=out)
     else:
         out.copy_(torch.mm(a, b))
@@ -88,8 +92,16 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
     if grads and dt == torch.float16:
         # float16 gradients of a mean over many rows (g ~ 1/N) would sink into subnormals: G is formed divided by
         # the largest row weight and the GEMM results multiplied back (as the Triton backend does).
-        top = max(g.abs().max().item(), h.abs().max().item() * l1_scale)
-        scale = top if top > 0 else 1.0
+        if torch.compiler.is_compiling():
+            # No host read while tracing (.item() breaks the graph): the scale stays a 0-d tensor, and d value_weight
+            # is multiplied back once at the end rather than by each chunk's GEMM (whose alpha= takes a number).
+            top = torch.maximum(g.abs().max(), h.abs().max() * l1_scale).to(compute)
+            scale = torch.where(top > 0, top, torch.ones_like(top))
+        else:
+            top = max(g.abs().max().item(), h.abs().max().item() * l1_scale)
+            scale = top if top > 0 else 1.0
+    traced_scale = isinstance(scale, torch.Tensor)
+    scaled = traced_scale or scale != 1.0
 
     v_min = min(Vb, Vv)
     identity_view = vocab_map is None and Vb <= Vv
@@ -104,7 +116,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         acc_cols = None
         if need_dvw:
             acc_cols = acc_v[:v_min] if vocab_map is None else torch.zeros((Vb, Hv), dtype=compute, device=dev)
-        fill_cols = unmapped.to(compute) * fill if (unmapped is not None and fill != 0.0) else None
+        fill_cols = fill_columns(unmapped, fill, compute) if (unmapped is not None and fill != 0.0) else None
         base_in_place = (base_hidden is not None and dt == compute and base_hidden.dtype == compute
                          and base_weight.dtype == compute)
     rows = max(1, CHUNK_ELEMS.get(dev.type, CHUNK_ELEMS["cpu"]) // max(Vb, Vv, 1))
@@ -162,7 +174,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
             continue
         if Vb > 0:
             gw = g[r0:r1].to(compute).unsqueeze(1) * a_c
-            if scale != 1.0:
+            if scaled:
                 gw = gw / scale
             # G = g * alpha * (p - (1 - eps) * onehot(t) - eps / Vb), in place over the exponentials.
             dz = e.mul_(gw * inv)
@@ -186,13 +198,15 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         if need_dvh:
             _mm_into(dvh[r0:r1], dvl, w_g)
         if need_dvw:
-            addmm_into(acc_g, dvl.T, xv, alpha=scale)  # in place: no [Vv, Hv] temporary a chunk
-    if need_dvh and scale != 1.0:
+            addmm_into(acc_g, dvl.T, xv, alpha=1.0 if traced_scale else scale)  # in place: no [Vv, Hv] temporary
+    if need_dvh and scaled:
         dvh.mul_(scale)
     if need_dvw and not with_l1 and vocab_map is not None:
         # Rows of unmapped ids hold their columns' gradient for the zeroed head rows: dropped, not folded.
         acc_cols.masked_fill_(unmapped.unsqueeze(1), 0.0)
         acc_v.index_put_((cols,), acc_cols, accumulate=True)
+    if need_dvw and traced_scale:
+        acc_v.mul_(scale)
     return result()
 
 

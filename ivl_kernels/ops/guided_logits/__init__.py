@@ -51,7 +51,8 @@ def fused_guided_logits(value_hidden, value_weight, *, base_logits=None, base_hi
             the check (written behind torch's version counter, or first seen inside a capture) is treated as
             unmapped by every backend: no out-of-range address is ever formed.
         alpha: guidance strength, a float or a ``[M]`` tensor (one per row).
-        fill: the value logit used for unmapped base ids.
+        fill: the value logit used for unmapped base ids: finite in float32, or ``-inf`` (bans them) / ``+inf``
+            (a finite value beyond float32's range, or NaN, is a ``ValueError``).
         out: optional ``[M, Vb]`` output; may be ``base_logits`` itself (in place, as a logits processor does).
         backend: ``"auto" | "cuda" | "triton" | "torch"`` (``IVL_KERNELS_BACKEND`` overrides ``"auto"``).
 
