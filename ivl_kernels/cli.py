@@ -97,14 +97,21 @@ def _bench(argv) -> int:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"benchmarks/ not found next to the package ({root}): run from a source "
                                     f"checkout (pip install -e .)")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:  # read-only, no permission, a link to nothing
+            raise ValueError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     except (ValueError, FileNotFoundError) as e:
         print(f"ivl-kernels bench: error: {e}", file=sys.stderr)
         return 2
     status = 0
-    os.makedirs(out, exist_ok=True)
     for name in (BENCHMARKS if which == "all" else [which]):
         module = _load_benchmark(root, name)
-        tmp = tempfile.mkdtemp(prefix=f".bench-{name}.tmp-", dir=out)
+        try:
+            tmp = tempfile.mkdtemp(prefix=f".bench-{name}.tmp-", dir=out)
+        except OSError as e:  # nothing run yet: a clear error, not a traceback
+            print(f"ivl-kernels bench: error: --out {out}: cannot write there ({e.strerror or e})", file=sys.stderr)
+            return 2 | status
         try:
             status |= module.main(rest + ["--out", tmp]) or 0
         except BaseException:
@@ -119,7 +126,14 @@ def _bench(argv) -> int:
             status |= 2
         elif os.listdir(tmp):
             names = sorted(os.listdir(tmp))
-            commit_dir(tmp, out)
+            try:
+                commit_dir(tmp, out)  # every conflict (a directory named like a result) is found before a move
+            except (ValueError, OSError) as e:
+                kept = os.path.join(out, time.strftime(f"bench-{name}-%Y%m%d-%H%M%S"))
+                os.rename(tmp, kept)
+                print(f"ivl-kernels bench: error: {e}; this run's results are in {kept}", file=sys.stderr)
+                status |= 2
+                continue
             print(f"ivl-kernels bench: results in {out}: {', '.join(names)}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)

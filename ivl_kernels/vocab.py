@@ -47,6 +47,7 @@ Saved format
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -248,7 +249,14 @@ class VocabMap:
     # persistence
 
     def save(self, path) -> None:
-        """Write the map (format in the module docstring); ``path`` is any file name, ``.pt`` by convention."""
+        """Write the map (format in the module docstring); ``path`` is any file name, ``.pt`` by convention.
+
+        Raises:
+            TypeError: a field :meth:`load` would refuse (a ``meta`` value that is not JSON-like: nested dicts,
+                lists, tuples, sets, ``str``, ``int``, ``float``, ``bool``, ``None``; a ``Path``
+                or a numpy scalar is not), named, before anything is written.
+        """
+        _check_saved_fields(self.base_fingerprint, self.value_fingerprint, self.method, self.meta)
         torch.save({
             "format": _FORMAT, "version": _VERSION, "index": self._index.clone(),
             "base_vocab_size": self.base_vocab_size, "value_vocab_size": self.value_vocab_size,
@@ -267,8 +275,9 @@ class VocabMap:
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: not a saved vocab map, or a tokenizer that is not the one the map was built for (the
-                message names the file and both vocabulary sizes).
+            ValueError: not a saved vocab map, a damaged one (a missing or mistyped field, entries out of range;
+                the message names the file and the field), or a tokenizer that is not the one the map was built
+                for (the message names the file and both vocabulary sizes).
         """
         p = Path(os.fspath(path))
         if not p.is_file():
@@ -276,14 +285,13 @@ class VocabMap:
         try:
             d = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{p}: not a saved VocabMap ({type(e).__name__}: {e})") from None
+            first = (str(e).strip().splitlines() or [""])[0]  # torch's own message goes on for a page
+            raise ValueError(f"{p}: not a saved VocabMap ({type(e).__name__}: {first})") from None
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"{p}: not a saved VocabMap (missing format tag {_FORMAT!r})")
         if d.get("version") != _VERSION:
             raise ValueError(f"{p}: VocabMap format version {d.get('version')} is not supported (expected {_VERSION})")
-        vm = cls(d["index"], d["base_vocab_size"], d["value_vocab_size"], base_fingerprint=d.get("base_fingerprint"),
-                 value_fingerprint=d.get("value_fingerprint"), method=d.get("method", "custom"),
-                 meta=d.get("meta") or {})
+        vm = _from_saved(cls, d, p)
         for side, tok, fp, size in (("base", base, vm.base_fingerprint, vm.base_vocab_size),
                                     ("value", value, vm.value_fingerprint, vm.value_vocab_size)):
             if tok is None:
@@ -299,6 +307,72 @@ class VocabMap:
                     f"map sizes: base {vm.base_vocab_size}, value {vm.value_vocab_size}"
                 )
         return vm
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the saved format's fields
+
+
+_META_SCALARS = (str, int, float, bool, type(None))  # exact types: numpy's float64 subclasses float, yet
+# torch.load(weights_only=True) refuses it
+
+
+def _check_meta_value(v, where: str) -> None:
+    if type(v) in (dict, OrderedDict):
+        for k, x in v.items():
+            if type(k) not in _META_SCALARS:
+                raise TypeError(f"VocabMap {where}: key {k!r} is a {type(k).__module__}.{type(k).__qualname__}, "
+                                f"which VocabMap.load cannot read back; use str keys")
+            _check_meta_value(x, f"{where}[{k!r}]")
+    elif type(v) in (list, tuple, set):
+        for i, x in enumerate(sorted(v, key=repr) if type(v) is set else v):
+            _check_meta_value(x, f"{where}[{i}]" if type(v) is not set else f"{where} (a set) element")
+    elif type(v) not in _META_SCALARS:
+        raise TypeError(f"VocabMap {where} is a {type(v).__module__}.{type(v).__qualname__} ({repr(v)[:80]}), which "
+                        f"VocabMap.load (torch.load with weights_only=True) cannot read back; a saved map holds "
+                        f"JSON-like values only (dict, list, tuple, set, str, int, float, bool, None): "
+                        f"convert it (str(path), int(x), float(x))")
+
+
+def _check_saved_fields(base_fingerprint, value_fingerprint, method, meta) -> None:
+    """``TypeError`` naming the first field (and meta key) that :meth:`VocabMap.load` would refuse."""
+    for name, fp in (("base_fingerprint", base_fingerprint), ("value_fingerprint", value_fingerprint)):
+        if fp is not None and type(fp) is not str:
+            raise TypeError(f"VocabMap {name} must be a str or None, got {type(fp).__name__} {fp!r}")
+    if type(method) is not str:
+        raise TypeError(f"VocabMap method must be a str, got {type(method).__name__} {method!r}")
+    if type(meta) is not dict:
+        raise TypeError(f"VocabMap meta must be a dict, got {type(meta).__name__}")
+    _check_meta_value(meta, "meta")
+
+
+def _from_saved(cls, d: dict, p: Path) -> "VocabMap":
+    """The map in a loaded dict; ``ValueError`` naming the file and the damaged field."""
+    def damaged(what: str):
+        return ValueError(f"{p}: damaged VocabMap file: {what}")
+
+    for key in ("index", "base_vocab_size", "value_vocab_size"):
+        if key not in d:
+            raise damaged(f"missing field {key!r}")
+    index = d["index"]
+    if not isinstance(index, torch.Tensor):
+        raise damaged(f"'index' must be an integer tensor, got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise damaged(f"'index' must be an integer tensor, got dtype {index.dtype}")
+    if index.dim() != 1:
+        raise damaged(f"'index' must be 1-D [base_vocab_size], got shape {tuple(index.shape)}")
+    for key in ("base_vocab_size", "value_vocab_size"):
+        v = d[key]
+        if type(v) is not int:
+            raise damaged(f"{key!r} must be an int, got {type(v).__name__} {v!r}")
+    meta = d.get("meta")
+    meta = {} if meta is None else meta
+    try:
+        _check_saved_fields(d.get("base_fingerprint"), d.get("value_fingerprint"), d.get("method", "custom"), meta)
+        return cls(index, d["base_vocab_size"], d["value_vocab_size"], base_fingerprint=d.get("base_fingerprint"),
+                   value_fingerprint=d.get("value_fingerprint"), method=d.get("method", "custom"), meta=meta)
+    except (TypeError, ValueError) as e:
+        raise damaged(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------------------------

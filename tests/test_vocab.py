@@ -500,3 +500,58 @@ def test_load_bad_map_files(tmp_path):
     plain.save(tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="no base vocabulary fingerprint"):
         VocabMap.load(tmp_path / "plain.pt", base=TokenizerVocab("x", "x", [b"a", b"b"]))
+
+
+def _damaged(d):
+    return {
+        "missing_index": {k: v for k, v in d.items() if k != "index"},
+        "missing_value_vocab_size": {k: v for k, v in d.items() if k != "value_vocab_size"},
+        "index_float": {**d, "index": torch.tensor([0.0, 1.0, -1.0, 2.0])},
+        "index_2d": {**d, "index": d["index"].view(2, 2)},
+        "index_out_of_range": {**d, "index": torch.tensor([0, 1, -1, 7], dtype=torch.int32)},
+        "index_list_of_str": {**d, "index": ["a", "b", "c", "d"]},
+        "base_vocab_size_str": {**d, "base_vocab_size": "four"},
+        "value_vocab_size_none": {**d, "value_vocab_size": None},
+        "base_vocab_size_wrong": {**d, "base_vocab_size": 5},
+        "meta_list": {**d, "meta": [1, 2]},
+        "fingerprint_int": {**d, "base_fingerprint": 5},
+        "method_int": {**d, "method": 3},
+    }
+
+
+@pytest.mark.parametrize("case, what", [
+    ("missing_index", "missing field 'index'"), ("missing_value_vocab_size", "missing field 'value_vocab_size'"),
+    ("index_float", "'index' must be an integer tensor, got dtype torch.float32"), ("index_2d", "1-D"),
+    ("index_out_of_range", r"entries must lie in \[-1, 3\)"), ("index_list_of_str", "'index' must be an integer"),
+    ("base_vocab_size_str", "'base_vocab_size' must be an int"), ("value_vocab_size_none", "'value_vocab_size' must"),
+    ("base_vocab_size_wrong", "4 entries but base_vocab_size=5"), ("meta_list", "meta must be a dict"),
+    ("fingerprint_int", "base_fingerprint must be a str or None"), ("method_int", "method must be a str"),
+])
+def test_load_damaged_map_fields_names_the_file_and_field(tmp_path, case, what):
+    """A file with the format tag whose fields are damaged: before, a bare KeyError / TypeError without the file
+    name (or, for a non-string fingerprint, a map that loaded); now a ValueError naming the file and the field."""
+    VocabMap(torch.tensor([0, 1, -1, 2], dtype=torch.int32), 4, 3, method="exact", meta={"a": 1}).save(
+        tmp_path / "good.pt")
+    d = torch.load(tmp_path / "good.pt", weights_only=True)
+    path = tmp_path / f"{case}.pt"
+    torch.save(_damaged(d)[case], path)
+    with pytest.raises(ValueError, match=rf"{case}\.pt: damaged VocabMap file: .*{what}"):
+        VocabMap.load(path)
+
+
+@pytest.mark.parametrize("meta, key", [
+    ({"corpus": Path("/data/c.txt")}, r"meta\['corpus'\] is a pathlib"),
+    ({"n": np.int64(3)}, r"meta\['n'\] is a numpy.int64"),
+    ({"stats": {"seen": [1, np.float64(2.0)]}}, r"meta\['stats'\]\['seen'\]\[1\] is a numpy.float64"),
+    ({Path("k"): 1}, r"key \w*Path"),
+])
+def test_save_refuses_meta_that_load_cannot_read(tmp_path, meta, key):
+    """Before: save wrote it and load refused the file ('not a saved VocabMap'); now save refuses, naming the key,
+    and writes nothing. What load reads back round-trips."""
+    path = tmp_path / "m.pt"
+    with pytest.raises(TypeError, match=key):
+        VocabMap(torch.tensor([0, 1, -1]), 3, 2, meta=meta).save(path)
+    assert not path.exists()
+    ok = {"n": 3, "s": "x", "l": [1.5, None, True], "t": (1, 2), "set": {1, 2}, "d": {"k": {"j": -1}}}
+    VocabMap(torch.tensor([0, 1, -1]), 3, 2, meta=ok).save(path)
+    assert VocabMap.load(path).meta == ok

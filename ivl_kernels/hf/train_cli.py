@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from OUT/checkpoint-N, a checkpoint directory, or 'latest' (what --resume alone "
                         "means; put it after BASE VALUE)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an OUT that already holds files (checkpoints, a finished run); same-named "
-                        "files are replaced. Without it OUT must be new or empty (or pass --resume)")
+                   help="start over in an OUT that already holds files (checkpoints, a finished run): the earlier "
+                        "run's checkpoints are removed, same-named files are replaced. Without it OUT must be new or "
+                        "empty (or pass --resume)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     g.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in the value model")
     g.add_argument("--report-to", default="none", metavar="NAMES", help="tensorboard, wandb, ... (default none)")
@@ -147,8 +148,19 @@ def checkpoint_problem(directory: str) -> Optional[str]:
     return None
 
 
-def latest_complete_checkpoint(out: str):
-    """``(newest complete checkpoint-N in out or None, [(incomplete path, why), ...] newer than it)``."""
+def is_own_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` is a checkpoint this package wrote: it holds the completion marker, or the
+    ``ivl_train.json`` of a trained value network (written with the weights, before the marker)."""
+    if os.path.isfile(os.path.join(directory, COMPLETE_NAME)):
+        return True
+    try:
+        return read_info(directory).get("format") == INFO_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def checkpoint_dirs(out: str) -> list:
+    """``[(N, path), ...]`` of the ``checkpoint-N`` directories in ``out``, newest (largest N) first."""
     import re
 
     found = []
@@ -157,8 +169,31 @@ def latest_complete_checkpoint(out: str):
             m = re.fullmatch(r"checkpoint-(\d+)", name)
             if m and os.path.isdir(os.path.join(out, name)):
                 found.append((int(m.group(1)), os.path.join(out, name)))
+    return sorted(found, reverse=True)
+
+
+def remove_earlier_checkpoints(out: str) -> list:
+    """A run started over with ``--overwrite`` must never be resumed into the run it replaces: the
+    ``checkpoint-N`` directories of that earlier run which this package wrote (``is_own_checkpoint``) are
+    removed before the new run trains (each renamed to a hidden name first, one atomic step, then deleted, so an
+    interrupt leaves no half-deleted checkpoint behind under its name). Returns the removed names."""
+    import shutil
+    import tempfile
+
+    removed = []
+    for _, path in checkpoint_dirs(out):
+        if not os.path.islink(path) and is_own_checkpoint(path):
+            doomed = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.removed-", dir=out)
+            os.rename(path, os.path.join(doomed, "c"))
+            shutil.rmtree(doomed)
+            removed.append(os.path.basename(path))
+    return removed
+
+
+def latest_complete_checkpoint(out: str):
+    """``(newest complete checkpoint-N in out or None, [(incomplete path, why), ...] newer than it)``."""
     skipped = []
-    for _, path in sorted(found, reverse=True):
+    for _, path in checkpoint_dirs(out):
         why = checkpoint_problem(path)
         if why is None:
             return path, skipped
@@ -198,12 +233,21 @@ def _same_vocabulary(base_tok, value_tok) -> bool:
 
 def _resolve_resume(resume: Optional[str], out: str, overwrite: bool) -> Optional[str]:
     """The checkpoint to resume from (``None``: a fresh run). A fresh run needs an OUT that is new or empty
-    (``--overwrite`` to write over another run's files); ``latest`` is the newest complete checkpoint, incomplete
-    ones (an interrupted save) are reported and skipped; a named checkpoint must be complete."""
+    (``--overwrite`` to write over another run's files: the earlier run's checkpoints are then removed before
+    training, ``remove_earlier_checkpoints``, and OUT must hold no complete-looking checkpoint this package did
+    not write, which a later ``--resume latest`` would take); ``latest`` is the newest complete checkpoint,
+    incomplete ones (an interrupted save) are reported and skipped; a named checkpoint must be complete."""
     from .._atomic import check_output_dir
 
     if resume is None:
         if overwrite:
+            foreign = [p for _, p in checkpoint_dirs(out)
+                       if (os.path.islink(p) or not is_own_checkpoint(p)) and checkpoint_problem(p) is None]
+            if foreign:
+                raise UsageError(f"{out} holds {os.path.basename(foreign[0])}, a checkpoint ivl-kernels train did "
+                                 f"not write: --overwrite removes the earlier run's checkpoints so that --resume "
+                                 f"latest can only continue the new run, and will not remove this one; move it "
+                                 f"away or choose another -o")
             return None
         last, _ = latest_complete_checkpoint(out)
         if last is not None:
@@ -232,15 +276,61 @@ def _resolve_resume(resume: Optional[str], out: str, overwrite: bool) -> Optiona
 
 
 def _check_paths(args) -> None:
-    """Before any work: OUT is none of the inputs (nor inside one); the data file exists."""
-    from .._atomic import check_not_input
+    """Before any work: OUT is none of the inputs, nor inside one, nor holds one (the run replaces files and
+    checkpoints inside OUT); a symbolic link OUT points to a directory (written through); OUT can be written
+    (checked now, not when the finished run is saved)."""
+    from .._atomic import check_not_input, check_writable, resolve_output
 
     check_not_input(args.output, [("base model (BASE)", args.base), ("value model (VALUE)", args.value),
                                   ("--base-tokenizer", args.base_tokenizer),
                                   ("--value-tokenizer", args.value_tokenizer), ("--data file", args.data),
-                                  ("--map file", args.map)], flag="-o")
+                                  ("--map file", args.map)], flag="-o", inputs_inside=True)
+    try:
+        resolve_output(args.output)
+    except ValueError as e:
+        raise UsageError(f"-o {e}") from None
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"-o {args.output!r} exists and is not a directory")
+    check_writable(args.output, what="-o")
+
+
+def _check_numbers(args) -> None:
+    """Every numeric option finite and in range, before anything is read or written: a NaN weight decay or LoRA
+    alpha trains to NaN weights and exits 0, zero epochs "save" an untrained network, a negative learning rate
+    or L1 weight fails only once training has started. ``UsageError`` naming the flag."""
+    from .._validate import check_alpha_float
+
+    def number(flag: str, v, ok, what: str) -> None:
+        try:
+            v = check_alpha_float(flag, v)  # finite, and finite in float32 (the loss and the optimizer's dtype)
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        if not ok(v):
+            raise UsageError(f"{flag} must be {what}, got {v:g}")
+
+    number("--alpha", args.alpha, lambda v: v != 0, "nonzero (with --alpha 0 the value network is not in the "
+           "loss: there is nothing to learn)")
+    number("--l1-coef", args.l1_coef, lambda v: v >= 0, ">= 0")
+    number("--lr", args.lr, lambda v: v > 0, "> 0")
+    number("--weight-decay", args.weight_decay, lambda v: v >= 0, ">= 0")
+    number("--epochs", args.epochs, lambda v: v > 0, "> 0")
+    if args.lora_alpha is not None:
+        number("--lora-alpha", args.lora_alpha, lambda v: v > 0, "> 0")
+    number("--lora-dropout", args.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+    ints = (("--max-steps", args.max_steps, lambda v: v == -1 or v >= 1, ">= 1 (or -1, the default: --epochs "
+             "decides)"),
+            ("--warmup-steps", args.warmup_steps, lambda v: v >= 0, ">= 0"),
+            ("--seed", args.seed, lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+            ("--lora-r", args.lora_r, lambda v: v >= 0, ">= 0"),
+            ("--batch-size", args.batch_size, lambda v: v >= 1, ">= 1"),
+            ("--grad-accum", args.grad_accum, lambda v: v >= 1, ">= 1"),
+            ("--max-length", args.max_length, lambda v: v >= 2, ">= 2"),
+            ("--save-steps", args.save_steps, lambda v: v >= 0, ">= 0 (0: no intermediate checkpoints)"),
+            ("--logging-steps", args.logging_steps, lambda v: v >= 1, ">= 1"),
+            ("--save-total-limit", args.save_total_limit, lambda v: v is None or v >= 1, ">= 1"))
+    for flag, v, ok, what in ints:
+        if not ok(v):
+            raise UsageError(f"{flag} must be {what}, got {v}")
 
 
 def _dtype(name: Optional[str]):
@@ -258,15 +348,7 @@ def _setup(args) -> dict:
     from .. import __version__ as ivl_version
     from .training import IVLForCausalLM
 
-    if args.lora_r < 0:
-        raise UsageError("--lora-r must be >= 0")
-    if args.batch_size < 1 or args.grad_accum < 1 or args.max_length < 2:
-        raise UsageError("--batch-size and --grad-accum must be >= 1, --max-length >= 2")
-    if args.save_steps < 0 or args.logging_steps < 1 or (args.save_total_limit is not None and args.save_total_limit < 1):
-        raise UsageError("--save-steps must be >= 0, --logging-steps >= 1, --save-total-limit >= 1")
-    for flag, v in (("--alpha", args.alpha), ("--lr", args.lr), ("--l1-coef", args.l1_coef)):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise UsageError(f"{flag} must be finite, got {v}")
+    _check_numbers(args)
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume continues the run in OUT and --overwrite starts over: pass one of them")
     _check_paths(args)
@@ -434,6 +516,13 @@ def main(argv=None) -> int:
               f"{', LoRA r=%d' % args.lora_r if args.lora_r else ''})"
               + (f"; map coverage {s['vmap'].coverage:.4f}" if s["vmap"] is not None else "")
               + (f"; resuming from {s['resume']}" if s["resume"] else ""), flush=True)
+    if args.overwrite and s["resume"] is None:
+        if trainer.args.should_save:  # the process that writes checkpoints removes the earlier run's
+            removed = remove_earlier_checkpoints(args.output)
+            if removed:
+                print(f"ivl-kernels train: --overwrite: removed the earlier run's {', '.join(removed)} from "
+                      f"{args.output}", file=sys.stderr, flush=True)
+        trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=s["resume"])
     trainer.save_model(args.output)
     trainer.save_state()

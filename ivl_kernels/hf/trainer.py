@@ -116,15 +116,19 @@ class IVLTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         # Trainer writes a checkpoint file by file (weights, optimizer, RNG, trainer state) and may be
         # interrupted anywhere: the completion marker, written last (after every process has written its part)
-        # and atomically, is what makes a checkpoint one to resume from (``checkpoint_problem``).
+        # and atomically, is what makes a checkpoint one to resume from (``checkpoint_problem``). A checkpoint
+        # folder that already exists (an earlier run's, or this run's before a resume) is invalidated first, so
+        # that a save interrupted half-way is never taken for complete with a mix of old and new files.
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            invalidate_checkpoint(folder)
+        self.accelerator.wait_for_everyone()  # no process writes into the folder before it is invalidated
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            run_dir = self._get_output_dir(trial=trial)
-            mark_checkpoint_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"),
-                                     self.state.global_step)
+            mark_checkpoint_complete(folder, self.state.global_step)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # pragma: no cover - not run in CI
@@ -140,6 +144,17 @@ def write_info(directory: str, info: dict) -> None:
     with open(os.path.join(directory, INFO_NAME), "w") as f:
         json.dump(info, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def invalidate_checkpoint(directory: str) -> None:
+    """Make an existing checkpoint folder incomplete before it is written again: remove its completion marker, then
+    ``trainer_state.json`` (Trainer's last file, what makes a checkpoint written before the marker existed count as
+    complete). Interrupted between the two, the folder still holds one whole, consistent checkpoint."""
+    for name in (COMPLETE_NAME, "trainer_state.json"):
+        try:
+            os.remove(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
 
 
 def mark_checkpoint_complete(directory: str, global_step: int) -> None:

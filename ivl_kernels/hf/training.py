@@ -159,7 +159,9 @@ class IVLForCausalLM(nn.Module):
         self.base_model = base_model
         self.value_model = value_model
         self.alpha = check_alpha_float("alpha", alpha)  # a NaN would only surface as a NaN loss
-        self.l1_coef = float(l1_coef)
+        self.l1_coef = check_alpha_float("l1_coef", l1_coef)  # the loss's own check, here at construction
+        if self.l1_coef < 0:
+            raise ValueError(f"l1_coef must be a finite float >= 0, got {self.l1_coef}")
         self.label_smoothing = float(label_smoothing)
         self.fill = float(fill)
         self.backend = backend

@@ -345,6 +345,155 @@ def test_usage_errors(toy, tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
+# ---- writers: starting over, re-saving, odd outputs, bad numbers --------------------------------------------------
+
+SHORT = ["--batch-size", "16", "--logging-steps", "1", "--use-cpu", "--no-progress"]
+
+
+def _checkpoints(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+
+
+def test_overwrite_never_resumes_into_the_earlier_run(toy, tmp_path, monkeypatch, capsys):
+    """Run A leaves complete checkpoints 2 and 4; run B starts over with --overwrite and is interrupted (Ctrl-C)
+    just after its own complete checkpoint-2. Before: A's checkpoints stayed, so --resume latest took A's
+    checkpoint-4; now B removes them when it starts, and latest is B's checkpoint-2."""
+    from ivl_kernels.hf import trainer as T
+    from ivl_kernels.hf.train_cli import _resolve_resume
+
+    out = tmp_path / "out"
+    args = [toy.base, toy.value, "--data", toy.data, "-o", out, "--save-steps", 2, *SHORT]
+    assert _run(args + ["--max-steps", 4, "--seed", 0]) == 0
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    real = T.IVLTrainer._save_checkpoint
+
+    def interrupted(self, model, trial):
+        real(self, model, trial)
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.IVLTrainer, "_save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(args + ["--max-steps", 8, "--seed", 7, "--overwrite"])
+    assert "removed the earlier run's checkpoint-4, checkpoint-2" in capsys.readouterr().err
+    assert _checkpoints(out) == ["checkpoint-2"] and not [n for n in os.listdir(out) if n.startswith(".")]
+    assert read_info(out / "checkpoint-2")["training"]["seed"] == 7
+    assert _resolve_resume("latest", str(out), False) == str(out / "checkpoint-2")
+
+    # A complete-looking checkpoint-N that ivl-kernels did not write is never removed: --overwrite refuses to start.
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoint-9").mkdir(parents=True)
+    (foreign / "checkpoint-9" / "trainer_state.json").write_text("{}")
+    (foreign / "checkpoint-9" / "model.safetensors").write_text("x")
+    assert _run([toy.base, toy.value, "--data", toy.data, "-o", foreign, "--max-steps", 1, "--overwrite",
+                 *SHORT]) == 2
+    assert "checkpoint-9, a checkpoint ivl-kernels train did not write" in capsys.readouterr().err
+    assert sorted(os.listdir(foreign / "checkpoint-9")) == ["model.safetensors", "trainer_state.json"]
+
+
+def test_resaving_an_existing_checkpoint_invalidates_it_first(toy, tmp_path, monkeypatch):
+    """Resumed from checkpoint-2, the run writes checkpoint-4 again over the complete one and is interrupted
+    after the weights, before the optimizer state. Before: the old marker stayed and checkpoint-4 (new weights,
+    old optimizer and trainer state) was taken as complete; now it is incomplete and latest is checkpoint-2."""
+    from ivl_kernels.hf import trainer as T
+    from ivl_kernels.hf.train_cli import _resolve_resume, checkpoint_problem
+
+    out = tmp_path / "out"
+    args = [toy.base, toy.value, "--data", toy.data, "-o", out, "--save-steps", 2, "--max-steps", 4, *SHORT]
+    assert _run(args) == 0
+    assert checkpoint_problem(str(out / "checkpoint-4")) is None
+
+    def interrupted(self, output_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.IVLTrainer, "_save_optimizer_and_scheduler", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(args + ["--resume", "checkpoint-2"])
+    assert checkpoint_problem(str(out / "checkpoint-4")) is not None
+    assert not (out / "checkpoint-4" / COMPLETE_NAME).exists()
+    assert _resolve_resume("latest", str(out), False) == str(out / "checkpoint-2")
+
+
+def test_output_given_as_a_symlink(toy, tmp_path, capsys):
+    """-o a link to an empty directory: before, the finished run's save did os.rmdir on the link
+    (NotADirectoryError, the training lost); now the run is written into the directory the link points to.
+    A link to nothing is refused before any work."""
+    real, link = tmp_path / "scratch" / "run", tmp_path / "run"
+    real.mkdir(parents=True)
+    link.symlink_to(real)
+    assert _run([toy.base, toy.value, "--data", toy.data, "-o", link, "--max-steps", 1, "--save-steps", 0,
+                 *SHORT]) == 0
+    assert link.is_symlink() and {"model.safetensors", "ivl_train.json"} <= set(os.listdir(real))
+    assert sorted(os.listdir(tmp_path)) == ["run", "scratch"] and os.listdir(tmp_path / "scratch") == ["run"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    assert _run([toy.base, toy.value, "--data", toy.data, "-o", dangling, "--max-steps", 1, *SHORT]) == 2
+    assert "symbolic link" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_overwrite_replaces_weights_of_the_other_kind(toy, tmp_path):
+    """A full run with --overwrite over a LoRA run: before, the old adapter_config.json / adapter_model.safetensors
+    stayed and every loader took the old adapter instead of the new weights; now they are removed. And the
+    reverse: an adapter over full weights removes model.safetensors."""
+    from safetensors.torch import load_file
+
+    from ivl_kernels.hf.checkpoint import load_causal_lm
+
+    out = tmp_path / "out"
+    args = [toy.base, toy.value, "--data", toy.data, "-o", out, "--max-steps", 1, "--save-steps", 0, *SHORT]
+    assert _run(args + ["--lora-r", 2]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    assert _run(args + ["--overwrite"]) == 0
+    names = set(os.listdir(out))
+    assert "model.safetensors" in names and not names & {"adapter_config.json", "adapter_model.safetensors"}
+    loaded = load_causal_lm(str(out), "value")
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+    assert _run(args + ["--lora-r", 2, "--overwrite"]) == 0
+    names = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+
+
+def test_an_input_inside_out_is_refused(toy, tmp_path, capsys):
+    """VALUE = OUT/checkpoint-2 (or --map OUT/vocab_map.pt) with -o OUT: before, the run wrote its own checkpoint-2
+    (its final vocab_map.pt) over its input; now it is refused, with or without --overwrite."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(toy.value, out / "checkpoint-2")
+    before = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+    for extra in ([], ["--overwrite"], ["--resume", "latest"]):
+        assert _run([toy.base, out / "checkpoint-2", "--data", toy.data, "-o", out, "--max-steps", 2,
+                     "--save-steps", 2, *SHORT, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "lies inside -o" in err and "checkpoint-2" in err, err
+    assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == before
+    assert os.listdir(out) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--epochs", "nan"], "--epochs"),
+    (["--max-steps", "0"], "--max-steps"), (["--lr", "-1"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--l1-coef", "-1"], "--l1-coef"), (["--l1-coef", "1e39"], "--l1-coef"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--alpha", "0"], "--alpha"), (["--alpha", "nan"], "--alpha"),
+    (["--lora-r", "2", "--lora-alpha", "nan"], "--lora-alpha"),
+    (["--lora-r", "2", "--lora-alpha", "0"], "--lora-alpha"),
+    (["--lora-r", "2", "--lora-dropout", "1"], "--lora-dropout"), (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--seed", "-1"], "--seed"), (["--save-total-limit", "0"], "--save-total-limit"),
+])
+def test_bad_numbers_are_refused_before_any_work(toy, tmp_path, capsys, extra, flag):
+    """Before: --epochs nan, --lr -1, --l1-coef -1 raised a traceback once training started and left an empty
+    OUT; --weight-decay nan and --lora-alpha nan trained to NaN with exit 0; --epochs 0 saved an untrained
+    network. Now: exit 2, a message naming the flag, nothing written."""
+    out = tmp_path / "out"
+    assert _run([toy.base, toy.value, "--data", toy.data, "-o", out, *SHORT, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} must be" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_console_script_help(capsys):
     """The console entry point (``ivl-kernels``, else ``python -m ivl_kernels.cli``) runs ``train``."""
     assert cli.main([]) == 2 and "train" in capsys.readouterr().out  # listed in the top-level usage

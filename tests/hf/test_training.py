@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,3 +184,38 @@ def test_peft_lora_value_network(tmp_path):
     with torch.no_grad():
         after = loaded(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(before, after)
+
+
+def test_save_pretrained_through_a_symlink_and_over_the_other_kind(tmp_path):
+    """save_directory a link to an empty directory: before, os.rmdir on the link (NotADirectoryError); now the
+    directory it points to gets the files and the link stays. overwrite=True with full weights over an earlier
+    PEFT adapter: before, adapter_config.json stayed and from_pretrained took the old adapter; now it is gone
+    (and the reverse)."""
+    peft = pytest.importorskip("peft")
+    base = make_base()
+    real, link = tmp_path / "disk" / "value", tmp_path / "value"
+    real.mkdir(parents=True)
+    link.symlink_to(real)
+    model = IVLForCausalLM(base, make_value())
+    model.save_pretrained(str(link))
+    assert link.is_symlink() and (real / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "value"]
+    assert os.listdir(tmp_path / "disk") == ["value"]
+
+    out = tmp_path / "out"
+    lora = peft.get_peft_model(make_value(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    IVLForCausalLM(base, lora).save_pretrained(str(out))
+    assert (out / "adapter_config.json").is_file()
+    full = make_value(seed=3)
+    IVLForCausalLM(base, full).save_pretrained(str(out), overwrite=True)
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(os.listdir(out))
+    loaded = IVLForCausalLM.from_pretrained(base, str(out)).value_model
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in full.state_dict().items())
+    IVLForCausalLM(base, lora).save_pretrained(str(out), overwrite=True)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("l1_coef", [-1.0, float("nan"), float("inf"), 1e39])
+def test_l1_coef_is_checked_at_construction(l1_coef):
+    with pytest.raises(ValueError, match="l1_coef must be"):
+        IVLForCausalLM(make_base(), make_value(), l1_coef=l1_coef)
