@@ -184,7 +184,7 @@ def is_guided_checkpoint(directory: str) -> bool:
 def read_guided_checkpoint(directory: str) -> GuidedSpec:
     """The spec of a guided checkpoint; ``ValueError`` naming the file and the key for anything malformed (a
     hand-edited alpha of ``"nan"`` or ``true`` is refused, not read as a number)."""
-    from ._validate import check_alpha_float, check_finite_float
+    from ._validate import check_alpha_float
 
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
@@ -210,8 +210,8 @@ def read_guided_checkpoint(directory: str) -> GuidedSpec:
 
     def number(key, value):
         try:
-            check = check_alpha_float if "alpha" in key else check_finite_float
-            return check(f"ivl_guided.{key}", value)
+            # An alpha or the fill: finite in float32, the range the ops compute them in.
+            return check_alpha_float(f"ivl_guided.{key}", value)
         except (TypeError, ValueError):
             raise field_error(key, "a finite number", value) from None
 

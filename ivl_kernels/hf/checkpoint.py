@@ -136,7 +136,7 @@ def write_guided_checkpoint(directory: str, base: str, terms: Sequence[dict], *,
     if not terms:
         raise ValueError("a guided checkpoint needs at least one guidance term")
     check_guided_output(directory, base, [t["model"] for t in terms], overwrite=overwrite, flag=overwrite_flag)
-    fill = check_finite_float("fill", fill)
+    fill = check_finite_float("fill", fill, float32=True)  # JSON has no infinity; the ops need float32's range
     if suppress_ids_from is not None and (isinstance(suppress_ids_from, bool) or not isinstance(suppress_ids_from, int)
                                           or suppress_ids_from < 1):
         raise ValueError(f"suppress_ids_from must be an int >= 1 or None, got {suppress_ids_from!r}")

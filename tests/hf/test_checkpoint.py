@@ -104,19 +104,39 @@ def test_save_pretrained_round_trip(models, tmp_path):
     assert VocabMap.load(os.path.join(out, "map_1.pt")).value_vocab_size == VALUE_VOCAB
 
 
+def test_compose_into_a_symlink_to_a_directory(models, tmp_path, capsys):
+    """-o a link to an empty directory (a scratch disk): before, os.rmdir on the link failed (NotADirectoryError);
+    now the checkpoint is written into the directory it points to, the link stays and loads. A link to nothing
+    is refused, nothing created."""
+    real, link = tmp_path / "disk" / "guided", tmp_path / "guided"
+    real.mkdir(parents=True)
+    link.symlink_to(real)
+    assert cli(["compose", models["base"], models["value"], "-o", str(link)]) == 0
+    assert link.is_symlink() and (real / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "guided"]
+    assert GuidedCausalLM.from_pretrained(str(link)).vocab_size == BASE_VOCAB
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    assert cli(["compose", models["base"], models["value"], "-o", str(dangling)]) == 2
+    assert "symbolic link" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
 def test_in_memory_models_need_paths(tmp_path):
     lm = GuidedCausalLM(make_base(), make_value())
     with pytest.raises(ValueError, match="records no path it was loaded from"):
         lm.save_pretrained(str(tmp_path / "x"))
 
 
-@pytest.mark.parametrize("case", ["missing-value", "bigger-vocab-no-map", "map-wrong-size", "no-terms"])
+@pytest.mark.parametrize("case", ["missing-value", "bigger-vocab-no-map", "map-wrong-size", "no-terms",
+                                  "fill-beyond-float32"])
 def test_compose_refuses_bad_input_before_writing(models, tmp_path, case, capsys):
     out = tmp_path / "bad"
     args = {"missing-value": [models["base"], str(tmp_path / "nope"), "-o", str(out)],
             "bigger-vocab-no-map": [models["small"], models["base"], "-o", str(out)],
             "map-wrong-size": [models["base"], models["value"], "-o", str(out), "--map", models["map"]],
-            "no-terms": [models["base"], "-o", str(out)]}[case]
+            "no-terms": [models["base"], "-o", str(out)],
+            "fill-beyond-float32": [models["base"], models["value"], "-o", str(out), "--fill", "1e39"]}[case]
     if case == "no-terms":
         with pytest.raises(SystemExit):
             cli(["compose", *args])
@@ -124,7 +144,8 @@ def test_compose_refuses_bad_input_before_writing(models, tmp_path, case, capsys
         assert cli(["compose", *args]) == 2
         err = capsys.readouterr().err
         assert {"missing-value": "cannot read a model config", "bigger-vocab-no-map": "does not fit",
-                "map-wrong-size": "vocab"}[case].lower() in err.lower()
+                "map-wrong-size": "vocab", "fill-beyond-float32": "fill must be finite in float32"}[case].lower() \
+            in err.lower()
     assert not (out / "config.json").exists()
 
 

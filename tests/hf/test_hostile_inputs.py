@@ -205,10 +205,11 @@ def test_hand_edited_alpha_is_refused(checkpoint, alpha):
     (lambda g: g.update(terms=[{"alpha": 1.0}]), r"terms\[0\]\.model"),
     (lambda g: g.update(base=7), "base"),
     (lambda g: g.update(fill="0"), "fill"),
+    (lambda g: g.update(fill=1e39), "fill"),
     (lambda g: g.update(suppress_ids_from=2.5), "suppress_ids_from"),
     (lambda g: g["terms"][0].update(map="../../etc/passwd"), r"terms\[0\]\.map"),
-], ids=["missing-terms", "term-without-model", "base-not-a-string", "fill-a-string", "suppress-a-float",
-        "map-outside"])
+], ids=["missing-terms", "term-without-model", "base-not-a-string", "fill-a-string", "fill-beyond-float32",
+        "suppress-a-float", "map-outside"])
 def test_bad_or_missing_key_names_the_file_and_key(checkpoint, edit, key):
     _edit(os.path.join(checkpoint, "config.json"), lambda d: edit(d["ivl_guided"]))
     with pytest.raises(ValueError, match=rf"config\.json: ivl_guided\.{key}"):
