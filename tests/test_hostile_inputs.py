@@ -5,9 +5,11 @@ loaders are in tests/hf/test_hostile_inputs.py."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -209,11 +211,43 @@ def test_bench_refuses_the_package_directory(fake_bench, capsys):
     assert "inside the installed package" in capsys.readouterr().err and fake_bench.argv is None
 
 
+def test_bench_overwrite_over_a_directory_named_like_a_result(fake_bench, tmp_path, capsys):
+    """Before: a ValueError traceback from commit_dir and a .bench-logits.tmp-* directory left in --out. Now: exit
+    2 naming the clash, the user's directory untouched, this run's results kept whole in bench-logits-TIME."""
+    (tmp_path / "result.csv").mkdir()
+    (tmp_path / "result.csv" / "keep").write_text("new")
+    assert cli.main(["bench", "logits", "--out", str(tmp_path), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot replace the directory" in err and "result.csv" in err and "Traceback" not in err
+    assert os.listdir(tmp_path / "result.csv") == ["keep"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    kept = [n for n in os.listdir(tmp_path) if n.startswith("bench-logits-")]
+    assert len(kept) == 1 and os.listdir(tmp_path / kept[0]) == ["result.csv"] and kept[0] in err
+
+
+def test_bench_unwritable_out_is_a_clear_error(fake_bench, tmp_path, monkeypatch, capsys):
+    """Before: os.makedirs / mkdtemp raised an OSError traceback (a read-only --out). Now: exit 2, nothing run."""
+    real_makedirs = os.makedirs
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # --out exists, nothing can be made in it
+    assert cli.main(["bench", "logits", "--out", str(tmp_path)]) == 2
+    assert "cannot write there (Read-only file system)" in capsys.readouterr().err
+    monkeypatch.setattr(os, "makedirs", read_only)  # --out cannot be created
+    assert cli.main(["bench", "logits", "--out", str(tmp_path / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err and fake_bench.argv is None
+    monkeypatch.setattr(os, "makedirs", real_makedirs)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_bench_cuda_without_a_gpu_is_a_clear_error(fake_bench, tmp_path, capsys):
     assert cli.main(["bench", "loss", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
     assert fake_bench.argv is None and os.listdir(tmp_path) == []
+
 
 def test_benchmark_script_run_directly_keeps_existing_results(tmp_path):
     """A script run by hand writes into its --out (default: the committed benchmarks/results/): a result of the

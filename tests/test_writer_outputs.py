@@ -1,6 +1,6 @@
-"""The shared output rules of every writer (``ivl_kernels._atomic``) and ``ivl-kernels bench``'s output
-directory: symbolic links, weights of the other kind left by an earlier save, inputs inside the output, outputs
-that cannot be written, a directory where a result file goes. (Hostile inputs to the same helpers are in
+"""The shared output rules of every writer (``ivl_kernels._atomic``): symbolic links, weights of the other kind
+left by an earlier save, inputs inside the output, outputs that cannot be written, a directory where a file goes.
+(Hostile inputs to the same helpers and ``ivl-kernels bench``'s output directory are in
 tests/test_hostile_inputs.py; the writers end to end in tests/hf/test_train_cli.py, test_checkpoint.py and
 test_training.py.)"""
 
@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from ivl_kernels import _atomic, cli
+from ivl_kernels import _atomic
 
 
 def _write(d, name, text="new"):
@@ -110,56 +110,3 @@ def test_check_writable_names_the_place(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     with pytest.raises(ValueError, match=rf"-o '{tmp_path}/out': cannot write in '{tmp_path}' \(Read-only"):
         _atomic.check_writable(tmp_path / "out", what="-o")
-
-
-# ---- ivl-kernels bench ------------------------------------------------------------------------------------------
-
-
-class _FakeBenchmark:
-    """Stands in for a benchmark script: writes ``result.csv`` into its ``--out``."""
-
-    def __init__(self):
-        self.argv = None
-
-    def main(self, argv):
-        self.argv = argv
-        _write(argv[argv.index("--out") + 1], "result.csv", "impl,ms\nfused,1.0\n")
-        return 0
-
-
-@pytest.fixture()
-def fake_bench(monkeypatch):
-    bench = _FakeBenchmark()
-    monkeypatch.setattr(cli, "_load_benchmark", lambda root, name: bench)
-    return bench
-
-
-def test_bench_overwrite_over_a_directory_named_like_a_result(fake_bench, tmp_path, capsys):
-    """Before: a ValueError traceback from commit_dir and a .bench-logits.tmp-* directory left in --out. Now: exit
-    2 naming the clash, the user's directory untouched, this run's results kept whole in bench-logits-TIME."""
-    (tmp_path / "result.csv").mkdir()
-    _write(tmp_path / "result.csv", "keep")
-    assert cli.main(["bench", "logits", "--out", str(tmp_path), "--overwrite"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot replace the directory" in err and "result.csv" in err and "Traceback" not in err
-    assert os.listdir(tmp_path / "result.csv") == ["keep"]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
-    kept = [n for n in os.listdir(tmp_path) if n.startswith("bench-logits-")]
-    assert len(kept) == 1 and os.listdir(tmp_path / kept[0]) == ["result.csv"] and kept[0] in err
-
-
-def test_bench_unwritable_out_is_a_clear_error(fake_bench, tmp_path, monkeypatch, capsys):
-    """Before: os.makedirs / mkdtemp raised an OSError traceback (a read-only --out). Now: exit 2, nothing run."""
-    real_makedirs = os.makedirs
-
-    def read_only(*a, **k):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # --out exists, nothing can be made in it
-    assert cli.main(["bench", "logits", "--out", str(tmp_path)]) == 2
-    assert "cannot write there (Read-only file system)" in capsys.readouterr().err
-    monkeypatch.setattr(os, "makedirs", read_only)  # --out cannot be created
-    assert cli.main(["bench", "logits", "--out", str(tmp_path / "sub")]) == 2
-    assert "--out" in capsys.readouterr().err and fake_bench.argv is None
-    monkeypatch.setattr(os, "makedirs", real_makedirs)
-    assert os.listdir(tmp_path) == []
