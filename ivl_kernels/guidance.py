@@ -21,9 +21,12 @@ import torch
 
 from .ops.guided_logits import fused_guided_logits
 
-# Config attributes (transformers' names, which vLLM reads too) that transform the logits after the LM head.
-# The fused kernels apply a plain bias-free linear head, so a model with any of them is refused.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Config attributes (transformers' names, which vLLM reads too) that transform the logits after the LM head:
+# Gemma 2/3's softcapping, Cohere's scale, Granite's / HyperCLOVA X's scaling, Falcon-H1's multiplier, Muse's
+# output multiplier. The fused kernels apply a plain bias-free linear head, so a model with any of them (a scale
+# other than 1) is refused.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                    "output_multiplier")
 
 
 @dataclass

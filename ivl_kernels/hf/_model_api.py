@@ -171,6 +171,8 @@ class GuidedModelAPI:
         if position_ids is None:
             position_ids = padded_positions(mask)
         else:
+            if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == 1:
+                position_ids = position_ids.expand(shape[0], -1)  # one row for every sequence, as transformers takes
             position_ids = _check_int_tensor("position_ids", position_ids, shape).to(device).long()
         for i, t in enumerate(self.terms):
             if t.prompt_template is not None:
@@ -308,10 +310,13 @@ class GuidedModelAPI:
             base, values = self._sequence_hidden(ids, mask, pos)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep.to(ids.device)
             base, values = base[:, keep], [v[:, keep] for v in values]
+            one = base.dim() == 2  # a 0-d tensor: one position, logits [B, V] (as transformers' indexing gives)
+            if one:
+                base, values = base[:, None], [v[:, None] for v in values]
             B, K = base.shape[:2]
             flat = lambda h: h.reshape(B * K, h.shape[-1])  # noqa: E731
             logits = suppress_ids_(self._guided_logits(flat(base), [flat(v) for v in values]), self._suppress_limit())
-            logits = logits.view(B, K, -1)
+            logits = logits.view(B, K, -1)[:, 0] if one else logits.view(B, K, -1)
         out = CausalLMOutputWithPast(loss=loss, logits=logits)
         return out.to_tuple() if return_dict is False else out
 

@@ -130,6 +130,25 @@ def test_value_head_with_bias_or_softcapping_is_rejected(models):
         GuidedCausalLM(base, capped)
 
 
+@pytest.mark.parametrize("attr", ["logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier"])
+def test_a_logit_scale_other_than_one_is_rejected(models, attr):
+    """Cohere, Granite, Falcon-H1 (``logits = lm_head(h) * lm_head_multiplier``, 0.039 in its checkpoints),
+    Muse: the fused head is a plain linear map, so such a base or value would give silently scaled logits."""
+    base, value, _ = models
+    import copy
+
+    for role in ("base", "value"):
+        scaled = copy.deepcopy(base if role == "base" else value)
+        setattr(scaled.config, attr, 0.0390625)
+        with pytest.raises(ValueError, match=f"{attr}=0.0390625"):
+            if role == "base":
+                GuidedCausalLM(scaled, value)
+            else:
+                IVLForCausalLM(base, scaled)
+        setattr(scaled.config, attr, 1.0)  # a scale of 1 changes nothing: accepted
+        GuidedCausalLM(scaled, value) if role == "base" else IVLForCausalLM(base, scaled)
+
+
 def test_importing_ivl_kernels_does_not_import_transformers():
     import subprocess
     import sys

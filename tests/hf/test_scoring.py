@@ -106,8 +106,20 @@ def test_logits_to_keep_and_return_dict():
     full = lm(ids).logits
     torch.testing.assert_close(lm(ids, logits_to_keep=1).logits, full[:, -1:])
     torch.testing.assert_close(lm(ids, logits_to_keep=torch.tensor([0, 5])).logits, full[:, [0, 5]])
+    # A 0-d tensor indexes one position, as in transformers' own forward: [B, V].
+    one = lm(ids, logits_to_keep=torch.tensor(5)).logits
+    assert one.shape == base(ids, logits_to_keep=torch.tensor(5)).logits.shape
+    torch.testing.assert_close(one, full[:, 5])
     loss, logits = lm(ids, labels=ids, return_logits=True, return_dict=False)
     assert loss.dim() == 0 and logits.shape == full.shape
+
+
+def test_position_ids_of_one_row_serve_the_batch():
+    """``position_ids [1, T]`` for a ``[B, T]`` batch (transformers broadcasts it)."""
+    lm, _, _ = guided_setup("single", seed=2)
+    ids = torch.cat([random_prompts([8], seed=4)[0][None], random_prompts([8], seed=5)[0][None]])
+    pos = torch.arange(8)[None]
+    torch.testing.assert_close(lm(ids, position_ids=pos).logits, lm(ids, position_ids=pos.expand(2, -1)).logits)
 
 
 def test_transformers_model_interface():
