@@ -289,11 +289,12 @@ def _from_hf_tokenizers(tk, name: str = "tokenizer.json", size: Optional[int] = 
     except Exception:  # pragma: no cover
         model_spec = {}
     conv = _piece_converter(_flatten_decoders(_decoder_spec(tk)), model_spec)
-    unk = model_spec.get("unk_token")
+    unk = model_spec.get("unk_token")  # BPE / WordPiece name it; a Unigram model gives its id
+    unk_id = model_spec.get("unk_id") if isinstance(model_spec.get("unk_id"), int) else None
     pieces: list = [None] * n
     fallback = set()
     for piece, i in vocab.items():
-        if unk is not None and piece == unk:
+        if (unk is not None and piece == unk) or i == unk_id:
             continue
         b, fb = conv(piece)
         pieces[i] = b or None

@@ -28,7 +28,8 @@ def corpus_texts(corpus) -> tuple:
         if not p.is_file():
             raise FileNotFoundError(f"corpus file not found: {p}")
         try:
-            text = p.read_text(encoding="utf-8")
+            with open(p, encoding="utf-8", newline="") as f:  # "\r\n" stays: text given as a str keeps it too
+                text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read corpus file {p} as UTF-8 text: {e}") from None
         texts, desc = [text], str(p)

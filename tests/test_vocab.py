@@ -433,6 +433,32 @@ def test_dtw_corpus_forms(vocabs, tmp_path):
     assert from_docs.meta["dtw_base_tokens_seen"] > 500
 
 
+def test_dtw_corpus_file_keeps_carriage_returns(tmp_path):
+    """A file is read as the same text a str would give: "\r\n" and "\r" stay (Path.read_text made them "\n",
+    so a CRLF corpus gave another map and another corpus hash from a file than from its text)."""
+    text = "the cat sat\r\non the mat\r\nthe dog\rran\n" * 3
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert D.corpus_texts(path)[0] == [text]
+
+
+def test_unigram_unknown_token_is_never_mapped():
+    """A Unigram tokenizer.json names its unknown token by id (``unk_id``): that token is unmapped and never a
+    target, as a BPE model's ``unk_token`` is."""
+    _needs("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pieces = [("<unk>", 0.0)] + [(p, -1.0 - i) for i, p in enumerate(["\u2581the", "\u2581cat", "\u2581", "t", "h",
+                                                                      "e", "c", "a", "s"])]
+    uni = Tokenizer(models.Unigram(pieces, unk_id=0))
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    uni.decoder = decoders.Metaspace()
+    v = tokenizer_vocab(uni)
+    assert v.pieces[0] is None and v.pieces[1] == b" the"
+    index = VocabMap.from_tokenizers(uni, uni).index
+    assert index[0] == -1 and (index[1:] == torch.arange(1, len(pieces), dtype=index.dtype)).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 

@@ -33,6 +33,16 @@ except Exception:  # pragma: no cover
     _LogitsProcessorBase = object
 
 
+_ANCHOR = "a"
+
+
+def _complete_text(text: str) -> str:
+    """``text`` without a trailing U+FFFD: a base token that ends in the middle of a multi-byte character decodes
+    to a replacement character, which the value model would read; its bytes are held back until the character is
+    complete (as transformers' ``TextStreamer`` does)."""
+    return text.rstrip("\ufffd")
+
+
 class IVLLogitsProcessor(_LogitsProcessorBase):
     """Guide ``base_model.generate()`` with a value network: ``scores += alpha * remap(value_logits)``.
 
@@ -258,21 +268,56 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         T0 = self._prompt.shape[1]
         rows = []
         for r in range(input_ids.shape[0]):
-            if self._own is not None:
-                # Its own prompt, then the generated text re-tokenised after it.
-                own_ids, own_mask = self._own
-                text = self.base_tokenizer.decode(input_ids[r, T0:].tolist(), skip_special_tokens=True)
-                rows.append(own_ids[r][own_mask[r].bool()].tolist()
-                            + list(self.value_tokenizer(text, add_special_tokens=False)["input_ids"]))
-                continue
             ids = input_ids[r]
             if self.attention_mask is not None:
                 keep = torch.cat([self.attention_mask[r].to(ids.device).bool(),
                                   torch.ones(ids.shape[0] - T0, dtype=torch.bool, device=ids.device)])
                 ids = ids[keep]
-            text = self.base_tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-            rows.append(self.value_tokenizer(text, add_special_tokens=True)["input_ids"])
+            ids = ids.tolist()
+            n_prompt = len(ids) - (input_ids.shape[1] - T0)
+            text = _complete_text(self.base_tokenizer.decode(ids, skip_special_tokens=True))
+            if self._own is not None:
+                # Its own prompt, then the generated text re-tokenised after it. The generated text is the whole
+                # row's decoded text past the prompt's (decoding the new tokens alone loses a leading space under a
+                # SentencePiece decoder), read as a continuation (a tokenizer's dummy prefix is not added again).
+                own_ids, own_mask = self._own
+                prompt_text = self.base_tokenizer.decode(ids[:n_prompt], skip_special_tokens=True)
+                if text.startswith(prompt_text):
+                    new = text[len(prompt_text):]
+                else:
+                    new = _complete_text(self.base_tokenizer.decode(ids[n_prompt:], skip_special_tokens=True))
+                rows.append(own_ids[r][own_mask[r].bool()].tolist() + self._continuation_ids(new))
+                continue
+            rows.append(self._encode(text, add_special_tokens=True))
         return rows
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list:
+        """The value tokenizer's ids of ``text`` read as plain text: a special token's string in generated text
+        (``<s>``, ``[INST]``, ``<|im_end|>``) stays characters (``split_special_tokens``, where the tokenizer takes
+        it; the base's own special tokens were dropped by ``skip_special_tokens``)."""
+        tok = self.value_tokenizer
+        if getattr(self, "_split_special", None) is None:
+            try:
+                tok("a", add_special_tokens=False, split_special_tokens=True)
+                self._split_special = True
+            except (TypeError, ValueError):  # e.g. MistralCommonBackend, which never parses special tokens
+                self._split_special = False
+        kw = {"split_special_tokens": True} if self._split_special else {}
+        return list(tok(text, add_special_tokens=add_special_tokens, **kw)["input_ids"])
+
+    def _continuation_ids(self, text: str) -> list:
+        """``text`` tokenised as the continuation of earlier text: a SentencePiece tokenizer's dummy prefix would
+        read ``" paris"`` alone as ``["▁", "▁paris"]``; encoded after an anchor (``"a"``) whose own ids it starts
+        with, the anchor's ids are dropped. Without that prefix match, ``text`` alone."""
+        if not text:
+            return []
+        if getattr(self, "_anchor_ids", None) is None:
+            self._anchor_ids = self._encode(_ANCHOR, add_special_tokens=False)
+        anchor = self._anchor_ids
+        both = self._encode(_ANCHOR + text, add_special_tokens=False)
+        if anchor and both[:len(anchor)] == anchor:
+            return both[len(anchor):]
+        return self._encode(text, add_special_tokens=False)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, T = input_ids.shape

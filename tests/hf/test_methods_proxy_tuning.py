@@ -163,9 +163,20 @@ def test_processor_own_prompt_with_retokenisation(setup):
     T = ids.shape[1]
     for r in range(len(TEXTS)):
         seq = raw_rows[r].clone()
+        prompt_text = tok.decode(raw_rows[r].tolist(), skip_special_tokens=True)
+
+        def encode(text):  # plain text: special-token strings stay characters
+            return tok_v(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
         for _ in range(NEW):
-            gen_text = tok.decode(seq[raw_rows[r].shape[0]:].tolist(), skip_special_tokens=True)
-            vids = torch.tensor(chat_v[r] + tok_v(gen_text, add_special_tokens=False)["input_ids"])
+            # The generated text: the row's text past the prompt's, an incomplete last character held back,
+            # encoded as a continuation (after an anchor "a" whose ids it keeps as a prefix; else alone).
+            full = tok.decode(seq.tolist(), skip_special_tokens=True).rstrip("\ufffd")
+            assert full.startswith(prompt_text)
+            gen_text = full[len(prompt_text):]
+            both, anchor = encode("a" + gen_text), encode("a")
+            cont = (both[len(anchor):] if both[:len(anchor)] == anchor else encode(gen_text)) if gen_text else []
+            vids = torch.tensor(chat_v[r] + cont)
             z = base(seq[None]).logits[0, -1].double() + 2.0 * remap(value(vids[None]).logits[0, -1].double(), vmap,
                                                                      len(tok))
             seq = torch.cat([seq, z.argmax().view(1)])
