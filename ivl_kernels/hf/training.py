@@ -217,7 +217,9 @@ class IVLForCausalLM(nn.Module):
         if labels is not None:
             # Every position is a row of the loss: position t's target is labels[t + 1]; the last position has
             # none (-100) but is still a row, so that l1_reduction="all" counts it, as IVL's released code does.
-            target = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            # A padding position predicts nothing either (left padding: the last pad before a row's first real token
+            # would be scored on it, from a state that attended to no real token).
+            target = labels[:, 1:].masked_fill((attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0), -100)
             target = torch.cat([target, target.new_full((B, 1), -100)], dim=1).reshape(-1)
         base = {}
 

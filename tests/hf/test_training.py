@@ -33,7 +33,9 @@ def naive_loss(base, value, ids, mask, labels, *, alpha, l1_coef, vmap, l1_reduc
         zb = base(ids, attention_mask=mask, position_ids=pos).logits
     vl = value(value_input_ids(ids, vmap, value.config.vocab_size), attention_mask=mask, position_ids=pos).logits
     z = zb + alpha * remap(vl, vmap, zb.shape[-1])
-    target = labels[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1)
+    # A position predicts the next label only when both are real tokens (left padding: the last pad does not
+    # predict the first real token).
+    target = labels[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), -100).reshape(-1)
     zz, vv = z[:, :-1].reshape(-1, z.shape[-1]), vl[:, :-1].reshape(-1, vl.shape[-1])
     kept = target != -100
     ce = F.cross_entropy(zz, target, ignore_index=-100)
@@ -67,6 +69,27 @@ def test_loss_and_gradients_equal_naive(tie_value, kind, alpha, l1, l1_reduction
         err = (got[n] - p.grad).norm().item()
         assert err <= 1e-4 * p.grad.norm().item() + 1e-7, f"{n}: |diff| {err:.3g} vs |grad| {p.grad.norm():.3g}"
     assert all(p.grad is None for p in base.parameters())
+
+
+def test_left_and_right_padding_give_the_same_loss():
+    """Labels = ids with -100 on padding: the rows scored are the real token pairs whatever the padding side (the
+    last pad of a left-padded row must not be scored on the row's first real token)."""
+    base, value = make_base(), make_value()
+    model = IVLForCausalLM(base, value, alpha=0.5, l1_coef=0.3, l1_reduction="kept")
+    prompts = random_prompts([9, 5, 12], seed=8)
+    ids, mask = left_pad(prompts)
+    right = torch.zeros_like(ids)
+    right_mask = torch.zeros_like(mask)
+    for i, p in enumerate(prompts):
+        right[i, :p.shape[0]], right_mask[i, :p.shape[0]] = p, 1
+    losses = [model(input_ids=x, attention_mask=m, labels=x.masked_fill(m == 0, -100)).loss
+              for x, m in ((ids, mask), (right, right_mask))]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    one = torch.tensor([[0, 0, 0, 5, 6, 7, 8]])
+    only_first = torch.full_like(one, -100)
+    only_first[0, 3] = 5  # the first real token: no real position predicts it
+    loss = model(input_ids=one, attention_mask=(one != 0).long(), labels=only_first).loss
+    assert loss.item() == 0.0
 
 
 def test_defaults_reproduce_released_training_and_l1_reduction_is_checked():
