@@ -18,7 +18,8 @@ kernel's tiles changed at a time) it reports:
     d value_weight accumulator (a wrong configuration shows here, not only in its time).
 The winners go into ``_tiles._default_config``; the rows say which kernel is under cuBLAS's rate and by how much.
 Without a GPU the kernels run only under ``TRITON_INTERPRET=1``: the script then checks every variant's
-correctness on a small chunk and times nothing (``status`` says so).
+correctness on a small chunk and times nothing (``status`` says so). Stopped by SIGTERM (gpu_session.sh's time
+limit), it writes the rows measured so far and a "(stopped)" row.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (add_output_args, environment, format_table, output_options, plot_bars,  # noqa: E402
-                     print_environment, write_csv)
+from _common import (Stopped, add_output_args, environment, format_table, output_options, plot_bars,  # noqa: E402
+                     print_environment, sigterm_deferred, stop_on_sigterm, write_csv)
 from ivl_kernels.ops._tile_launch import WIDE_TILES  # noqa: E402
 
 KERNELS = {"_ce_logits_tile_kernel": "z", "_ce_logits_tma_kernel": "z", "_ce_combine_kernel": "lse",
@@ -147,81 +148,88 @@ def main(argv=None) -> int:
         return out
 
     rows = []
-    for case in ("value-only", "guided"):
-        vb = Vb if case == "guided" else Vv
-        flops = {"z": 2 * R * vb * (Hv + (Hb if case == "guided" else 0)), "dX": 2 * R * Vv * Hv,
-                 "dW": 2 * R * Vv * Hv, "lse": 0, "G": 0}
-        ref = chunk(case, "cublas")
-        cublas = {}
-        if gpu:
-            x = torch.cat([bh, vh], 1) if case == "guided" else vh
-            w = torch.cat([bw, torch.nn.functional.pad(vw, (0, 0, 0, Vb - Vv))], 1) if case == "guided" else vw
-            G = torch.randn(R, Vv, device=device, dtype=dtype) / Vv
-            acc = torch.zeros(Vv, Hv, device=device, dtype=torch.float32)
-            cublas = {"z": bench(lambda: torch.mm(x, w.T)), "dX": bench(lambda: torch.mm(G, vw)),
-                      "dW": bench(lambda: addmm_into(acc, G.T, vh))}
-            path_ms = bench(lambda: chunk(case, "cublas"))
-            del x, w, G, acc
-            rows.append(dict(case=case, variant="cuBLAS path (GEMMs + row kernel)", kernel="chunk", config="",
-                             ms=path_ms, TFLOPs=sum(flops.values()) / (path_ms * 1e-3) / 1e12, x_cublas="",
-                             rel_err=0.0, status="ok"))
-            for k in ("z", "dX", "dW"):
-                rows.append(dict(case=case, variant="cuBLAS", kernel=k, config="torch.mm", ms=cublas[k],
-                                 TFLOPs=flops[k] / (cublas[k] * 1e-3) / 1e12, x_cublas=1.0, rel_err="",
-                                 status="ok"))
-        for name in names if case == "value-only" else ["default"] + [HYBRID] * (HYBRID in names):
-            _tiles.CONFIG_OVERRIDE.clear()
-            _tiles.CONFIG_OVERRIDE.update(VARIANTS[name])
-            if not gpu:  # the GPU's half-precision tiles, run by the interpreter
-                _tiles.CONFIG_OVERRIDE.update({**_tiles._default_config(dtype, interpret=False), **VARIANTS[name]})
-            kind = "hybrid" if name == HYBRID else "tiles"
-            cfg = _tiles._config(dtype, kind, (None, vh, vw, None, None))
-            base_row = dict(case=case, variant=name)
-            try:
-                got = chunk(case, kind)
-                err = max(rel(got[0][0], ref[0][0]), rel(got[1], ref[1]), rel(got[2], ref[2]))
-                if not gpu:
-                    rows.append(dict(base_row, kernel="chunk", config="", ms="", TFLOPs="", x_cublas="",
-                                     rel_err=err, status="interpreter: correctness only, not timed"))
-                    continue
-                total = bench(lambda: chunk(case, kind))
-                per = kernel_ms(lambda: chunk(case, kind))
-                rows.append(dict(base_row, kernel="chunk", config="", ms=total,
-                                 TFLOPs=sum(flops.values()) / (total * 1e-3) / 1e12, x_cublas="", rel_err=err,
-                                 status="ok"))
-                # hybrid: dX and dW are cuBLAS's (the "cuBLAS" rows); its own kernel is the pass that forms G.
-                kernels = (("logits", "z"), ("combine", "lse")) + (
-                    (("finish", "G"),) if kind == "hybrid" else (("dx", "dX"), ("dw", "dW")))
-                for k, short in kernels:
-                    c = cfg[k]
-                    desc = ("x".join(str(c[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) +
-                            f" w{c.get('num_warps')} s{c.get('num_stages')}") if "BLOCK_M" in c else str(c)
-                    ms = per.get(short, float("nan"))
-                    rows.append(dict(base_row, kernel=short, config=desc, ms=ms,
-                                     TFLOPs=flops[short] / (ms * 1e-3) / 1e12 if flops[short] else "",
-                                     x_cublas=ms / cublas[short] if short in cublas else "", rel_err="",
-                                     status="ok"))
-            except Exception as exc:  # report, try the next variant
-                rows.append(dict(base_row, kernel="chunk", config="", ms="", TFLOPs="", x_cublas="", rel_err="",
-                                 status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
-                if os.environ.get("IVL_BENCH_DEBUG"):
-                    traceback.print_exc()
-            finally:
-                _tiles.CONFIG_OVERRIDE.clear()
+    stop_on_sigterm()  # gpu_session.sh's time limit: write the rows measured so far
+    try:
+        for case in ("value-only", "guided"):
+            vb = Vb if case == "guided" else Vv
+            flops = {"z": 2 * R * vb * (Hv + (Hb if case == "guided" else 0)), "dX": 2 * R * Vv * Hv,
+                     "dW": 2 * R * Vv * Hv, "lse": 0, "G": 0}
+            ref = chunk(case, "cublas")
+            cublas = {}
             if gpu:
-                torch.cuda.empty_cache()
-            print(f"  {case:10s} {name:22s} " + "  ".join(
-                f"{r['kernel']} {r['ms']:.3f} ms" if isinstance(r["ms"], float) else f"{r['kernel']} {r['status']}"
-                for r in rows if r["case"] == case and r["variant"] == name), flush=True)
+                x = torch.cat([bh, vh], 1) if case == "guided" else vh
+                w = torch.cat([bw, torch.nn.functional.pad(vw, (0, 0, 0, Vb - Vv))], 1) if case == "guided" else vw
+                G = torch.randn(R, Vv, device=device, dtype=dtype) / Vv
+                acc = torch.zeros(Vv, Hv, device=device, dtype=torch.float32)
+                cublas = {"z": bench(lambda: torch.mm(x, w.T)), "dX": bench(lambda: torch.mm(G, vw)),
+                          "dW": bench(lambda: addmm_into(acc, G.T, vh))}
+                path_ms = bench(lambda: chunk(case, "cublas"))
+                del x, w, G, acc
+                rows.append(dict(case=case, variant="cuBLAS path (GEMMs + row kernel)", kernel="chunk", config="",
+                                 ms=path_ms, TFLOPs=sum(flops.values()) / (path_ms * 1e-3) / 1e12, x_cublas="",
+                                 rel_err=0.0, status="ok"))
+                for k in ("z", "dX", "dW"):
+                    rows.append(dict(case=case, variant="cuBLAS", kernel=k, config="torch.mm", ms=cublas[k],
+                                     TFLOPs=flops[k] / (cublas[k] * 1e-3) / 1e12, x_cublas=1.0, rel_err="",
+                                     status="ok"))
+            for name in names if case == "value-only" else ["default"] + [HYBRID] * (HYBRID in names):
+                _tiles.CONFIG_OVERRIDE.clear()
+                _tiles.CONFIG_OVERRIDE.update(VARIANTS[name])
+                if not gpu:  # the GPU's half-precision tiles, run by the interpreter
+                    _tiles.CONFIG_OVERRIDE.update({**_tiles._default_config(dtype, interpret=False), **VARIANTS[name]})
+                kind = "hybrid" if name == HYBRID else "tiles"
+                cfg = _tiles._config(dtype, kind, (None, vh, vw, None, None))
+                base_row = dict(case=case, variant=name)
+                try:
+                    got = chunk(case, kind)
+                    err = max(rel(got[0][0], ref[0][0]), rel(got[1], ref[1]), rel(got[2], ref[2]))
+                    if not gpu:
+                        rows.append(dict(base_row, kernel="chunk", config="", ms="", TFLOPs="", x_cublas="",
+                                         rel_err=err, status="interpreter: correctness only, not timed"))
+                        continue
+                    total = bench(lambda: chunk(case, kind))
+                    per = kernel_ms(lambda: chunk(case, kind))
+                    rows.append(dict(base_row, kernel="chunk", config="", ms=total,
+                                     TFLOPs=sum(flops.values()) / (total * 1e-3) / 1e12, x_cublas="", rel_err=err,
+                                     status="ok"))
+                    # hybrid: dX and dW are cuBLAS's (the "cuBLAS" rows); its own kernel is the pass that forms G.
+                    kernels = (("logits", "z"), ("combine", "lse")) + (
+                        (("finish", "G"),) if kind == "hybrid" else (("dx", "dX"), ("dw", "dW")))
+                    for k, short in kernels:
+                        c = cfg[k]
+                        desc = ("x".join(str(c[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) +
+                                f" w{c.get('num_warps')} s{c.get('num_stages')}") if "BLOCK_M" in c else str(c)
+                        ms = per.get(short, float("nan"))
+                        rows.append(dict(base_row, kernel=short, config=desc, ms=ms,
+                                         TFLOPs=flops[short] / (ms * 1e-3) / 1e12 if flops[short] else "",
+                                         x_cublas=ms / cublas[short] if short in cublas else "", rel_err="",
+                                         status="ok"))
+                except Exception as exc:  # report, try the next variant
+                    rows.append(dict(base_row, kernel="chunk", config="", ms="", TFLOPs="", x_cublas="", rel_err="",
+                                     status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+                    if os.environ.get("IVL_BENCH_DEBUG"):
+                        traceback.print_exc()
+                finally:
+                    _tiles.CONFIG_OVERRIDE.clear()
+                if gpu:
+                    torch.cuda.empty_cache()
+                print(f"  {case:10s} {name:22s} " + "  ".join(
+                    f"{r['kernel']} {r['ms']:.3f} ms" if isinstance(r["ms"], float) else f"{r['kernel']} {r['status']}"
+                    for r in rows if r["case"] == case and r["variant"] == name), flush=True)
+    except Stopped as exc:
+        print(f"# STOPPED: {exc}; the rows so far are kept")
+        rows.append(dict(case="", variant="(stopped)", kernel="", config="", ms="", TFLOPs="", x_cublas="",
+                         rel_err="", status=str(exc)))
 
-    print(format_table(rows, ["case", "variant", "kernel", "config", "ms", "TFLOPs", "x_cublas", "rel_err",
-                              "status"]))
-    tag = f"loss_tiles_{'gpu' if gpu else 'cpu_interpreter'}_R{R}_{str(dtype).replace('torch.', '')}"
-    write_csv(os.path.join(args.out, tag + ".csv"), rows, env)
-    timed = [r for r in rows if isinstance(r["ms"], float) and r["kernel"] != "lse"]
-    if timed:
-        plot_bars(os.path.join(args.out, tag + ".png"), timed, group="kernel", series="variant", value="ms",
-                  title=f"loss tile GEMMs per chunk of {R} rows ({env['device']})", ylabel="ms", panel="case")
+    with sigterm_deferred(raise_after=False):  # measuring is over: the files get written
+        print(format_table(rows, ["case", "variant", "kernel", "config", "ms", "TFLOPs", "x_cublas", "rel_err",
+                                  "status"]))
+        tag = f"loss_tiles_{'gpu' if gpu else 'cpu_interpreter'}_R{R}_{str(dtype).replace('torch.', '')}"
+        write_csv(os.path.join(args.out, tag + ".csv"), rows, env)
+        timed = [r for r in rows if isinstance(r["ms"], float) and r["kernel"] != "lse"]
+        if timed:
+            plot_bars(os.path.join(args.out, tag + ".png"), timed, group="kernel", series="variant", value="ms",
+                      title=f"loss tile GEMMs per chunk of {R} rows ({env['device']})", ylabel="ms", panel="case")
     return 0
 
 

@@ -10,7 +10,7 @@
 #   test-gpu        pytest -m gpu tests/: every test that needs CUDA (the marker tests/conftest.py sets), ~2-4 min;
 #                   with build + bench-loss + bench-logits, one 10-minute call (the 15-minute lease's plan)
 #   sanitize        benchmarks/sanitize_cuda.py (CUDA kernel vs torch), then again under compute-sanitizer memcheck
-#   bench-logits    benchmarks/bench_guided_logits.py (qwen workload, M = 1, 8, 64, 512)
+#   bench-logits    benchmarks/bench_guided_logits.py (qwen workload, M = 1, 8, 64, 128, 256, 512, 2048)
 #   bench-decode    the same at the decode sizes M = 1, 2, 3, 4, 6, 8, 12, 16 (identity map, no torch.compile rows):
 #                   where the CUDA kernel stops beating Triton, which sets backend="auto"'s routing
 #   bench-loss      benchmarks/bench_guided_loss.py (N = 16384, peers)
@@ -32,7 +32,9 @@
 # Output in $OUT (the device tool's folder; default benchmarks/results/gpu), at most 8 files per call: one
 # STEP.log per step (the complete console output, kept even if the call is killed) and results-STEPS.tar.gz
 # (env-STEPS.txt, CSVs, PNGs, JUnit XML, the sanitizer's report), rewritten after every step. A benchmark stopped
-# at its time limit still writes the rows it measured.
+# at its time limit (SIGTERM; SIGKILL 20 s later) still writes the rows it measured: bench_guided_logits,
+# bench_guided_loss and bench_loss_tiles write their CSV with a "(stopped)" row or status, bench_generate the
+# tables of the batches done and the current batch's rows so far.
 #
 # Wheels for packages the image lacks (benchmarks/gpu_wheels.sh puts them in .whl/; the call must carry ".whl")
 # are installed into /tmp/site without touching the network.
