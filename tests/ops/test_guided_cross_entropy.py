@@ -674,7 +674,7 @@ def test_traced_whole_by_torch_compile(backend, case):
 @pytest.mark.parametrize("arg,values", [
     ("fill", (0.5, -0.25, 1.5, float("-inf"))), ("l1_coef", (0.5, 0.7, 0.0, 1.25)), ("alpha", (0.5, 0.7, -1.25)),
     ("label_smoothing", (0.1, 0.2, 0.0))], ids=["fill", "l1_coef", "alpha", "label_smoothing"])
-def test_traced_whole_with_a_float_argument_that_changes(arg, values):
+def test_torch_compile_traces_a_float_argument_that_changes(arg, values):
     """A float argument that changes between calls of a compiled step is traced as a symbolic float from its
     second value on: its validation must trace too (comparisons, not ``math.isnan`` / ``math.isfinite``), so
     fullgraph works for every value, and loss and gradients equal eager (torch backend)."""
