@@ -16,6 +16,7 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from .._validate import check_int
 from ..guidance import resolve_suppress_from
 from ._common import UNSUPPORTED_GENERATE_KWARGS, check_generate_kwargs, infer_attention_mask, input_vocab_size
+from ._static import _log_once
 
 logger = logging.getLogger("ivl_kernels.hf")
 
@@ -28,7 +29,6 @@ CONFIG_PROCESSOR_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "bad_wo
 NOT_APPLIED_FIELDS = ("sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
                       "exponential_decay_length_penalty", "epsilon_cutoff", "eta_cutoff", "top_h",
                       "watermarking_config", "renormalize_logits", "guidance_scale", "token_healing")
-_WARNED: set = set()
 
 
 @dataclass
@@ -179,10 +179,9 @@ def resolve_settings(model, input_ids, attention_mask, *, max_new_tokens, min_ne
 
     ignored = [n for n in NOT_APPLIED_FIELDS if gc is not None and getattr(gc, n, None) not in
                (None, False, defaults.get(n))]
-    if ignored and tuple(ignored) not in _WARNED:
-        _WARNED.add(tuple(ignored))
-        logger.warning("GuidedCausalLM.generate does not apply these generation-config settings: "
-                       + ", ".join(f"{n}={getattr(gc, n)!r}" for n in ignored))
+    if ignored:
+        _log_once("GuidedCausalLM.generate does not apply these generation-config settings: "
+                  + ", ".join(f"{n}={getattr(gc, n)!r}" for n in ignored), logging.WARNING)
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be an int64/int32 tensor [B, T], got "
@@ -330,9 +329,6 @@ def _cache_implementation(argument, gc) -> Optional[str]:
     value = getattr(gc, "cache_implementation", None) if gc is not None else None
     if value in (None, "dynamic", "static"):
         return value
-    message = (f"GuidedCausalLM.generate: the generation config's cache_implementation={value!r} is not one of "
-               f"'dynamic' / 'static'; the default cache is used")
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.info(message)
+    _log_once(f"GuidedCausalLM.generate: the generation config's cache_implementation={value!r} is not one of "
+              f"'dynamic' / 'static'; the default cache is used")
     return None

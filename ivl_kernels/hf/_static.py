@@ -37,10 +37,18 @@ logger = logging.getLogger("ivl_kernels.hf")
 _LOGGED: set = set()
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, level: int = logging.INFO) -> None:
+    """Say ``message`` on the ``ivl_kernels.hf`` logger the first time only (every module of the integration)."""
     if message not in _LOGGED:
         _LOGGED.add(message)
-        logger.info(message)
+        logger.log(level, message)
+
+
+def forced_static_error(who: str, window_problem: str, compile_step: bool) -> ValueError:
+    """The error for a static cache the caller forced (``cache_implementation="static"`` / ``compile_step=True``)
+    that cannot hold the call (``static_window_fits``'s reason)."""
+    return ValueError(f"{who}: a static cache cannot serve this call: {window_problem}. Use "
+                      f"cache_implementation='dynamic'" + (" and compile_step=False" if compile_step else ""))
 
 
 def _static_cache(model: nn.Module, max_len: int):

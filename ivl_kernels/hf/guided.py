@@ -234,7 +234,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
         once at INFO level); on CPU the dynamic cache. ``cache_implementation`` / ``cuda_graph`` force either;
         ``compile_step=True`` needs (and with the default cache, chooses) the static one. A static cache that
         cannot hold a call (a sliding window shorter than it) is an error when forced."""
-        from ._static import _log_once, static_supported, static_window_fits
+        from ._static import _log_once, forced_static_error, static_supported, static_window_fits
 
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
@@ -254,9 +254,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
                                                                         or cache_implementation == "static"):
             window = next((w for w in map(static_window_fits, owners, sizes) if w), "")
             if window and (compile_step or cache_implementation == "static"):
-                raise ValueError(f"a static cache cannot serve this call: {window}. Use "
-                                 f"cache_implementation='dynamic'" + (" and compile_step=False" if compile_step
-                                                                      else ""))
+                raise forced_static_error("GuidedCausalLM.generate", window, compile_step)
             why = why or window
         if cache_implementation is None and not compile_step:
             if device.type != "cuda" or cuda_graph is False:

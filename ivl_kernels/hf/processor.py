@@ -105,6 +105,10 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         if compile_step and static_supported(value_model):
             raise ValueError(f"compile_step=True needs a static cache: {static_supported(value_model)}")
         self.compile_step = compile_step
+        # What the value tokenizer takes, found on first use (re-tokenising only): split_special_tokens, and the ids
+        # of the continuation anchor.
+        self._split_special: Optional[bool] = None
+        self._anchor_ids: Optional[list] = None
         self.cache_implementation = cache_implementation
         self.cuda_graph = cuda_graph
         self.max_new_tokens = None if max_new_tokens is None else check_int("max_new_tokens", max_new_tokens)
@@ -207,7 +211,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
 
     def _use_static(self, device: torch.device, columns: int) -> bool:
         """Whether the value model runs on a static cache of ``columns`` columns for this batch."""
-        from ._static import _log_once, static_supported, static_window_fits
+        from ._static import _log_once, forced_static_error, static_supported, static_window_fits
 
         mode = self.cache_implementation
         forced = self.compile_step or mode == "static"
@@ -215,9 +219,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             return False
         window = static_window_fits(self.value_model, columns)
         if window and forced:
-            raise ValueError(f"IVLLogitsProcessor: a static cache cannot serve this batch: {window}. Use "
-                             f"cache_implementation='dynamic'" + (" and compile_step=False" if self.compile_step
-                                                                  else ""))
+            raise forced_static_error("IVLLogitsProcessor", window, self.compile_step)
         why = window or ("" if forced else static_supported(self.value_model))
         if why:
             _log_once(f"IVLLogitsProcessor: dynamic cache for the value model ({why})")
@@ -296,7 +298,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         (``<s>``, ``[INST]``, ``<|im_end|>``) stays characters (``split_special_tokens``, where the tokenizer takes
         it; the base's own special tokens were dropped by ``skip_special_tokens``)."""
         tok = self.value_tokenizer
-        if getattr(self, "_split_special", None) is None:
+        if self._split_special is None:
             try:
                 tok("a", add_special_tokens=False, split_special_tokens=True)
                 self._split_special = True
@@ -311,7 +313,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         with, the anchor's ids are dropped. Without that prefix match, ``text`` alone."""
         if not text:
             return []
-        if getattr(self, "_anchor_ids", None) is None:
+        if self._anchor_ids is None:
             self._anchor_ids = self._encode(_ANCHOR, add_special_tokens=False)
         anchor = self._anchor_ids
         both = self._encode(_ANCHOR + text, add_special_tokens=False)
