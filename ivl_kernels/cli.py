@@ -185,5 +185,16 @@ def main(argv=None) -> int:
     return fn(argv[1:]) or 0
 
 
+def entry() -> None:
+    """The ``ivl-kernels`` console script and ``python -m ivl_kernels.cli``: ``main`` on ``sys.argv``, then exit.
+    A finished multi-process ``train`` run ends without the interpreter's finalisation
+    (``ivl_kernels.hf.train_cli.exit_process`` says why)."""
+    status = main()
+    train_cli = sys.modules.get("ivl_kernels.hf.train_cli")  # loaded only when `train` ran
+    if train_cli is not None:
+        train_cli.exit_process(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -476,15 +476,44 @@ def _pad_id(tok) -> int:
     return 0  # pragma: no cover
 
 
-def _end_process_group(trainer) -> None:
-    """Tear the process group down before the interpreter exits. Left to interpreter shutdown, a gloo group's
-    worker threads can be destroyed while still joinable, and that rank aborts ("terminate called without an
-    active exception", SIGABRT) after a finished run, so torchrun reports a failure (seen on torch 2.11)."""
+# A finished multi-process run's objects (trainer, models, data), kept referenced by ``main`` so that nothing of
+# them is destroyed before ``exit_process`` ends the process (see there); None otherwise.
+_finished_distributed_run = None
+
+
+def _end_process_group(trainer) -> bool:
+    """Tear the process group down after a finished run (every rank past one barrier); True when there was one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         trainer.accelerator.wait_for_everyone()
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_process(status: int):
+    """End a command-line process with ``status`` (the ``ivl-kernels`` entry point calls this; ``main`` returns).
+
+    After a finished multi-process run nothing of it is destroyed: the run's objects stay referenced and the
+    process ends with ``os._exit`` once the ``atexit`` handlers have run and stdout/stderr are flushed (every file
+    was written and closed before). Destroying them is what went wrong, on torch 2.11 with gloo on CPU: a rank
+    aborted in the interpreter's finalisation ("terminate called without an active exception", CI Dec 4), and,
+    with the process group destroyed first, a rank hung for good in a futex wait while ``main``'s locals (the
+    trainer and its DDP-wrapped model) were being released after the run had saved everything (CI stop 33, and
+    here 2 runs in about 60 of the 2-process test; faulthandler's stack: the main thread at ``main``'s return).
+    Any other exit, a failed run included, is ``sys.exit``."""
+    if _finished_distributed_run is not None:
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+                pass
+        os._exit(status)
+    sys.exit(status)
 
 
 def main(argv=None) -> int:
@@ -535,9 +564,11 @@ def main(argv=None) -> int:
         print(f"ivl-kernels train: saved the value network{' (LoRA adapter)' if args.lora_r else ''} to "
               f"{args.output} (global step {trainer.state.global_step}); use it with GuidedCausalLM(base, {use})",
               flush=True)
-    _end_process_group(trainer)  # after success only: a barrier with a failed rank would wait forever
+    if _end_process_group(trainer):  # after success only: a barrier with a failed rank would wait forever
+        global _finished_distributed_run
+        _finished_distributed_run = s  # released by no one: exit_process ends the process
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,6 +227,42 @@ def _env():
     return env
 
 
+def _run_torchrun(cmd, timeout=300):
+    """``subprocess.run`` for a torchrun command, which either finishes or shows where it is stuck: on a timeout
+    every worker gets SIGABRT (``PYTHONFAULTHANDLER`` makes each print its threads' Python stacks) and the test
+    fails with what they printed. The run below takes about 11 s on 2 cores."""
+    env = dict(_env(), PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = [int(d) for d in os.listdir("/proc") if d.isdigit() and _parent_pid(int(d)) == proc.pid]
+        for pid in workers:
+            _signal(pid, signal.SIGABRT)
+        time.sleep(5)
+        _signal(-proc.pid, signal.SIGKILL)  # torchrun and anything left in its session
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s; workers {workers} got SIGABRT. stderr:\n"
+                    f"{err[-15000:]}\nstdout:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _parent_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig) if pid > 0 else os.killpg(-pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def test_two_processes_match_one_process(toy, reference, tmp_path):
     """torchrun, 2 CPU processes (gloo), 8 examples each: the same global batches as the 1-process run of 16
     (accelerate's seeded sampler gives the same order; rank r takes the r-th half of each global batch). Every
@@ -238,9 +276,12 @@ def test_two_processes_match_one_process(toy, reference, tmp_path):
            "-m", "ivl_kernels.cli", "train", str(toy.base), str(toy.value), "--data", str(toy.data), "-o", str(out),
            "--max-steps", str(DIST_STEPS), "--save-steps", "0", *COMMON]
     cmd[cmd.index("--batch-size") + 1] = "8"
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = _run_torchrun(cmd)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.stdout.count("ivl-kernels train: 384 examples") == 1  # rank 0 prints, rank 1 does not
+    # The workers end with os._exit (train_cli.exit_process): what they printed last still arrives.
+    assert proc.stdout.count("ivl-kernels train: saved the value network") == 1
+    assert (out / "train_results.json").is_file()
     assert "2 process(es), global batch 16" in proc.stdout
     two = _history(out)
     one = reference.history[:DIST_STEPS]
@@ -254,6 +295,29 @@ def test_two_processes_match_one_process(toy, reference, tmp_path):
     info = read_info(out)
     assert info["training"]["processes"] == 2 and info["global_step"] == DIST_STEPS
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["after-multi-process-run", "otherwise"])
+def test_exit_process(distributed):
+    """After a finished multi-process run the entry point ends with os._exit, destroying nothing of the run (the
+    objects ``main`` keeps referenced), having run the atexit handlers and flushed what was printed; otherwise it
+    is sys.exit."""
+    code = ("import atexit\n"
+            "from ivl_kernels.hf import train_cli\n"
+            "atexit.register(lambda: print('atexit handler ran', flush=True))\n"
+            "class Finalised:\n"
+            "    def __del__(self): print('finalised', flush=True)\n"
+            "keep = Finalised()\n"
+            f"train_cli._finished_distributed_run = {{'trainer': keep}} if {distributed} else None\n"
+            "del keep\n"
+            "print('buffered, not flushed', end=' ')\n"
+            "train_cli.exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "buffered, not flushed" in proc.stdout and "atexit handler ran" in proc.stdout
+    # the run's objects are never destroyed after a multi-process run (held, then os._exit); otherwise the
+    # interpreter's finalisation destroys them
+    assert ("finalised" in proc.stdout) == (not distributed)
 
 
 def test_lora_bf16_gradient_checkpointing_on_chat_data(toy, tmp_path):
