@@ -416,18 +416,92 @@ def check_process_group(process_group):
     return process_group
 
 
-def _shard_sizes(process_group, Vb: int, Vv: int, device: torch.device) -> tuple:
-    """``(Vb_global, Vv_global, offset)`` from every rank's ``(Vb, Vv)`` (one all_gather of two ints);
-    ``process_group`` is a ``ProcessGroup`` (``check_process_group``)."""
+# What every rank of a vocabulary-sharded loss tells the others, in one all_gather of float64s: whether its own
+# checks passed, its shard sizes, and what must agree across ranks (rows, options, replicated inputs).
+_RANK_FIELDS = ("error", "Vb", "Vv", "map_is_none", "N", "Hv", "dtype", "base", "Hb", "alpha_kind", "alpha",
+                "fill", "l1_coef", "l1_reduction", "ignore_index", "label_smoothing", "reduction", "target")
+_AGREE = {  # field -> what the message calls it
+    "N": "the number of rows N", "Hv": "value_hidden's width Hv", "dtype": "value_hidden's dtype",
+    "base": "the base input (base_logits / base_hidden / none)", "Hb": "base_hidden's width Hb",
+    "alpha_kind": "alpha's kind (float or tensor)", "alpha": "alpha", "fill": "fill", "l1_coef": "l1_coef",
+    "l1_reduction": "l1_reduction", "ignore_index": "ignore_index", "label_smoothing": "label_smoothing",
+    "reduction": "reduction", "target": "target"}
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """A float64 scalar that differs, short of a collision, between tensors of other values or order."""
+    w = (torch.arange(t.numel(), device=t.device) % 1021 + 1).to(torch.float64)
+    return (t.reshape(-1).to(torch.float64) + 1).mul(w).sum()
+
+
+def _agree_across_ranks(process_group, local_error, g, target, options: dict) -> tuple:
+    """``(Vb_global, Vv_global, offset)`` of this rank's base shard, after one all_gather in which every rank
+    says whether its own checks passed and what it was given. A rank whose checks failed raises its own error
+    and every other rank a ``ValueError`` naming it, instead of waiting in the loss's collectives; ranks that
+    disagree on what must be replicated (rows, ``target``, ``alpha``, the options) all raise, before a mismatched
+    collective aborts the process or returns a loss for other inputs. ``vocab_map=None`` is the rank-local
+    identity, which is the global one only where both vocabularies are split at the same boundaries."""
     import torch.distributed as dist
 
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
-    mine = torch.tensor([Vb, Vv], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(sizes, mine, group=process_group)
-    sizes = torch.stack(sizes).cpu()
-    return int(sizes[:, 0].sum()), int(sizes[:, 1].sum()), int(sizes[:rank, 0].sum())
+    device = g.device if g is not None else next(
+        (t.device for t in (options.get("value_hidden"), options.get("value_weight")) if isinstance(t, torch.Tensor)),
+        torch.device("cpu"))
+    mine = torch.zeros(len(_RANK_FIELDS), dtype=torch.float64, device=device)
+    if local_error is not None:
+        mine[0] = 1
+    else:
+        alpha = g.alpha
+        host = dict(Vb=g.Vb, Vv=g.Vv, map_is_none=float(g.vocab_map is None), N=g.M, Hv=g.value_hidden.shape[1],
+                    dtype=_DTYPE_CODES.index(g.value_hidden.dtype), base=g.base_mode,
+                    Hb=g.base_hidden.shape[1] if g.base_hidden is not None else 0,
+                    alpha_kind=float(isinstance(alpha, torch.Tensor)),
+                    alpha=0.0 if isinstance(alpha, torch.Tensor) else alpha, fill=g.fill,
+                    l1_coef=options["l1_coef"], l1_reduction=L1_REDUCTIONS.index(options["l1_reduction"]),
+                    ignore_index=options["ignore_index"], label_smoothing=options["label_smoothing"],
+                    reduction=REDUCTIONS.index(options["reduction"]))
+        mine.copy_(torch.tensor([host.get(f, 0.0) for f in _RANK_FIELDS], dtype=torch.float64))
+        mine[_RANK_FIELDS.index("target")] = _fingerprint(target) if target.numel() else 0.0
+        if isinstance(alpha, torch.Tensor) and alpha.numel():
+            mine[_RANK_FIELDS.index("alpha")] = _fingerprint(alpha)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=process_group)
+    rows = torch.stack(rows).cpu()
+    col = {f: rows[:, i].tolist() for i, f in enumerate(_RANK_FIELDS)}
+
+    names_of = dict(dtype=_DTYPE_CODES, base=("none", "base_logits", "base_hidden"), reduction=REDUCTIONS,
+                    l1_reduction=L1_REDUCTIONS, alpha_kind=("float", "tensor"))
+    failed = [r for r in range(world) if col["error"][r]]
+    if failed:
+        if local_error is not None:
+            raise local_error
+        raise ValueError(f"rank(s) {failed} of the process group rejected their arguments (the error raised there "
+                         f"says why): every rank raises rather than wait for them in the loss's collectives")
+    for field, what in _AGREE.items():
+        if len(set(col[field])) > 1:
+            if field == "target" or (field == "alpha" and any(col["alpha_kind"])):
+                shown = "other values on some ranks"
+            else:
+                names = names_of.get(field)
+                shown = "per rank: " + ", ".join(
+                    str(names[int(v)]) if names else str(int(v)) if float(v).is_integer() else repr(v)
+                    for v in col[field])
+            raise ValueError(f"{what} differs across the process group's ranks ({shown}): every rank must pass the "
+                             f"same rows, target and alpha (replicated; only the vocabulary is sharded) and the "
+                             f"same options")
+    Vb = [int(v) for v in col["Vb"]]
+    Vv = [int(v) for v in col["Vv"]]
+    for r in range(world):
+        base_at, value_at = sum(Vb[:r]), sum(Vv[:r])
+        if col["map_is_none"][r] and min(Vb[r], Vv[r]) > 0 and base_at != value_at:
+            raise ValueError(
+                f"vocab_map=None on rank {r} pairs its base shard (ids from {base_at}) with its value shard (ids "
+                f"from {value_at}) column by column, which is not the identity between the vocabularies: with "
+                f"vocab_map=None both heads must be split at the same boundaries (shard sizes base {Vb}, value "
+                f"{Vv}); otherwise pass each rank its local vocab_map")
+    return sum(Vb), sum(Vv), sum(Vb[:rank])
 
 
 def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=None, base_hidden=None,
@@ -440,8 +514,45 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
     ``[0, Vb)`` (global ``Vb`` under a process group) or equal to ``ignore_index``. Base tensors must not
     require grad (the base is frozen), nor may an ``alpha`` tensor (it is treated as a constant).
     ``check_values=False`` skips the checks that read tensor values (target range, map range): they need a
-    device sync, impossible while tracing.
+    device sync, impossible while tracing. Under a ``process_group`` every rank learns whether the others' checks
+    passed and that they were given the same rows and options (``_agree_across_ranks``) before any of them enters
+    the loss's collectives.
     """
+    if process_group is not None:
+        process_group = check_process_group(process_group)
+    local_error = g = None
+    try:
+        g, target, options = _check_cross_entropy_locally(
+            value_hidden, value_weight, target, base_logits=base_logits, base_hidden=base_hidden,
+            base_weight=base_weight, vocab_map=vocab_map, alpha=alpha, fill=fill, l1_coef=l1_coef,
+            l1_reduction=l1_reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction, check_values=check_values)
+    except (ValueError, TypeError) as e:
+        if process_group is None:
+            raise
+        local_error, options = e, dict(value_hidden=value_hidden, value_weight=value_weight)
+    if process_group is not None:
+        Vb_global, Vv_global, offset = _agree_across_ranks(process_group, local_error, g, target, options)
+    else:
+        Vb_global, Vv_global, offset = g.Vb, g.Vv, 0
+    target = target.reshape(-1)
+    if check_values and g.M > 0:
+        bad = (target != ignore_index) & ((target < 0) | (target >= Vb_global))
+        if bool(bad.any()):  # target is the same on every rank (checked above): every rank raises
+            first = int(target[bad][0])
+            raise ValueError(f"target entries must lie in [0, {Vb_global}) (the base vocabulary size"
+                             f"{' over the process group' if process_group is not None else ''}) or equal "
+                             f"ignore_index={ignore_index}, got {first}")
+    return CrossEntropyArgs(g=g, target=target, l1_coef=options["l1_coef"], l1_reduction=options["l1_reduction"],
+                            ignore_index=ignore_index, label_smoothing=options["label_smoothing"],
+                            reduction=reduction, process_group=process_group,
+                            Vb_global=Vb_global, Vv_global=Vv_global, vocab_offset=offset)
+
+
+def _check_cross_entropy_locally(value_hidden, value_weight, target, *, base_logits, base_hidden, base_weight,
+                                 vocab_map, alpha, fill, l1_coef, l1_reduction, ignore_index, label_smoothing,
+                                 reduction, check_values):
+    """This rank's checks of ``validate_cross_entropy``: ``(GuidedArgs, target, normalised options)``."""
     for name, t in (("base_logits", base_logits), ("base_hidden", base_hidden), ("base_weight", base_weight)):
         if isinstance(t, torch.Tensor) and t.requires_grad:
             raise ValueError(f"{name} requires grad, but the base model is frozen in this loss and gets no "
@@ -479,21 +590,5 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
     label_smoothing = float(label_smoothing)
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-    if process_group is not None:
-        process_group = check_process_group(process_group)
-        Vb_global, Vv_global, offset = _shard_sizes(process_group, g.Vb, g.Vv, g.device)
-    else:
-        Vb_global, Vv_global, offset = g.Vb, g.Vv, 0
-    target = target.reshape(-1)
-    if check_values and g.M > 0:
-        bad = (target != ignore_index) & ((target < 0) | (target >= Vb_global))
-        if bool(bad.any()):
-            first = int(target[bad][0])
-            raise ValueError(f"target entries must lie in [0, {Vb_global}) (the base vocabulary size"
-                             f"{' over the process group' if process_group is not None else ''}) or equal "
-                             f"ignore_index={ignore_index}, got {first}")
-    return CrossEntropyArgs(g=g, target=target, l1_coef=l1_coef, l1_reduction=l1_reduction,
-                            ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, reduction=reduction, process_group=process_group,
-                            Vb_global=Vb_global, Vv_global=Vv_global, vocab_offset=offset)
+    return g, target, dict(l1_coef=l1_coef, l1_reduction=l1_reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction=reduction)

@@ -170,3 +170,89 @@ def test_process_group_requires_initialised_distributed():
     vw = torch.randn(10, 4)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         ivl.fused_guided_cross_entropy(vh, vw, torch.zeros(3, dtype=torch.long), process_group=object())
+
+
+def _mismatch_worker(rank, init, out_dir):
+    """Each scenario gives the ranks arguments that must not pass; every rank records what it raised. The
+    group's timeout is short so that a rank left waiting in a collective fails the test instead of hanging it."""
+    import datetime
+
+    import ivl_kernels as ivl
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(7)
+        N, Hv, Vb_r, Vv_r = 6, 8, 9, 7
+        vh = torch.randn(N, Hv, generator=g, dtype=torch.float64)
+        vw = torch.randn(WORLD * Vv_r, Hv, generator=g, dtype=torch.float64)[rank * Vv_r:(rank + 1) * Vv_r]
+        bl = torch.randn(N, WORLD * Vb_r, generator=g, dtype=torch.float64)[:, rank * Vb_r:(rank + 1) * Vb_r]
+        target = torch.randint(0, WORLD * Vb_r, (N,), generator=g)
+        local_map = torch.randint(-1, Vv_r, (Vb_r,), generator=g)
+        ok = dict(base_logits=bl, vocab_map=local_map)
+
+        def one(name, **change):
+            kw = dict(value_hidden=vh, value_weight=vw, target=target, **ok)
+            kw.update(change)
+            try:
+                loss = ivl.fused_guided_cross_entropy(kw.pop("value_hidden"), kw.pop("value_weight"), kw.pop("target"),
+                                                      backend="torch", process_group=dist.group.WORLD, **kw)
+                got = f"ok {float(loss):.12g}"
+            except (ValueError, TypeError) as e:
+                got = f"{type(e).__name__}: {e}"
+            with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
+                f.write(got)
+            dist.barrier()  # the next scenario starts together (and a rank stuck above fails this one)
+
+        mine = rank == 1
+        one("agree")
+        one("rows", value_hidden=vh[:4] if mine else vh, target=target[:4] if mine else target,
+            base_logits=bl[:4] if mine else bl)
+        one("dtype", value_hidden=vh.float() if mine else vh, value_weight=vw.float() if mine else vw,
+            base_logits=bl.float() if mine else bl)
+        one("target", target=torch.where(torch.arange(N) == 0, (target + 1) % (WORLD * Vb_r), target) if mine else target)
+        one("alpha", alpha=torch.full((N,), 0.5 if mine else 0.6, dtype=torch.float64))
+        one("reduction", reduction="sum" if mine else "mean")
+        one("local-error", vocab_map=torch.full((Vb_r,), Vv_r) if mine else local_map)  # out of range on rank 1
+        # both vocabularies split at 7: rank 0 holds 7 base columns and 7 value rows
+        one("identity-aligned", vocab_map=None, base_logits=bl[:, :Vv_r] if rank == 0 else bl,
+            target=target % (Vv_r + Vb_r))
+        # rank 0 holds one base column more than value rows: rank 1's base ids start one after its value ids
+        one("identity-misaligned", vocab_map=None, base_logits=torch.cat([bl, bl[:, :1]], 1) if rank == 0 else bl)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see _worker
+
+
+def test_ranks_that_disagree_all_raise():
+    """Under a process group the ranks check each other before the loss's collectives: a rank whose own checks
+    fail raises its error and every other rank a ValueError naming it (no rank waits in a collective); ranks given
+    different rows, dtypes, target, alpha or options all raise (unchecked, different row counts aborted the process
+    inside gloo and a different target gave rank 0 a loss for rank 1's targets); vocab_map=None with shards split
+    at other boundaries for the two vocabularies raises (the rank-local identity is not the global one there)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_mismatch_worker, args=(f"tcp://127.0.0.1:{_free_port()}", out_dir), nprocs=WORLD, join=True)
+        got = {}
+        for name in sorted(os.listdir(out_dir)):
+            scenario, rank = name.rsplit(".", 1)
+            got.setdefault(scenario, {})[int(rank)] = open(os.path.join(out_dir, name)).read()
+    assert got["agree"][0].startswith("ok ") and got["agree"][0] == got["agree"][1]
+    assert got["identity-aligned"][0].startswith("ok ") and got["identity-aligned"][0] == got["identity-aligned"][1]
+    expected = {"rows": "the number of rows N differs across the process group's ranks (per rank: 6, 4)",
+                "dtype": "value_hidden's dtype differs across the process group's ranks (per rank: torch.float64, "
+                         "torch.float32)",
+                "target": "target differs across the process group's ranks (other values on some ranks)",
+                "alpha": "alpha differs across the process group's ranks (other values on some ranks)",
+                "reduction": "reduction differs across the process group's ranks (per rank: mean, sum)",
+                "identity-misaligned": "vocab_map=None on rank 1 pairs its base shard (ids from 10) with its value "
+                                       "shard (ids from 7)"}
+    for scenario, message in expected.items():
+        for rank in range(WORLD):
+            assert got[scenario][rank].startswith("ValueError: " + message), (scenario, rank, got[scenario][rank])
+    assert got["local-error"][1].startswith("ValueError: vocab_map entries must lie in [-1, 7)"), got["local-error"]
+    assert got["local-error"][0].startswith("ValueError: rank(s) [1] of the process group rejected their "
+                                            "arguments"), got["local-error"]

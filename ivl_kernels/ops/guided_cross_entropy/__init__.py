@@ -112,7 +112,10 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
             one-dimensional ``DeviceMesh`` (``mesh["tp"]`` of a larger mesh, or a 1-D mesh: its group is used; a
             mesh with several dimensions is a ``ValueError``). See the module docstring: contiguous
             base-vocabulary shards in rank order, rank-local ``vocab_map``, global target ids; ``d value_hidden``
-            is all-reduced. Every rank must call with the same ``target``/``alpha``.
+            is all-reduced. Every rank must call with the same rows, ``target``, ``alpha`` and options; the ranks
+            check each other first (one ``all_gather``): a rank whose arguments fail raises its error and the
+            others a ``ValueError`` naming it, and ranks that disagree all raise. ``vocab_map=None`` needs both
+            vocabularies split at the same boundaries (else a ``ValueError``: pass the local maps).
 
     Returns:
         The loss in ``value_hidden.dtype`` (a scalar, or ``[N]`` for ``"none"``), computed in float32 (float64
