@@ -14,10 +14,12 @@ sets its own alphas gets them from a vLLM *logits processor* (the one place that
 
 The processor class is added to the engine's ``logits_processors`` by the plugin's config hook
 (``enable_per_request_alpha``), so nothing is to be passed by the user. Its name carries the number of terms
-(``AlphaProcessorV1_T2``: the module's ``__getattr__`` builds it on demand), because vLLM validates each request
-with ``validate_params(sampling_params)`` in the front-end without any configuration: the class itself must know
-how many alphas a request may give. Invalid values are refused there, for that request only (``LLM.generate``
-raises; the OpenAI server answers 400); the engine never sees them.
+and the checkpoint's alphas as float32 bit patterns (``AlphaProcessorV1_T2_3f333333_bf000000``: the module's
+``__getattr__`` builds it on demand), because vLLM validates each request with ``validate_params(sampling_params)``
+in the front-end without any configuration: the class itself must know how many alphas a request may give, and
+the checkpoint's alphas, to refuse a request whose change from them is beyond float32's range. Invalid values are
+refused there, for that request only (``LLM.generate`` raises; the OpenAI server answers 400); the engine never
+sees them.
 
 Semantics (also in the README's serving section):
 
@@ -39,37 +41,44 @@ Semantics (also in the README's serving section):
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import re
+import struct
 import weakref
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .._validate import check_alpha_float
 from ..ops.guided_logits import fused_guided_logits
 
 ALPHA_KEY = "ivl_alpha"
 _MODULE = __name__
-_CLASS_NAME = re.compile(r"^AlphaProcessor(V1|V2)_T([1-9][0-9]{0,3})$")
+# AlphaProcessor<runner>_T<n terms>[_<alpha_i as float32 bits, 8 hex digits> for each term]
+_CLASS_NAME = re.compile(r"^AlphaProcessor(V1|V2)_T([1-9][0-9]{0,3})((?:_[0-9a-f]{8})*)$")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 logger = logging.getLogger(__name__)
 
 
 # ---- validation ------------------------------------------------------------------------------------------------
-def parse_alpha(extra_args, n_terms: int) -> Optional[Tuple[float, ...]]:
+def parse_alpha(extra_args, n_terms: int,
+                checkpoint_alphas: Optional[Sequence[float]] = None) -> Optional[Tuple[float, ...]]:
     """The alphas a request asks for: ``None`` when it sets no ``ivl_alpha`` (the checkpoint's apply), else a
-    tuple of ``n_terms`` finite floats. ``ValueError`` naming the argument and what it must be otherwise.
+    tuple of ``n_terms`` floats, each finite in float32 (``check_alpha_float``: the package's one rule; the
+    kernels compute in float32). ``ValueError`` naming the argument and what it must be otherwise.
 
     Accepted: a list (or tuple) of ``n_terms`` real numbers, or a single real number when the checkpoint has one
-    term. ``0`` turns a term off. Not accepted: strings (also numeric ones), booleans, NaN, infinities, a wrong
-    length, a single number for a checkpoint of several terms (which term would it be for?)."""
+    term. ``0`` turns a term off. Not accepted: strings (also numeric ones), booleans, NaN, infinities, values
+    beyond float32's range, a wrong length, a single number for a checkpoint of several terms (which term would it
+    be for?). With ``checkpoint_alphas`` (``n_terms`` floats), also not a value whose change from the checkpoint's
+    alpha (``alpha_delta``, what the correction computes with) is beyond float32's range."""
     if not extra_args or ALPHA_KEY not in extra_args:
         return None
     value = extra_args[ALPHA_KEY]
-    want = (f"a list of {n_terms} finite numbers (one per guidance term" + (", or a single number)" if n_terms == 1
-                                                                            else ")"))
+    want = (f"a list of {n_terms} numbers finite in float32 (one per guidance term"
+            + (", or a single number)" if n_terms == 1 else ")"))
     where = f'extra_args["{ALPHA_KEY}"] (vllm_xargs in the OpenAI API)'
     if value is None:
         return None
@@ -85,11 +94,37 @@ def parse_alpha(extra_args, n_terms: int) -> Optional[Tuple[float, ...]]:
     for i, v in enumerate(value):
         if not _is_real(v):
             raise ValueError(f"{where}[{i}]={v!r} ({type(v).__name__}): expected {want}")
-        f = float(v)
-        if not math.isfinite(f):
-            raise ValueError(f"{where}[{i}]={v!r}: expected {want}")
+        try:  # exact for ints (10**400 is out of range, not an OverflowError); a TypeError must reach vLLM as a
+            # ValueError too: vLLM turns only ValueErrors of validate_params into a refusal of this request
+            f = check_alpha_float(ALPHA_KEY, v if isinstance(v, (int, float)) else float(v))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"{where}[{i}]={_shown(v)}: {exc}; expected {want}") from None
         out.append(f)
+    if checkpoint_alphas is not None:
+        for i, d in enumerate(alpha_delta(out, checkpoint_alphas)):
+            if abs(d) > _FLOAT32_MAX:
+                raise ValueError(f"{where}[{i}]={out[i]!r}: its change from the checkpoint's alpha "
+                                 f"{checkpoint_alphas[i]!r} is {d:.4g}, beyond float32's range, in which the "
+                                 f"correction is computed; expected a value within {_FLOAT32_MAX:.4g} of the "
+                                 f"checkpoint's alpha")
     return tuple(out)
+
+
+def _shown(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:20] + "..." + text[-8:]
+
+
+def alpha_delta(alpha: Sequence[float], checkpoint_alphas: Sequence[float]) -> Tuple[float, ...]:
+    """Per term, ``float32(alpha_i) - checkpoint_alphas[i]`` (Python floats). The checkpoint's alphas are the
+    float32 values the guided head computes with, so the request's are rounded to float32 first: a request that
+    repeats the checkpoint's alpha (0.7) gets exactly 0.0 (no correction), not ``0.7 - float32(0.7)``."""
+    return tuple(float(np.float32(a)) - float(c) for a, c in zip(alpha, checkpoint_alphas))
+
+
+def float32_alphas(alphas: Sequence[float]) -> Tuple[float, ...]:
+    """The float32 values of ``alphas`` (what the guided head computes with), as Python floats."""
+    return tuple(float(np.float32(a)) for a in alphas)
 
 
 def _is_real(v) -> bool:
@@ -118,7 +153,7 @@ class _Correction:
     def __init__(self, model):
         self.model = model
         plan = model.plan
-        self.alphas = torch.tensor(list(model.alphas), dtype=torch.float32)
+        self.alphas = float32_alphas(model.alphas)  # the head's float32 values, as Python floats (alpha_delta)
         self.n_terms = len(plan.terms)
         self._maps = [None] * self.n_terms
 
@@ -152,6 +187,7 @@ class _Core:
     """What both runners' processors share: the checkpoint, the request's alphas -> a delta row, the model."""
 
     n_terms = 0
+    checkpoint_alphas: Optional[Tuple[float, ...]] = None  # float32 values, from the class name (front-end checks)
 
     def __init__(self, vllm_config):
         self.vllm_config = vllm_config
@@ -181,7 +217,11 @@ class _Core:
         corr = self.correction()
         if corr is None:
             return None
-        delta = tuple(a - b for a, b in zip(alpha, corr.alphas.tolist()))
+        delta = alpha_delta(alpha, corr.alphas)
+        if any(abs(d) > _FLOAT32_MAX for d in delta):  # refused in the front-end when its class knows the alphas
+            self._warn(f"ignored {ALPHA_KEY}={list(alpha)}: its change from the checkpoint's alphas "
+                       f"{list(corr.alphas)} is beyond float32's range")
+            return None
         return delta if any(d != 0.0 for d in delta) else None
 
     def correct(self, logits: torch.Tensor, delta: torch.Tensor, active: Sequence[bool], where: str) -> None:
@@ -204,7 +244,7 @@ class _Core:
 
 
 def _validate(cls, sampling_params) -> None:
-    parse_alpha(getattr(sampling_params, "extra_args", None), cls.n_terms)
+    parse_alpha(getattr(sampling_params, "extra_args", None), cls.n_terms, cls.checkpoint_alphas)
 
 
 # ---- model runner V1 (vllm.v1.sample.logits_processor) -----------------------------------------------------------
@@ -301,37 +341,50 @@ def _v2_class():
 
 
 _BASES: dict = {}    # runner -> its processor base class (built on first use: imports that runner's interface)
-_CLASSES: dict = {}  # (runner, n_terms) -> the class vLLM loads by name
+_CLASSES: dict = {}  # class name -> the class vLLM loads by name
 
 
-def _processor_class(runner: str, n_terms: int):
-    key = (runner, n_terms)
-    if key not in _CLASSES:
+def _alpha_bits(alphas: Sequence[float]) -> str:
+    """``_3f333333_bf000000``: each alpha's float32 bit pattern (exact, and a valid Python identifier part)."""
+    return "".join("_" + struct.pack(">f", float(a)).hex() for a in alphas)
+
+
+def _processor_class(runner: str, n_terms: int, bits: str = ""):
+    name = f"AlphaProcessor{runner}_T{n_terms}{bits}"
+    if name not in _CLASSES:
         if runner not in _BASES:
             _BASES[runner] = _v1_class() if runner == "V1" else _v2_class()
         base = _BASES[runner]
-        name = f"AlphaProcessor{runner}_T{n_terms}"
-        cls = type(name, (base,), {"n_terms": n_terms, "__module__": _MODULE, "__qualname__": name})
-        _CLASSES[key] = cls
-    return _CLASSES[key]
+        alphas = tuple(struct.unpack(">f", bytes.fromhex(h))[0] for h in bits.split("_")[1:]) or None
+        cls = type(name, (base,), {"n_terms": n_terms, "checkpoint_alphas": alphas, "__module__": _MODULE,
+                                   "__qualname__": name})
+        _CLASSES[name] = cls
+    return _CLASSES[name]
 
 
 def __getattr__(name: str):
-    """``AlphaProcessorV1_T<n>`` / ``AlphaProcessorV2_T<n>``: the processor class for a checkpoint of ``n``
-    terms (vLLM loads it by this name in the front-end and in every worker)."""
+    """``AlphaProcessorV1_T<n>[_<bits>...]`` / ``AlphaProcessorV2_T<n>[_<bits>...]``: the processor class for a
+    checkpoint of ``n`` terms, with its alphas when named (vLLM loads it by this name in the front-end and in
+    every worker)."""
     m = _CLASS_NAME.match(name)
-    if m is None:
+    if m is None or (m.group(3) and m.group(3).count("_") != int(m.group(2))):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return _processor_class(m.group(1), int(m.group(2)))
+    return _processor_class(m.group(1), int(m.group(2)), m.group(3))
 
 
-def processor_fqcn(n_terms: int, v2: bool) -> str:
-    return f"{_MODULE}:AlphaProcessor{'V2' if v2 else 'V1'}_T{int(n_terms)}"
+def processor_fqcn(n_terms: int, v2: bool, alphas: Optional[Sequence[float]] = None) -> str:
+    """The processor's ``module:class`` name for a checkpoint of ``n_terms`` terms (with ``alphas``, ``n_terms``
+    floats finite in float32: its class also refuses requests whose change from them overflows float32)."""
+    if alphas is not None and len(alphas) != int(n_terms):
+        raise ValueError(f"alphas must hold n_terms={n_terms} values, got {len(alphas)}")
+    bits = "" if alphas is None else _alpha_bits(alphas)
+    return f"{_MODULE}:AlphaProcessor{'V2' if v2 else 'V1'}_T{int(n_terms)}{bits}"
 
 
-def enable_per_request_alpha(vllm_config, n_terms: int) -> Optional[str]:
+def enable_per_request_alpha(vllm_config, alphas: Sequence[float]) -> Optional[str]:
     """The config hook's part (front-end, and again wherever vLLM rebuilds its configuration): add this
-    checkpoint's processor to ``model_config.logits_processors`` (once). Returns why it was not added, or None.
+    checkpoint's processor (its terms' ``alphas``) to ``model_config.logits_processors`` (once). Returns why it
+    was not added, or None.
 
     Not added under speculative decoding with the V1 model runner, which refuses every custom logits processor
     then (``build_logitsprocs``: "Custom logits processors are not supported when speculative decoding is
@@ -341,11 +394,12 @@ def enable_per_request_alpha(vllm_config, n_terms: int) -> Optional[str]:
     if getattr(vllm_config, "speculative_config", None) is not None and not v2:
         return ("vLLM's V1 model runner refuses custom logits processors under speculative decoding: per-request "
                 f"alpha ({ALPHA_KEY}) is not available; requests get the checkpoint's alphas")
-    name = processor_fqcn(n_terms, v2)
+    name = processor_fqcn(len(alphas), v2, alphas)
     current = list(model_config.logits_processors or [])
     if name not in current:
         model_config.logits_processors = current + [name]
     return None
 
 
-__all__ = ["ALPHA_KEY", "parse_alpha", "register_model", "processor_fqcn", "enable_per_request_alpha"]
+__all__ = ["ALPHA_KEY", "parse_alpha", "alpha_delta", "register_model", "processor_fqcn",
+           "enable_per_request_alpha"]

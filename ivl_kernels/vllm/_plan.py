@@ -16,6 +16,7 @@ import torch
 
 from ..checkpoint_format import (GUIDED_ARCHITECTURE, MAP_PATTERN, GuidedSpec, load_checkpoint_tokenizer,
                                  looks_like_path, read_guided_checkpoint, tokenizer_difference_of)
+from .._validate import check_alpha_float
 from ..guidance import fallback_id, logit_transform, resolve_suppress_from
 
 _TRANSFORMERS_PATH = ("serve this pair with the transformers path instead: "
@@ -113,6 +114,63 @@ def _check_speculative(vllm_config, where: str) -> None:
                          f"the base, or a smaller model with the same vocabulary)")
 
 
+# What vLLM's Transformers backend (vllm/model_executor/models/transformers/base.py) sizes its attention layers
+# with: fields of ``model_config.model_arch_config``, which ``init_vllm_registered_model(hf_config=...)`` builds
+# from the sub-model's config but the engine's *text* config (the guided checkpoint's: the base's), not the
+# sub-model's own. A native vLLM class reads its own config instead.
+_BACKEND_READS = ("total_num_attention_heads", "head_size", "total_num_kv_heads", "per_layer_overrides")
+
+
+def _transformers_backend_class(model_config, archs: List[str]) -> Optional[str]:
+    """The Transformers-backend class vLLM builds for a model of these architectures, or None where it builds a
+    native class: asked of vLLM's registry (the first architecture it registers, ``resolve_model_cls``'s order),
+    without importing the class."""
+    from vllm.model_executor.models import registry as reg
+
+    backend = {cls for _module, cls in getattr(reg, "_TRANSFORMERS_BACKEND_MODELS", {}).values()}
+    models = getattr(reg.ModelRegistry, "models", {})
+    for arch in archs:
+        entry = models.get(arch)
+        if entry is None:
+            continue
+        name = getattr(entry, "class_name", None) or getattr(getattr(entry, "model_cls", None), "__name__", "")
+        module = getattr(entry, "module_name", None) or getattr(getattr(entry, "model_cls", None), "__module__", "")
+        if name in backend or module.endswith(".models.transformers"):
+            return name
+        return "TransformersForCausalLM" if getattr(model_config, "model_impl", "auto") == "transformers" else None
+    return None
+
+
+def _transformers_backend_problem(vllm_config, cfg, trust_remote_code: bool) -> Optional[str]:
+    """Why a model served through vLLM's Transformers backend cannot be a sub-model here, or None: the attention
+    shapes it would read (``_BACKEND_READS``) differ from its own (its first request would fail inside the
+    engine), or the transformers class it wraps has a biased LM head (the backend registers the bias only while
+    loading weights; the fused head cannot apply it)."""
+    from vllm.transformers_utils.config import get_hf_text_config
+
+    got = vllm_config.with_hf_config(cfg).model_config.model_arch_config  # what init_vllm_registered_model gives
+    own = vllm_config.with_hf_config(cfg).model_config
+    own.hf_text_config = get_hf_text_config(cfg)
+    need = own.get_model_arch_config()  # what vLLM reads serving this model alone
+    diff = [f"{f}={getattr(got, f, None)} instead of its {getattr(need, f, None)}" for f in _BACKEND_READS
+            if getattr(got, f, None) != getattr(need, f, None)]
+    if diff:
+        return (f"as a sub-model, vLLM's Transformers backend would size its attention layers from the guided "
+                f"checkpoint's text config (the base's): {', '.join(diff)}; its first request would fail inside "
+                f"the engine")
+    try:  # the class the backend wraps, built on the meta device (no memory, no weights)
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            hf_model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        head = hf_model.get_output_embeddings()
+    except Exception:  # not buildable here: load_weights checks the heads again once they exist
+        return None
+    if getattr(head, "bias", None) is not None:
+        return "its LM head has a bias, which the fused guided head cannot apply"
+    return None
+
+
 def check_guided_config(vllm_config) -> GuidedPlan:
     """Validate a guided checkpoint against the engine's configuration; ``ValueError`` with the reason and the fix
     for anything that could fail later (while serving), else the resolved plan the model is built from."""
@@ -164,6 +222,15 @@ def check_guided_config(vllm_config) -> GuidedPlan:
             raise ValueError(f"{where}: the {role} model ({ref!r}) has max_position_embeddings={mpe}, below the "
                              f"engine's max_model_len={max_len}: it would be run past its positions. Pass "
                              f"max_model_len={mpe} (or less)")
+        backend = _transformers_backend_class(model_config, archs)
+        if backend is not None:
+            problem = _transformers_backend_problem(vllm_config, cfg, trust)
+            if problem is not None:
+                raise ValueError(f"{where}: the {role} model ({ref!r}) has architecture {archs[0]}, which vLLM "
+                                 f"serves through its Transformers backend ({backend}), and {problem}: not "
+                                 f"supported. Use a model of an architecture vLLM implements natively, or serve "
+                                 f"the checkpoint with the transformers path "
+                                 f"(ivl_kernels.hf.GuidedCausalLM.from_pretrained)")
         pad = getattr(text, "pad_token_id", None)
         return ModelPlan(role=role, ref=ref, hf_config=cfg, vocab_size=size, alpha=float(alpha),
                          fallback_id=fallback_id(pad, size))
@@ -178,8 +245,10 @@ def check_guided_config(vllm_config) -> GuidedPlan:
     plan = GuidedPlan(spec=spec, base=base, fill=float(spec.fill))
     for i, t in enumerate(spec.terms):
         role = f"term {i}" if len(spec.terms) > 1 else "value"
-        if not (t.alpha == t.alpha and abs(t.alpha) != float("inf")):
-            raise ValueError(f"{where}: {role} has alpha {t.alpha}; it must be finite")
+        try:  # the package's one rule (finite in float32: the kernels compute in float32)
+            check_alpha_float(f"{role}'s alpha", t.alpha)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
         m = build(role, t.model, t.alpha)
         qt = _quant(m.hf_config)
         if qt != qb:
@@ -218,6 +287,21 @@ def check_guided_config(vllm_config) -> GuidedPlan:
     return plan
 
 
+def use_base_generation_config(vllm_config, plan: GuidedPlan) -> None:
+    """Point vLLM's ``generation_config`` (EOS ids, default sampling parameters) at the base model when the guided
+    checkpoint directory has no ``generation_config.json`` (``compose`` writes none): ``GuidedCausalLM`` generates
+    with the base's, and so does vLLM serving the base alone. Only when the engine was left at ``"auto"``: a
+    directory the user gave, or ``"vllm"`` (neutral defaults), is kept. Nothing is copied into the checkpoint."""
+    model_config = vllm_config.model_config
+    if getattr(model_config, "generation_config", None) != "auto":
+        return
+    if os.path.isfile(os.path.join(plan.spec.directory, "generation_config.json")):
+        return
+    # vLLM reads a generation_config other than "auto" / "vllm" as a directory or hub id: the base's file, else
+    # (as transformers does) the base's config.json.
+    model_config.generation_config = plan.base.ref
+
+
 def verify_hook():
     """vLLM's per-architecture config hook class (``MODELS_CONFIG_MAP``): runs ``check_guided_config`` in the
     front-end, before any engine process starts."""
@@ -227,9 +311,10 @@ def verify_hook():
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
             plan = check_guided_config(vllm_config)
+            use_base_generation_config(vllm_config, plan)
             from ._per_request import enable_per_request_alpha
 
-            why_not = enable_per_request_alpha(vllm_config, len(plan.terms))
+            why_not = enable_per_request_alpha(vllm_config, [t.alpha for t in plan.terms])
             if why_not:
                 import logging
 

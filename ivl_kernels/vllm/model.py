@@ -68,7 +68,7 @@ class IVLGuidedForCausalLM(nn.Module):
         for name, t in zip(self.term_names, plan.terms):
             setattr(self, name, init_vllm_registered_model(vllm_config, hf_config=t.hf_config,
                                                            prefix=maybe_prefix(prefix, name)))
-        self._heads = [_head(self.base, "base")] + [_head(m, t.role) for m, t in zip(self.terms, plan.terms)]
+        self._check_heads()
         self.vocab_size = plan.base.vocab_size
         self.hidden_sizes = [int(h.weight.shape[1]) for h in self._heads]
         self.alphas = [t.alpha for t in plan.terms]
@@ -103,6 +103,14 @@ class IVLGuidedForCausalLM(nn.Module):
     @property
     def terms(self):
         return [getattr(self, n) for n in self.term_names]
+
+    def _check_heads(self) -> None:
+        """Every model's LM head as the fused head reads it (``self._heads``: base, then terms), checked in
+        ``__init__`` and again at the end of ``load_weights``: vLLM's Transformers backend registers an LM head's
+        bias only while loading weights, which the fused head would silently drop. ``ValueError`` (the engine
+        does not start) rather than other logits than the checkpoint's models give."""
+        subs = [(self.base, "base")] + [(m, t.role) for m, t in zip(self.terms, self.plan.terms)]
+        self._heads = [_head(sub, role) for sub, role in subs]
 
     # ---- vLLM's model interface ----------------------------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -167,6 +175,7 @@ class IVLGuidedForCausalLM(nn.Module):
             if got is None:  # a model that does not track its loaded names: count all of its parameters
                 got = {n for n, _ in sub.named_parameters()}
             loaded |= {f"{name}.{n}" for n in got}
+        self._check_heads()  # before the heads are gathered or packed
         for i in range(len(self._full_heads)):  # TP: gather the terms' heads now, on every rank
             self._full_heads[i] = None
             if self.tp > 1:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 # "vllm" alone would import this directory as a namespace package where vLLM is absent: ask for a module of it.
@@ -49,8 +50,17 @@ def _copy_model(models, name, tmp_path, fn):
 def test_a_good_checkpoint_passes(checkpoints):
     cfg = _config(checkpoints["proxy"])
     assert cfg.model_config.architecture == "IVLGuidedForCausalLM"
-    # The per-request alpha processor, for five terms (V1 runner: vLLM's CPU build has no Triton CPU backend).
-    assert cfg.model_config.logits_processors == ["ivl_kernels.vllm._per_request:AlphaProcessorV1_T5"]
+    # The per-request alpha processor, for five terms and their alphas (V1 runner: vLLM's CPU build has no Triton
+    # CPU backend).
+    from ivl_kernels.vllm import _per_request
+
+    from _vllm_models import PROXY_ALPHAS
+
+    assert cfg.model_config.logits_processors == [_per_request.processor_fqcn(5, False, PROXY_ALPHAS)]
+    name = cfg.model_config.logits_processors[0]
+    assert name.startswith("ivl_kernels.vllm._per_request:AlphaProcessorV1_T5_3f800000_bf000000_")
+    cls = getattr(_per_request, name.split(":")[1])
+    assert cls.n_terms == 5 and cls.checkpoint_alphas == tuple(float(np.float32(a)) for a in PROXY_ALPHAS)
     assert cfg.model_config.max_model_len == 256 and cfg.model_config.get_vocab_size() == 300
 
 
@@ -154,3 +164,112 @@ def test_draft_model_accepted_guided_draft_refused(checkpoints, models):
     with pytest.raises(ValueError, match="draft model is itself a guided checkpoint"):
         _config(checkpoints["one"], speculative_config={"method": "draft_model", "model": checkpoints["one"],
                                                          "num_speculative_tokens": 2})
+
+
+# ---- sub-models vLLM serves through its Transformers backend ------------------------------------------------------
+def _transformers_term(models, tmp_path, name, build):
+    """A term of an architecture vLLM 0.32 serves through its Transformers backend (no native vLLM class), saved
+    with the base's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    path = str(tmp_path / name)
+    build().eval().save_pretrained(path)
+    AutoTokenizer.from_pretrained(models["base"]).save_pretrained(path)
+    return path
+
+
+def test_transformers_backend_term_with_other_attention_shapes_refused(models, tmp_path):
+    # That backend sizes a sub-model's attention from the engine's text config (the base's: head size 64), not
+    # from the term's own (32): the engine started, and its first request died. Refused at load instead.
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    cfg = Olmo2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=None)
+    term = _transformers_term(models, tmp_path, "olmo2", lambda: Olmo2ForCausalLM(cfg))
+    out = _checkpoint(models, tmp_path, [{"model": term}])
+    with pytest.raises(ValueError, match=r"Olmo2ForCausalLM, which vLLM serves through its Transformers backend.*"
+                                         r"head_size=64 instead of its 32"):
+        _config(out)
+
+
+def test_transformers_backend_term_with_a_biased_head_refused(models, tmp_path):
+    # Phi's LM head has a bias, which that backend registers only while loading weights (after the model's own
+    # head check): it was silently dropped. Here with the base's attention shapes, so only the bias is wrong.
+    from transformers import PhiConfig, PhiForCausalLM
+
+    cfg = PhiConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=None, partial_rotary_factor=1.0)
+    term = _transformers_term(models, tmp_path, "phi", lambda: PhiForCausalLM(cfg))
+    out = _checkpoint(models, tmp_path, [{"model": term}])
+    with pytest.raises(ValueError, match="PhiForCausalLM, which vLLM serves through its Transformers backend.*"
+                                         "its LM head has a bias"):
+        _config(out)
+
+
+def test_a_head_bias_registered_while_loading_weights_is_refused(monkeypatch):
+    # The safety net behind the check above: every head is checked again once the weights are loaded, before the
+    # heads are gathered or packed (stand-in sub-models: the value model registers its bias in load_weights, as
+    # vLLM's Transformers backend does).
+    import torch
+    from torch import nn
+    from types import SimpleNamespace
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    from ivl_kernels.vllm.model import IVLGuidedForCausalLM
+
+    class Sub(nn.Module):
+        def __init__(self, bias_on_load):
+            super().__init__()
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.bias_on_load = bias_on_load
+
+        def load_weights(self, weights):
+            if self.bias_on_load:
+                self.lm_head.bias = nn.Parameter(torch.zeros(10))
+            return {"lm_head.weight"}
+
+    monkeypatch.setattr(DefaultModelLoader, "_get_weights_iterator", lambda self, source: iter(()))
+    for bias_on_load in (False, True):
+        base, value = Sub(False), Sub(bias_on_load)
+        stub = SimpleNamespace(_load_config=LoadConfig(), base=base, terms=[value], term_names=["term_a"],
+                               plan=SimpleNamespace(base=SimpleNamespace(ref="base"),
+                                                    terms=[SimpleNamespace(ref="value", role="value")]),
+                               _full_heads=[None], tp=1, _pack_heads=lambda: False)
+        stub._check_heads = lambda: IVLGuidedForCausalLM._check_heads(stub)
+        if not bias_on_load:
+            assert IVLGuidedForCausalLM.load_weights(stub, []) == {"base.lm_head.weight", "term_a.lm_head.weight"}
+            continue
+        with pytest.raises(ValueError, match=r"the value model \(Sub\): its LM head has a bias"):
+            IVLGuidedForCausalLM.load_weights(stub, [])
+
+
+# ---- the base's generation_config.json -----------------------------------------------------------------------------
+def test_the_base_generation_config_is_served(models, tmp_path):
+    # GuidedCausalLM generates with the base's generation config (EOS ids, default sampling parameters), as vLLM
+    # does serving the base alone; compose writes none into the guided checkpoint.
+    base = str(tmp_path / "base_gc")
+    shutil.copytree(models["base"], base)
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [113, 7], "temperature": 0.6, "top_p": 0.9}, f)
+    from ivl_kernels.hf.checkpoint import write_guided_checkpoint
+
+    out = str(tmp_path / "g_gc")
+    write_guided_checkpoint(out, base, [{"model": models["value"], "alpha": 0.7}])
+    assert not os.path.exists(os.path.join(out, "generation_config.json"))
+    mc = _config(out).model_config
+    assert mc.get_diff_sampling_param() == {"temperature": 0.6, "top_p": 0.9}
+    assert mc.try_get_generation_config()["eos_token_id"] == [113, 7]  # what vLLM stops at
+    assert not os.path.exists(os.path.join(out, "generation_config.json"))  # nothing written into the checkpoint
+    # The engine's own choice stays: vLLM's neutral defaults, or a directory given.
+    assert _config(out, generation_config="vllm").model_config.get_diff_sampling_param() == {}
+    # A generation_config.json of the guided checkpoint itself is read as vLLM reads any model's.
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 5, "temperature": 0.3}, f)
+    mc = _config(out).model_config
+    assert mc.generation_config == "auto" and mc.get_diff_sampling_param() == {"temperature": 0.3}
+

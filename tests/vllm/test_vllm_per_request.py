@@ -55,8 +55,10 @@ def _params(alpha, **kw):
 
 
 def test_processor_installed_by_the_plugin(llm):
-    assert llm.llm_engine.vllm_config.model_config.logits_processors == [
-        "ivl_kernels.vllm._per_request:AlphaProcessorV1_T5"]
+    from ivl_kernels.vllm._per_request import processor_fqcn
+
+    # Its name carries the checkpoint's alphas (float32 bits), for the front-end's checks of each request.
+    assert llm.llm_engine.vllm_config.model_config.logits_processors == [processor_fqcn(5, False, PROXY_ALPHAS)]
 
 
 def test_mixed_alphas_in_one_batch_match_separate_checkpoints(llm, separate):
@@ -98,6 +100,10 @@ def test_prompt_logprobs_keep_the_checkpoint_alphas(llm, checkpoints):
     (0.5, "has 5 terms"),
     ([True, 0.0, 0.0, 0.0, 0.0], r"\(bool\)"),
     ({"a": 1}, r"\(dict\)"),
+    # beyond float32's range, in which the kernels compute: refused as NaN is (the correction used to fail inside
+    # the engine every step, and the request silently got the checkpoint's alphas)
+    ([1e39, 0.0, 0.0, 0.0, 0.0], r"\[0\]=1e\+39: ivl_alpha must be finite in float32"),
+    ([0.0, 0.0, 0.0, -3.5e38, 0.0], r"\[3\]=-3.5e\+38: ivl_alpha must be finite in float32"),
 ])
 def test_bad_values_are_refused_for_that_request_only(llm, separate, bad, message):
     # vLLM raises its VLLMValidationError (an HTTP 400 in the server) with the processor's message.
@@ -213,3 +219,37 @@ def test_v2_processor_maps_rows_to_slots_including_draft_rows():
     assert proc.add_request(5, _params(None)) is False
     run([5, 2], [5, 2])
     run([5, 0], [5, 0])
+
+
+def test_alpha_validation_in_float32():
+    from ivl_kernels.vllm import _per_request
+    from ivl_kernels.vllm._per_request import parse_alpha
+
+    # An integer beyond float64 is a ValueError like any value out of range (vLLM refuses only ValueErrors).
+    with pytest.raises(ValueError, match=r"\[0\]=.*ivl_alpha must be finite in float32"):
+        parse_alpha({"ivl_alpha": [10 ** 400]}, 1)
+    assert parse_alpha({"ivl_alpha": [3e38]}, 1) == (3e38,)
+    # The change from the checkpoint's alpha must stay within float32 too: the front-end's class knows the
+    # checkpoint's alphas from its name.
+    cls = getattr(_per_request, _per_request.processor_fqcn(2, False, [-3e38, 0.5]).split(":")[1])
+    assert cls.n_terms == 2 and cls.checkpoint_alphas == (float(np.float32(-3e38)), 0.5)
+    cls.validate_params(_params([-1e38, 0.5]))  # a change of 2e38: within range
+    with pytest.raises(ValueError, match=r"\[0\]=3e\+38: its change from the checkpoint's alpha .* beyond float32"):
+        cls.validate_params(_params([3e38, 0.5]))
+
+
+def test_repeating_the_checkpoint_alpha_takes_the_no_correction_path():
+    # The checkpoint's alphas are float32 (0.7 is 0.699999988...): a request repeating them changes nothing and
+    # must not pay for a correction every step.
+    model = _FakeModel(alphas=(0.7, -0.4))
+    v1 = _processor("V1", model, torch.device("cpu"), False)
+    assert v1.delta_for(_params([0.7, -0.4])) is None
+    v1.update_state(SimpleNamespace(batch_size=2, removed=[], moved=[],
+                                    added=[(0, _params([0.7, -0.4]), None, []), (1, _params(None), None, [])]))
+    assert v1._delta is None and not v1.deltas
+    rows = torch.randn(2, sum(model.hidden_sizes))
+    logits = model.compute_logits(rows)
+    assert v1.apply(logits) is logits
+    assert v1.delta_for(_params([0.7, 0.0])) == (0.0, 0.4000000059604645)
+    v2 = _processor("V2", model, SimpleNamespace(max_num_reqs=2, device=torch.device("cpu")))
+    assert v2.add_request(0, _params([0.7, -0.4])) is False
