@@ -182,7 +182,7 @@ def check_guided_config(vllm_config) -> GuidedPlan:
     where = f"guided checkpoint {directory}"
 
     par = vllm_config.parallel_config
-    tp, pp = int(getattr(par, "tensor_parallel_size", 1)), int(getattr(par, "pipeline_parallel_size", 1))
+    pp = int(getattr(par, "pipeline_parallel_size", 1))
     if pp > 1:
         raise ValueError(
             f"{where}: pipeline_parallel_size={pp}: pipeline parallelism is not supported by the guided architecture "
