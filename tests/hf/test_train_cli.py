@@ -297,6 +297,21 @@ def test_two_processes_match_one_process(toy, reference, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("missing", ["accelerate", "peft"])
+def test_missing_training_package_is_named_before_any_work(toy, tmp_path, monkeypatch, capsys, missing):
+    """Without accelerate (transformers' Trainer needs it), or peft with --lora-r, train stops before loading
+    anything, naming the extra (it failed only after loading both models)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    out = tmp_path / "out"
+    assert _run([toy.base, toy.value, "--data", toy.data, "-o", out, "--max-steps", "1", "--lora-r", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"needs {missing} (not installed): pip install 'ivl-kernels[train]'" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("distributed", [True, False], ids=["after-multi-process-run", "otherwise"])
 def test_exit_process(distributed):
     """After a finished multi-process run the entry point ends with os._exit, destroying nothing of the run (the
