@@ -435,7 +435,7 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return (t.reshape(-1).to(torch.float64) + 1).mul(w).sum()
 
 
-def _agree_across_ranks(process_group, local_error, g, target, options: dict) -> tuple:
+def _agree_across_ranks(process_group, device, local_error, g, target, options: dict) -> tuple:
     """``(Vb_global, Vv_global, offset)`` of this rank's base shard, after one all_gather in which every rank
     says whether its own checks passed and what it was given. A rank whose checks failed raises its own error
     and every other rank a ``ValueError`` naming it, instead of waiting in the loss's collectives; ranks that
@@ -446,9 +446,6 @@ def _agree_across_ranks(process_group, local_error, g, target, options: dict) ->
 
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
-    device = g.device if g is not None else next(
-        (t.device for t in (options.get("value_hidden"), options.get("value_weight")) if isinstance(t, torch.Tensor)),
-        torch.device("cpu"))
     mine = torch.zeros(len(_RANK_FIELDS), dtype=torch.float64, device=device)
     if local_error is not None:
         mine[0] = 1
@@ -530,9 +527,11 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
     except (ValueError, TypeError) as e:
         if process_group is None:
             raise
-        local_error, options = e, dict(value_hidden=value_hidden, value_weight=value_weight)
+        local_error, options = e, {}
     if process_group is not None:
-        Vb_global, Vv_global, offset = _agree_across_ranks(process_group, local_error, g, target, options)
+        # the all_gather's device: value_hidden's (the collective's backend needs it), CPU if it is no tensor
+        device = value_hidden.device if isinstance(value_hidden, torch.Tensor) else torch.device("cpu")
+        Vb_global, Vv_global, offset = _agree_across_ranks(process_group, device, local_error, g, target, options)
     else:
         Vb_global, Vv_global, offset = g.Vb, g.Vv, 0
     target = target.reshape(-1)

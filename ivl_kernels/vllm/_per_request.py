@@ -50,14 +50,13 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._validate import check_alpha_float
+from .._validate import _FLOAT32_MAX, _shown, check_alpha_float
 from ..ops.guided_logits import fused_guided_logits
 
 ALPHA_KEY = "ivl_alpha"
 _MODULE = __name__
 # AlphaProcessor<runner>_T<n terms>[_<alpha_i as float32 bits, 8 hex digits> for each term]
 _CLASS_NAME = re.compile(r"^AlphaProcessor(V1|V2)_T([1-9][0-9]{0,3})((?:_[0-9a-f]{8})*)$")
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 logger = logging.getLogger(__name__)
 
@@ -110,16 +109,11 @@ def parse_alpha(extra_args, n_terms: int,
     return tuple(out)
 
 
-def _shown(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 40 else text[:20] + "..." + text[-8:]
-
-
 def alpha_delta(alpha: Sequence[float], checkpoint_alphas: Sequence[float]) -> Tuple[float, ...]:
     """Per term, ``float32(alpha_i) - checkpoint_alphas[i]`` (Python floats). The checkpoint's alphas are the
     float32 values the guided head computes with, so the request's are rounded to float32 first: a request that
     repeats the checkpoint's alpha (0.7) gets exactly 0.0 (no correction), not ``0.7 - float32(0.7)``."""
-    return tuple(float(np.float32(a)) - float(c) for a, c in zip(alpha, checkpoint_alphas))
+    return tuple(a - float(c) for a, c in zip(float32_alphas(alpha), checkpoint_alphas))
 
 
 def float32_alphas(alphas: Sequence[float]) -> Tuple[float, ...]:
