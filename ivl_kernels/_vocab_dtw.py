@@ -1,40 +1,95 @@
 """The IVL paper's DTW co-alignment of two tokenizations (``VocabMap.from_tokenizers(method="dtw")``, whose
 docstring states the rule): corpus chunks, banded dynamic time warping under the Levenshtein distance of the
-tokens' byte strings, co-alignment counts and each base token's choice."""
+tokens' byte strings, co-alignment counts and each base token's choice.
+
+Memory follows neither the corpus size nor its longest line: a corpus file is read in blocks of ``_READ_CHARS``
+bytes (a ``str`` corpus is sliced in blocks of that many characters), a line longer than ``CHUNK_CHARS`` is cut
+into pieces of at most ``CHUNK_CHARS`` characters (``_chunks``), so each chunk, its two tokenizations and its DTW
+rows are bounded; the path cells are folded into sparse counts every ``_FLUSH_KEYS`` cells and the edit-distance
+cache is dropped past ``_MAX_COST_CACHE`` entries."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
 from ._tokenizers import TokenizerVocab
 
-# Characters per corpus chunk (whole lines); tokens of band margin around the byte-offset diagonal.
+# Characters per corpus chunk (whole lines; a longer line is cut into pieces of at most this many characters at
+# whitespace); tokens of band margin around the byte-offset diagonal.
 CHUNK_CHARS = 1024
 DTW_MARGIN = 2
 # Co-alignment keys held before they are folded into the counts, and edit distances cached: bounded memory on
 # huge corpora (both are cheap to recompute).
 _FLUSH_KEYS = 1 << 21
 _MAX_COST_CACHE = 1 << 22
+# Bytes read from a corpus file (and characters sliced from a str corpus) at a time.
+_READ_CHARS = 1 << 20
+
+
+class _FileText:
+    """One corpus text: a UTF-8 file read lazily, in blocks of ``_READ_CHARS`` bytes decoded incrementally.
+
+    Iterating yields ``str`` blocks whose concatenation is the file's text exactly as ``open(path,
+    encoding="utf-8", newline="").read()`` gives it ("\\r\\n" and "\\r" stay: text given as a str keeps them
+    too), without ever holding the whole file.  Each iteration reads the file again.
+
+    Raises (while iterating):
+        ValueError: the file cannot be read or is not UTF-8 (naming the file and the byte offset).
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"_FileText({str(self.path)!r})"
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0  # bytes read before the current block
+        try:
+            with open(self.path, "rb") as f:
+                while True:
+                    raw = f.read(_READ_CHARS)
+                    pending = len(decoder.getstate()[0])
+                    try:
+                        block = decoder.decode(raw, final=not raw)
+                    except UnicodeDecodeError as e:
+                        # e.start counts from the bytes the decoder still held from the previous block.
+                        raise ValueError(f"cannot read corpus file {self.path} as UTF-8 text: invalid UTF-8 "
+                                         f"(byte {offset - pending + e.start}: {e.reason})") from None
+                    offset += len(raw)
+                    if block:
+                        yield block
+                    if not raw:
+                        return
+        except OSError as e:
+            raise ValueError(f"cannot read corpus file {self.path} as UTF-8 text: {e}") from None
 
 
 def corpus_texts(corpus) -> tuple:
+    """``(texts, description)``: ``texts`` is a list of ``str`` or ``_FileText`` (a file, streamed)."""
     if isinstance(corpus, os.PathLike):
         p = Path(corpus)
         if not p.is_file():
             raise FileNotFoundError(f"corpus file not found: {p}")
-        try:
-            with open(p, encoding="utf-8", newline="") as f:  # "\r\n" stays: text given as a str keeps it too
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read corpus file {p} as UTF-8 text: {e}") from None
+        text = _FileText(p)
+        # One streaming pass now, before any tokenising: a file that is not UTF-8 (anywhere) or is blank fails
+        # here rather than minutes into the alignment, and memory stays one block.
+        nonblank = False
+        for block in text:
+            nonblank = nonblank or not block.isspace()
         texts, desc = [text], str(p)
     elif isinstance(corpus, str):
-        texts, desc = [corpus], "<str>"
+        texts, desc, nonblank = [corpus], "<str>", bool(corpus.strip())
     elif isinstance(corpus, (bytes, bytearray)):
         raise TypeError("corpus must be str text, a path, or an iterable of str; decode bytes first")
     else:
@@ -45,17 +100,89 @@ def corpus_texts(corpus) -> tuple:
                             f"got {type(corpus).__name__}") from None
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("corpus must be str text, a path, or an iterable of str; the iterable yielded a non-str")
-        desc = f"<{len(texts)} texts>"
-    if not any(t.strip() for t in texts):
+        desc, nonblank = f"<{len(texts)} texts>", any(t.strip() for t in texts)
+    if not nonblank:
         raise ValueError(f"corpus {desc} is empty (no non-whitespace text): DTW needs text to align")
     return texts, desc
 
 
-def _chunks(texts: list, max_chars: int = CHUNK_CHARS):
-    """Whole lines grouped up to ``max_chars`` (longer lines alone); whitespace-only chunks dropped."""
-    for text in texts:
+def _blocks(text) -> Iterator[str]:
+    """A corpus text (``str`` or ``_FileText``) as consecutive ``str`` blocks of bounded size."""
+    if isinstance(text, str):
+        for i in range(0, len(text), _READ_CHARS):
+            yield text[i:i + _READ_CHARS]
+    else:
+        yield from text
+
+
+# The longest prefix ending in a whitespace character (so its end - 1 is the last whitespace), searched with
+# pos/endpos in a window of the line.
+_TO_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
+
+
+def _cut(line: str, pos: int, max_chars: int) -> int:
+    """End of the piece of an over-long ``line`` that starts at ``pos`` (``len(line) - pos > max_chars``).
+
+    The cut goes just before the last whitespace character among ``line[pos + 1 : pos + max_chars + 1]``, so the
+    piece has at most ``max_chars`` characters and the whitespace opens the next piece: SentencePiece ("▁word")
+    and byte-level BPE (" word", and a run of spaces keeps its last space for the word) tokenizers attach a space
+    to the word after it, so the next piece starts with the same " word" token the whole line would have (a
+    trailing space instead would leave "word" without its space, another token).  A run without whitespace is cut
+    after ``max_chars`` characters (Python strings index code points, so never inside a character); "\\r\\n" is
+    never split.
+    """
+    m = _TO_LAST_SPACE.match(line, pos + 1, pos + max_chars + 1)
+    if m is None:
+        return pos + max_chars
+    end = m.end() - 1
+    if line[end] == "\n" and line[end - 1] == "\r" and end - 1 > pos:
+        end -= 1
+    return end
+
+
+def _lines(blocks: Iterable[str], max_chars: int) -> Iterator[str]:
+    """``"".join(blocks).splitlines(keepends=True)``, streamed, with each line longer than ``max_chars`` cut into
+    pieces of at most ``max_chars`` characters (``_cut``, left to right).  A line still open at a block's end is
+    carried into the next block; once it is longer than ``max_chars`` its leading pieces (which only depend on
+    the characters already read) are yielded, so a text that is one huge line is held one block at a time."""
+    carry = ""
+    for block in blocks:
+        lines = (carry + block).splitlines(keepends=True)
+        carry = lines.pop() if lines else ""  # may continue in the next block (also a "\r" before its "\n")
+        for line in lines:
+            pos = 0
+            while len(line) - pos > max_chars:
+                end = _cut(line, pos, max_chars)
+                yield line[pos:end]
+                pos = end
+            yield line[pos:] if pos else line
+        pos = 0
+        while len(carry) - pos > max_chars:
+            end = _cut(carry, pos, max_chars)
+            yield carry[pos:end]
+            pos = end
+        carry = carry[pos:]
+    if carry:
+        yield carry
+
+
+def _chunks(texts: list, max_chars: int = CHUNK_CHARS, hasher=None) -> Iterator[str]:
+    """Whole lines grouped up to ``max_chars`` characters; whitespace-only chunks dropped.
+
+    A line longer than ``max_chars`` is cut into pieces of at most ``max_chars`` characters at whitespace
+    (``_cut``), grouped like lines, so no chunk exceeds ``max_chars``: the tokenizations and the DTW of a chunk
+    are bounded however long a line of the corpus is (a minified file, a text without newlines).  Texts without
+    such lines are chunked exactly as before long lines were cut.  ``hasher`` (a ``hashlib`` object), when given,
+    is fed ``"\\0".join(texts)`` as UTF-8 while the texts stream by.
+    """
+    for t, text in enumerate(texts):
+        blocks = _blocks(text)
+        if hasher is not None:
+            if t:
+                hasher.update(b"\0")
+            blocks = _hashed(blocks, hasher)
         buf, size = [], 0
-        for line in text.splitlines(keepends=True):
+        for line in _lines(blocks, max_chars):
             if size and size + len(line) > max_chars:
                 chunk = "".join(buf)
                 if chunk.strip():
@@ -66,6 +193,12 @@ def _chunks(texts: list, max_chars: int = CHUNK_CHARS):
         chunk = "".join(buf)
         if chunk.strip():
             yield chunk
+
+
+def _hashed(blocks: Iterable[str], hasher) -> Iterator[str]:
+    for block in blocks:
+        hasher.update(block.encode("utf-8"))
+        yield block
 
 
 def _levenshtein(a: bytes, b: bytes) -> int:
@@ -160,7 +293,8 @@ def _lengths(v: TokenizerVocab) -> np.ndarray:
 
 
 def _dtw_counts(bv: TokenizerVocab, vv: TokenizerVocab, texts: list, band: Optional[int]) -> tuple:
-    """Co-alignment counts over the corpus: ``(pair keys b * Vv + v, counts, cost cache, chars, chunks)``."""
+    """Co-alignment counts over the corpus: ``(pair keys b * Vv + v, counts, cost cache, chars, chunks, sha256 of
+    "\\0".join(texts))``; the texts stream through once."""
     if bv.encode is None or vv.encode is None:
         raise ValueError("method='dtw' needs tokenizers that can encode text")
     pb = [p if p is not None else b"" for p in bv.pieces]
@@ -193,7 +327,8 @@ def _dtw_counts(bv: TokenizerVocab, vv: TokenizerVocab, texts: list, band: Optio
             keys = []
 
     nchars = nchunks = 0
-    for chunk in _chunks(texts):
+    hasher = hashlib.sha256()
+    for chunk in _chunks(texts, hasher=hasher):
         a = list(bv.encode(chunk))
         b = list(vv.encode(chunk))
         if not a or not b:
@@ -209,7 +344,7 @@ def _dtw_counts(bv: TokenizerVocab, vv: TokenizerVocab, texts: list, band: Optio
     flush()
     if not len(uniq):
         raise ValueError("corpus produced no tokens to align")
-    return uniq, counts, cache, nchars, nchunks
+    return uniq, counts, cache, nchars, nchunks, hasher.hexdigest()
 
 
 def dtw_index(bv: TokenizerVocab, vv: TokenizerVocab, texts: list, exact: np.ndarray, *, band: Optional[int],
@@ -217,7 +352,7 @@ def dtw_index(bv: TokenizerVocab, vv: TokenizerVocab, texts: list, exact: np.nda
     import time
 
     t0 = time.perf_counter()
-    uniq, counts, cache, nchars, nchunks = _dtw_counts(bv, vv, texts, band)
+    uniq, counts, cache, nchars, nchunks, corpus_hash = _dtw_counts(bv, vv, texts, band)
     vsize = vv.size
     rows, cols = uniq // vsize, uniq % vsize
     # Special tokens never occur in plain encodings, but unknown pieces (None bytes) can: never map through them.
@@ -241,7 +376,6 @@ def dtw_index(bv: TokenizerVocab, vv: TokenizerVocab, texts: list, exact: np.nda
     both = (exact[best_rows] >= 0)
     agree = int((exact[best_rows][both] == best_cols[both]).sum())
     seconds = time.perf_counter() - t0
-    corpus_hash = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
     stats = {
         "corpus": corpus_desc, "corpus_sha256": corpus_hash, "corpus_chars": nchars, "corpus_chunks": nchunks,
         "dtw_band": band, "dtw_base_tokens_seen": int(len(best_rows)),

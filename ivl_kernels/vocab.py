@@ -16,15 +16,16 @@ to the same bytes (SentencePiece's ``<0x41>`` byte-fallback piece and the ordina
 tokens), the choice is: an ordinary piece before a byte-fallback piece, then the lowest id.  The value model
 emits the ordinary piece in practice, so its logit is the informative one.
 
-``method="dtw"``: the IVL paper's corpus co-alignment.  The corpus is cut into chunks of whole lines (up to
-``_vocab_dtw.CHUNK_CHARS`` characters) and each chunk is tokenised by both tokenizers.  The two token sequences are
-aligned by dynamic time warping whose local cost is the Levenshtein distance between the tokens' byte strings,
-with steps (diagonal, up, left) and that tie order on the way back, as in the paper's code (FuseLLM's ``dtw``).
-Every cell of the warping path counts one co-alignment ``count[base_tok, value_tok] += 1``.  Each base token
-then keeps the value token with the highest row-normalised count ``count[b, v] / sum_v count[b, v]`` (ties: the
-smaller Levenshtein distance divided by the longer token's length, then the lower id).  Base tokens that never
-occur in the corpus take the exact map's entry (so ``-1`` when they have no exact counterpart either); base
-tokens that occur keep their DTW choice even where the exact map disagrees.
+``method="dtw"``: the IVL paper's corpus co-alignment.  The corpus is streamed and cut into chunks of whole lines (up
+to ``_vocab_dtw.CHUNK_CHARS`` characters; a longer line is cut into pieces at whitespace) and each chunk is
+tokenised by both tokenizers.  The two token sequences are aligned by dynamic time warping whose local cost is the
+Levenshtein distance between the tokens' byte strings, with steps (diagonal, up, left) and that tie order on the way
+back, as in the paper's code (FuseLLM's ``dtw``).  Every cell of the warping path counts one co-alignment
+``count[base_tok, value_tok] += 1``.  Each base token then keeps the value token with the highest row-normalised
+count ``count[b, v] / sum_v count[b, v]`` (ties: the smaller Levenshtein distance divided by the longer token's
+length, then the lower id).  Base tokens that never occur in the corpus take the exact map's entry (so ``-1`` when
+they have no exact counterpart either); base tokens that occur keep their DTW choice even where the exact map
+disagrees.
 
 Speed: both tokenisations cover the same bytes, so the DTW is restricted to a band around the byte-offset
 diagonal: row ``i`` only visits value tokens whose byte spans overlap base token ``i``'s span, widened by

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import random
 from pathlib import Path
@@ -439,7 +440,158 @@ def test_dtw_corpus_file_keeps_carriage_returns(tmp_path):
     text = "the cat sat\r\non the mat\r\nthe dog\rran\n" * 3
     path = tmp_path / "crlf.txt"
     path.write_bytes(text.encode("utf-8"))
-    assert D.corpus_texts(path)[0] == [text]
+    texts, desc = D.corpus_texts(path)
+    assert ["".join(t) for t in texts] == [text] and desc == str(path)  # a file is one text, streamed in blocks
+
+
+def _chunks_before_cutting(texts: list, max_chars: int = D.CHUNK_CHARS):
+    """``_chunks`` as it was before over-long lines were cut (they were yielded whole)."""
+    for text in texts:
+        buf, size = [], 0
+        for line in text.splitlines(keepends=True):
+            if size and size + len(line) > max_chars:
+                chunk = "".join(buf)
+                if chunk.strip():
+                    yield chunk
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line)
+        chunk = "".join(buf)
+        if chunk.strip():
+            yield chunk
+
+
+def test_chunks_cut_an_over_long_line_at_whitespace():
+    word = "\u00e9t\u00e9\u4e2d\U0001f600x"  # multi-byte characters (2, 3 and 4 UTF-8 bytes)
+    line = " ".join(f"{word}{i}" for i in range(400)) + " " + "z" * 2500 + "  tail\r\n"
+    text = "short line\n" + line + "next\n"
+    for max_chars in (D.CHUNK_CHARS, 64, 7):
+        chunks = list(D._chunks([text], max_chars))
+        assert "".join(chunks) == text and all(len(c) <= max_chars for c in chunks)
+        pieces = list(D._lines([text], max_chars))
+        assert "".join(pieces) == text and all(0 < len(p) <= max_chars for p in pieces)
+        if max_chars > 11:  # lines within the limit stay whole
+            assert pieces[0] == "short line\n" and pieces[-1] == "next\n"
+        cut = list(D._lines([line], max_chars))
+        assert "".join(cut) == line and len(cut) > 1
+        for prev, nxt in zip(cut, cut[1:]):
+            # A cut goes before a whitespace character, which opens the next piece ("▁word" / " word" tokens),
+            # or, in the run without whitespace, after exactly max_chars characters.
+            assert nxt[0].isspace() or (len(prev) == max_chars and not any(c.isspace() for c in prev[1:]))
+        assert not any(p.startswith("\n") for p in pieces)  # "\r\n" is never split
+    # The greedy cut keeps pieces long: the last whitespace within the limit.
+    assert list(D._lines(["aa bb cc dd"], 6)) == ["aa bb", " cc dd"]
+    assert list(D._lines(["aaaaaaaaaaaaa"], 5)) == ["aaaaa", "aaaaa", "aaa"]
+    assert list(D._lines(["abcde fgh\n"], 5)) == ["abcde", " fgh\n"]
+
+
+def test_chunks_stream_in_blocks_as_from_one_string(monkeypatch):
+    rng = random.Random(1)
+    alphabet = ["a", "b", " ", "  ", "\n", "\r", "\r\n", "\u2028", "\u00e9", "\U0001f600", "\t", "word "]
+    for _ in range(60):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 400)))
+        max_chars = rng.choice([3, 8, 40])
+        whole = list(D._lines([text], max_chars))
+        for block in (1, 2, 5, 17):
+            blocks = [text[i:i + block] for i in range(0, len(text), block)]
+            assert list(D._lines(blocks, max_chars)) == whole
+        monkeypatch.setattr(D, "_READ_CHARS", rng.choice([1, 3, 50]))  # a str corpus is sliced into blocks too
+        assert list(D._chunks([text], max_chars)) == list(_regroup(whole, max_chars))
+
+
+def _regroup(units: list, max_chars: int):
+    """``_chunks``'s grouping of lines (and pieces of over-long lines) up to ``max_chars``."""
+    buf, size = [], 0
+    for u in units:
+        if size and size + len(u) > max_chars:
+            if "".join(buf).strip():
+                yield "".join(buf)
+            buf, size = [], 0
+        buf.append(u)
+        size += len(u)
+    if "".join(buf).strip():
+        yield "".join(buf)
+
+
+def test_chunks_of_lines_within_the_limit_are_unchanged(monkeypatch):
+    assert list(D._chunks([CORPUS])) == list(_chunks_before_cutting([CORPUS]))
+    docs = CORPUS.split("\n\n")
+    assert list(D._chunks(docs, 300)) == list(_chunks_before_cutting(docs, 300))
+    rng = random.Random(2)
+    seps = ["\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028"]
+    for _ in range(50):
+        max_chars = rng.choice([20, 64, D.CHUNK_CHARS])
+        lines = [" ".join("w" * rng.randint(1, 6) for _ in range(rng.randint(0, 5))) + rng.choice(seps)
+                 for _ in range(rng.randint(1, 80))]
+        lines = [ln for ln in lines if len(ln) <= max_chars]
+        text = "".join(lines)
+        monkeypatch.setattr(D, "_READ_CHARS", rng.choice([7, 1 << 20]))
+        assert list(D._chunks([text], max_chars)) == list(_chunks_before_cutting([text], max_chars))
+
+
+def test_dtw_on_one_long_line_does_bounded_work(vocabs, monkeypatch):
+    """A corpus that is one long line (no newlines) is cut into chunks of at most CHUNK_CHARS characters: each
+    DTW has at most about that many rows and columns (a token covers at least one byte; this text is ASCII but
+    for a few accented letters) instead of one DTW over the whole text, and the map is close to the one from the
+    same text with its newlines."""
+    one_line = CORPUS.replace("\n", " ") * 3
+    assert len(one_line) > 10 * D.CHUNK_CHARS and len(one_line.splitlines()) == 1
+    shapes = []  # (rows, columns) of each DTW: the rows are kept for the backtrack
+    real = D._dtw_path
+
+    def spy(a, b, lo, hi, cost):
+        shapes.append((len(a), len(b)))
+        return real(a, b, lo, hi, cost)
+
+    monkeypatch.setattr(D, "_dtw_path", spy)
+    m = VocabMap.from_tokenizers(vocabs["qwen"], vocabs["tekken"], method="dtw", corpus=one_line)
+    assert max(max(s) for s in shapes) <= max(len(c.encode("utf-8")) for c in D._chunks([one_line])) <= \
+        D.CHUNK_CHARS + 16
+    assert sum(s[0] for s in shapes) > 10 * max(s[0] for s in shapes)  # before: one DTW, every token a row
+    assert len(shapes) == m.meta["corpus_chunks"] == len(list(D._chunks([one_line]))) >= len(one_line) / D.CHUNK_CHARS
+    assert m.meta["corpus_chars"] == len(one_line)  # truthful: every character was aligned
+    lines = VocabMap.from_tokenizers(vocabs["qwen"], vocabs["tekken"], method="dtw", corpus=CORPUS * 3)
+    seen = torch.tensor(sorted({t for c in D._chunks([one_line]) for t in vocabs["qwen"].encode(c)} &
+                               {t for c in D._chunks([CORPUS * 3]) for t in vocabs["qwen"].encode(c)}))
+    agree = float((m.index[seen] == lines.index[seen]).float().mean())
+    print(f"one-line vs multi-line map agreement: {agree:.4f} over {seen.numel()} base tokens")
+    assert agree >= 0.95, agree
+
+
+def test_dtw_file_corpus_streams_to_the_same_map_as_its_text(vocabs, tmp_path, monkeypatch):
+    text = CORPUS.replace("\n", " ") + "\u00e9t\u00e9 \u4e2d\u6587 \U0001f600 caf\u00e9\r\n" + CORPUS
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(D, "_READ_CHARS", 5)  # tiny blocks: multi-byte characters and "\r\n" across them
+    assert "".join(D._FileText(path)) == text
+    from_file = VocabMap.from_tokenizers(vocabs["v1"], vocabs["qwen"], method="dtw", corpus=path)
+    monkeypatch.setattr(D, "_READ_CHARS", 1 << 20)
+    from_text = VocabMap.from_tokenizers(vocabs["v1"], vocabs["qwen"], method="dtw", corpus=text)
+    assert torch.equal(from_file.index, from_text.index)
+    drop = ("corpus", "dtw_seconds")
+    assert {k: v for k, v in from_file.meta.items() if k not in drop} == \
+        {k: v for k, v in from_text.meta.items() if k not in drop}
+    assert from_file.meta["corpus"] == str(path) and from_text.meta["corpus"] == "<str>"
+    assert from_file.meta["corpus_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    docs = ["first doc\n", "", "second \u00e9\n"]
+    m = VocabMap.from_tokenizers(vocabs["v1"], vocabs["v3"], method="dtw", corpus=docs)
+    assert m.meta["corpus_sha256"] == hashlib.sha256("\0".join(docs).encode("utf-8")).hexdigest()
+
+
+def test_dtw_corpus_file_errors_stream(vocabs, tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_READ_CHARS", 4)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("caf\u00e9 ok\n".encode("utf-8") * 3 + b"\xff tail")
+    with pytest.raises(ValueError, match=r"bad\.txt as UTF-8 text: invalid UTF-8 \(byte 27"):
+        D.corpus_texts(bad)  # found before any tokenising, wherever it is in the file
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("ab\u4e2d".encode("utf-8")[:-1])  # a character cut short at the end of the file
+    with pytest.raises(ValueError, match=r"cut\.txt as UTF-8 text: invalid UTF-8 \(byte 2"):
+        D.corpus_texts(cut)
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\t\r\n" * 10)
+    with pytest.raises(ValueError, match="blank.txt is empty"):
+        VocabMap.from_tokenizers(vocabs["v1"], vocabs["v3"], method="dtw", corpus=blank)
 
 
 def test_unigram_unknown_token_is_never_mapped():
