@@ -127,7 +127,9 @@ def split_causal_lm(model: nn.Module, role: str = "value") -> Tuple[nn.Module, t
     """
     lm = unwrap_causal_lm(model)
     get_decoder = getattr(lm, "get_decoder", None)
-    backbone = get_decoder() if callable(get_decoder) else getattr(lm, "model", None)
+    backbone = get_decoder() if callable(get_decoder) else None
+    if backbone is None or backbone is lm:  # transformers 4.56.0/4.56.1: get_decoder() of a *ForCausalLM is None
+        backbone = getattr(lm, "model", None)
     if backbone is None or backbone is lm:
         raise ValueError(f"{role} model {type(model).__name__}: cannot find its backbone (expected a transformers "
                          f"*ForCausalLM with get_decoder() or .model)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BASE_VOCAB = 300
 VALUE_VOCAB = 256

@@ -312,6 +312,51 @@ def test_missing_training_package_is_named_before_any_work(toy, tmp_path, monkey
     assert not out.exists()
 
 
+@pytest.mark.parametrize("stack", ["installed", "transformers-4.55"])
+def test_models_load_in_their_dtype_with_the_keyword_transformers_takes(toy, tmp_path, monkeypatch, stack):
+    """from_pretrained gets the dtype keyword the installed transformers reads, found by capability: ``dtype``
+    where configs carry a ``dtype`` (4.56 on; ``torch_dtype`` is there a deprecated alias that warns), else
+    ``torch_dtype``. transformers 4.50-4.55 (``[hf]`` allows them) take only ``torch_dtype`` and hand ``dtype`` on
+    to the model's ``__init__``: the run failed with "unexpected keyword argument 'dtype'". "transformers-4.55"
+    stands such a release in: a config without ``dtype`` and a from_pretrained that refuses the keyword."""
+    import inspect
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from ivl_kernels.hf.train_cli import _setup
+
+    real = AutoModelForCausalLM.from_pretrained
+    calls = []
+
+    def from_pretrained(path, *args, **kwargs):
+        calls.append(sorted(k for k in kwargs if k in ("dtype", "torch_dtype")))
+        if stack != "installed":
+            if "dtype" in kwargs:  # as 4.55: the model's __init__ gets it
+                raise TypeError("LlamaForCausalLM.__init__() got an unexpected keyword argument 'dtype'")
+            kwargs[real_keyword] = kwargs.pop("torch_dtype")
+        return real(path, *args, **kwargs)
+
+    real_keyword = "dtype" if hasattr(transformers.PretrainedConfig(), "dtype") else "torch_dtype"
+    if stack != "installed":
+        class Config4_55:  # transformers 4.55's PretrainedConfig: torch_dtype, no dtype
+            def __init__(self, **kwargs):
+                self.torch_dtype = kwargs.pop("torch_dtype", None)
+
+        monkeypatch.setattr(transformers, "PretrainedConfig", Config4_55)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    setup = _setup(build_parser().parse_args([str(a) for a in (toy.base, toy.value, "--data", toy.data, "-o",
+                                                                tmp_path / "out", "--max-steps", "1", "--bf16",
+                                                                "--use-cpu", "--no-progress")]))
+    monkeypatch.undo()
+    assert setup["model"].base_model.dtype == torch.bfloat16
+    assert setup["model"].value_model.dtype == torch.float32
+    if stack != "installed":
+        assert calls == [["torch_dtype"]] * 2, calls
+    elif isinstance(inspect.getattr_static(transformers.PretrainedConfig, "torch_dtype", None), property):
+        assert calls == [["dtype"]] * 2, calls  # torch_dtype is the deprecated alias there: never passed
+
+
 @pytest.mark.parametrize("distributed", [True, False], ids=["after-multi-process-run", "otherwise"])
 def test_exit_process(distributed):
     """After a finished multi-process run the entry point ends with os._exit, destroying nothing of the run (the
