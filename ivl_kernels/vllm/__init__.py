@@ -18,7 +18,8 @@
   term (vLLM would apply the base's to every model), pipeline parallelism, LoRA, speculative methods other than
   ``draft_model`` (and a guided checkpoint as the draft): each is a ``ValueError`` at load, never mid-serving;
 * the per-request alpha logits processor (``ivl_kernels.vllm._per_request``) in the engine's
-  ``logits_processors``, added by the same hook.
+  ``logits_processors``, added by the same hook; under speculative decoding with the V1 runner, where vLLM runs no
+  custom logits processor, the hook instead makes the front-end refuse requests that set ``ivl_alpha``.
 
 Semantics are ``ivl_kernels.hf.GuidedCausalLM``'s (tests/vllm checks greedy tokens are identical). A request may
 set its own alphas, ``SamplingParams(extra_args={"ivl_alpha": [1.0, -0.5]})`` (``vllm_xargs`` in the OpenAI API):

@@ -34,12 +34,18 @@ Semantics (also in the README's serving section):
   ``ctx.expanded_idx_mapping``, one row per draft token under speculative decoding). In V2 the processor runs
   after the penalties: presence/frequency penalties are additive and commute with the correction, a repetition
   penalty (multiplicative) is applied to the checkpoint-alpha logits before it;
-* vLLM's V1 runner refuses custom logits processors under speculative decoding: there the processor is not
-  installed and ``ivl_alpha`` is not available (a warning at load says so; requests get the checkpoint's alphas).
+* vLLM's V1 runner refuses custom logits processors under speculative decoding (``build_logitsprocs`` raises when
+  any is configured), so there the processor is not installed and ``ivl_alpha`` is not available. A request that
+  sets it is refused in the front-end (``refuse_alpha_under_speculative``; ``LLM.generate`` raises a
+  ``ValueError``, the OpenAI server answers 400), for that request only: it would otherwise silently get the
+  checkpoint's alphas. vLLM runs ``validate_params`` only for the processors it is configured with, i.e. none
+  there, so the plugin extends the front-end's per-request logits-processor validator instead
+  (``install_speculative_refusal``); requests without ``ivl_alpha`` are served unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import re
@@ -51,6 +57,7 @@ import numpy as np
 import torch
 
 from .._validate import _FLOAT32_MAX, _shown, check_alpha_float
+from ..checkpoint_format import GUIDED_ARCHITECTURE
 from ..ops.guided_logits import fused_guided_logits
 
 ALPHA_KEY = "ivl_alpha"
@@ -382,12 +389,19 @@ def enable_per_request_alpha(vllm_config, alphas: Sequence[float]) -> Optional[s
 
     Not added under speculative decoding with the V1 model runner, which refuses every custom logits processor
     then (``build_logitsprocs``: "Custom logits processors are not supported when speculative decoding is
-    enabled")."""
+    enabled"): requests that set ``ivl_alpha`` are refused in the front-end instead
+    (``install_speculative_refusal``)."""
     model_config = vllm_config.model_config
     v2 = bool(vllm_config.use_v2_model_runner)
-    if getattr(vllm_config, "speculative_config", None) is not None and not v2:
-        return ("vLLM's V1 model runner refuses custom logits processors under speculative decoding: per-request "
-                f"alpha ({ALPHA_KEY}) is not available; requests get the checkpoint's alphas")
+    if alpha_unavailable(vllm_config):
+        why = ("vLLM's V1 model runner refuses custom logits processors under speculative decoding: per-request "
+               f"alpha ({ALPHA_KEY}) is not available; ")
+        if install_speculative_refusal():
+            return why + (f"requests that set {ALPHA_KEY} are refused (LLM.generate raises, the server answers "
+                          "400), requests without it get the checkpoint's alphas")
+        return why + (f"this vLLM version offers no front-end hook the plugin knows "
+                      f"(InputProcessor.{_VALIDATOR_BUILDER}), so requests that set {ALPHA_KEY} are NOT refused: "
+                      "they silently get the checkpoint's alphas")
     name = processor_fqcn(len(alphas), v2, alphas)
     current = list(model_config.logits_processors or [])
     if name not in current:
@@ -395,5 +409,116 @@ def enable_per_request_alpha(vllm_config, alphas: Sequence[float]) -> Optional[s
     return None
 
 
+# ---- speculative decoding with the V1 runner: no processor, so a request that sets ivl_alpha is refused -----------
+# vLLM 0.32's front-end (``vllm.v1.engine.input_processor.InputProcessor``) validates each request's sampling
+# parameters in ``_validate_params``; for logits processors it calls the validator built once per engine by
+# ``_build_logits_processors_params_validator`` (V1 runner: ``validate_logits_processors_parameters`` over the
+# classes of ``model_config.logits_processors`` and of the ``vllm.logits_processors`` entry points), which runs
+# each class's ``validate_params``. Under speculative decoding the plugin cannot list its processor there (the V1
+# worker then refuses to start), so no ``validate_params`` of its own ever runs, and ``SamplingParams.verify``
+# (vLLM's own refusal of ``min_p``/``logit_bias`` under speculative decoding) has no plugin hook. The plugin wraps
+# that builder instead: for a guided engine where ``alpha_unavailable`` (checked per engine, so other engines in
+# the process are untouched), the validator it returns first refuses a request that sets ``ivl_alpha``. A
+# ``ValueError`` there fails that request only, before it reaches the engine (the engine keeps serving).
+_VALIDATOR_BUILDER = "_build_logits_processors_params_validator"
+_ERROR_CLASS: list = []
+
+
+def alpha_unavailable(vllm_config) -> bool:
+    """Whether vLLM runs no custom logits processor for this configuration: speculative decoding with the V1 model
+    runner (the V2 runner runs them, one row per draft token)."""
+    return (getattr(vllm_config, "speculative_config", None) is not None
+            and not bool(getattr(vllm_config, "use_v2_model_runner", False)))
+
+
+def _alpha_unavailable_error(message: str) -> Exception:
+    """A ``ValueError`` that is also vLLM's ``VLLMValidationError`` (the OpenAI server answers 400 for it, with its
+    message; ``LLM.generate`` raises it)."""
+    if not _ERROR_CLASS:
+        try:
+            from vllm.exceptions import VLLMValidationError
+            bases: tuple = (VLLMValidationError, ValueError)
+        except ImportError:  # pragma: no cover - vLLM versions without it
+            bases = (ValueError,)
+        _ERROR_CLASS.append(type("AlphaUnavailableError", bases, {"__module__": _MODULE}))
+    return _ERROR_CLASS[0](message)
+
+
+def _shown_value(value) -> str:
+    text = _shown(value) if isinstance(value, int) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def refuse_alpha_under_speculative(sampling_params, checkpoint_alphas: Optional[Sequence[float]] = None) -> None:
+    """``ValueError`` when the request sets ``ivl_alpha`` (any value, well-formed or not; ``None`` is unset): under
+    speculative decoding with the V1 runner nothing would apply it, and the request would get the checkpoint's
+    alphas without a word."""
+    extra = getattr(sampling_params, "extra_args", None)
+    if not extra or ALPHA_KEY not in extra or extra[ALPHA_KEY] is None:
+        return
+    have = "" if not checkpoint_alphas else f" {list(checkpoint_alphas)}"
+    raise _alpha_unavailable_error(
+        f'extra_args["{ALPHA_KEY}"] (vllm_xargs in the OpenAI API)={_shown_value(extra[ALPHA_KEY])}: per-request '
+        f"alpha is not available with speculative decoding (vLLM's V1 model runner runs no custom logits processor "
+        f"then: this request would get the checkpoint's alphas{have}). Leave {ALPHA_KEY} unset to get the "
+        f"checkpoint's alphas; for other alphas serve the checkpoint without speculative_config, or write a "
+        f"checkpoint with those alphas (`ivl-kernels compose BASE VALUE -o DIR --alpha A`, or --term MODEL:ALPHA "
+        f"per term) and serve that one")
+
+
+def _is_guided(vllm_config) -> bool:
+    model_config = getattr(vllm_config, "model_config", None)
+    try:
+        return GUIDED_ARCHITECTURE in (getattr(model_config, "architectures", None) or [])
+    except Exception:  # a configuration vLLM built without an architecture (not a guided one)
+        return False
+
+
+def _checkpoint_alphas(vllm_config) -> Optional[Tuple[float, ...]]:
+    """The guided checkpoint's alphas, for the refusal's message (None where they cannot be read)."""
+    try:
+        terms = vllm_config.model_config.hf_config.ivl_guided["terms"]
+        return tuple(float(t.get("alpha", 1.0)) for t in terms)
+    except Exception:
+        return None
+
+
+def install_speculative_refusal() -> bool:
+    """Wrap vLLM's ``InputProcessor._build_logits_processors_params_validator`` (once per process; the config hook
+    calls this in the front-end before vLLM builds its ``InputProcessor``) so that a guided engine where
+    ``alpha_unavailable`` refuses requests that set ``ivl_alpha`` (``refuse_alpha_under_speculative``) before
+    vLLM's own checks of logits-processor parameters. Every other engine gets vLLM's validator unchanged. False
+    where this vLLM has no such method (then nothing is refused)."""
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:
+        return False
+    build = getattr(InputProcessor, _VALIDATOR_BUILDER, None)
+    if build is None or not callable(build):
+        return False
+    if getattr(build, "_ivl_refuses_alpha", False):
+        return True
+
+    @functools.wraps(build)
+    def build_validator(self, *args, **kwargs):
+        validate = build(self, *args, **kwargs)
+        config = getattr(self, "vllm_config", None)
+        if not (_is_guided(config) and alpha_unavailable(config)):
+            return validate
+        alphas = _checkpoint_alphas(config)
+
+        def validate_params(sampling_params):
+            refuse_alpha_under_speculative(sampling_params, alphas)
+            return validate(sampling_params)
+
+        validate_params._ivl_refuses_alpha = True
+        return validate_params
+
+    build_validator._ivl_refuses_alpha = True
+    setattr(InputProcessor, _VALIDATOR_BUILDER, build_validator)
+    return True
+
+
 __all__ = ["ALPHA_KEY", "parse_alpha", "alpha_delta", "register_model", "processor_fqcn",
-           "enable_per_request_alpha"]
+           "enable_per_request_alpha", "alpha_unavailable", "refuse_alpha_under_speculative",
+           "install_speculative_refusal"]

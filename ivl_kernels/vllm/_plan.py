@@ -148,12 +148,17 @@ def _transformers_backend_problem(vllm_config, cfg, trust_remote_code: bool) -> 
     loading weights; the fused head cannot apply it)."""
     from vllm.transformers_utils.config import get_hf_text_config
 
-    got = vllm_config.with_hf_config(cfg).model_config.model_arch_config  # what init_vllm_registered_model gives
-    own = vllm_config.with_hf_config(cfg).model_config
-    own.hf_text_config = get_hf_text_config(cfg)
-    need = own.get_model_arch_config()  # what vLLM reads serving this model alone
-    diff = [f"{f}={getattr(got, f, None)} instead of its {getattr(need, f, None)}" for f in _BACKEND_READS
-            if getattr(got, f, None) != getattr(need, f, None)]
+    # One copy serves both questions: ``with_hf_config`` deep-copies the engine's model config, sets its
+    # ``hf_config`` and builds its ``model_arch_config`` then (a new object of plain values, from the engine's text
+    # config: what init_vllm_registered_model gives). Its fields are read before ``hf_text_config`` is rebound on
+    # that copy (which mutates no object they came from; ``get_model_arch_config`` builds a new object and stores
+    # nothing), so they are what a second, untouched copy would give.
+    sub = vllm_config.with_hf_config(cfg).model_config
+    got = {f: getattr(sub.model_arch_config, f, None) for f in _BACKEND_READS}
+    sub.hf_text_config = get_hf_text_config(cfg)
+    need = sub.get_model_arch_config()  # what vLLM reads serving this model alone
+    diff = [f"{f}={got[f]} instead of its {getattr(need, f, None)}" for f in _BACKEND_READS
+            if got[f] != getattr(need, f, None)]
     if diff:
         return (f"as a sub-model, vLLM's Transformers backend would size its attention layers from the guided "
                 f"checkpoint's text config (the base's): {', '.join(diff)}; its first request would fail inside "

@@ -166,6 +166,35 @@ def test_draft_model_accepted_guided_draft_refused(checkpoints, models):
                                                          "num_speculative_tokens": 2})
 
 
+def test_ivl_alpha_refused_in_the_front_end_under_speculative_decoding(checkpoints, models):
+    # No processor under speculative decoding (V1 runner), so no validate_params of the plugin's: the plugin's
+    # hook on vLLM's front-end validator refuses every request that sets ivl_alpha (it used to be served with the
+    # checkpoint's alphas, unvalidated), and only for a guided engine. Without an engine: vLLM's InputProcessor,
+    # the front-end's per-request validation that LLM.generate and the OpenAI server go through.
+    from vllm import SamplingParams
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    spec = {"method": "draft_model", "model": models["base"], "num_speculative_tokens": 2}
+    guided = InputProcessor(_config(checkpoints["one"], speculative_config=spec))
+    plain = InputProcessor(_config(models["base"], speculative_config=spec))
+
+    def check(processor, extra_args):
+        processor._validate_params(SamplingParams(max_tokens=2, extra_args=extra_args), ("generate",))
+
+    for alpha in (0.0, -1.0, [0.7], "abc", 1e39, [float("nan")]):
+        with pytest.raises(ValueError, match=r'extra_args\["ivl_alpha"\].*: per-request alpha is not available with '
+                                             r"speculative decoding .*checkpoint's alphas \[0.7"):
+            check(guided, {"ivl_alpha": alpha})
+        check(plain, {"ivl_alpha": alpha})  # not a guided model: its extra_args are none of the plugin's business
+    for extra_args in (None, {}, {"ivl_alpha": None}, {"other": 1}):
+        check(guided, extra_args)
+    with pytest.raises(ValueError) as refused:
+        check(guided, {"ivl_alpha": 0.0})
+    response = create_error_response(refused.value)
+    assert response.error.code == 400 and "ivl_alpha" in response.error.message  # what the OpenAI server answers
+
+
 # ---- sub-models vLLM serves through its Transformers backend ------------------------------------------------------
 def _transformers_term(models, tmp_path, name, build):
     """A term of an architecture vLLM 0.32 serves through its Transformers backend (no native vLLM class), saved
@@ -193,6 +222,32 @@ def test_transformers_backend_term_with_other_attention_shapes_refused(models, t
     with pytest.raises(ValueError, match=r"Olmo2ForCausalLM, which vLLM serves through its Transformers backend.*"
                                          r"head_size=64 instead of its 32"):
         _config(out)
+
+
+def test_transformers_backend_check_builds_one_submodel_config(checkpoints, monkeypatch):
+    # with_hf_config deep-copies the engine's model config: the check builds one copy and reads the shapes it
+    # would get before pointing the copy's text config at the term's own (it built two copies).
+    from transformers import Olmo2Config
+    from vllm.config import VllmConfig
+
+    from ivl_kernels.vllm._plan import _transformers_backend_problem
+
+    cfg = _config(checkpoints["one"])
+    term = Olmo2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=None, architectures=["Olmo2ForCausalLM"])
+    calls = []
+    original = VllmConfig.with_hf_config
+
+    def counted(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VllmConfig, "with_hf_config", counted)
+    problem = _transformers_backend_problem(cfg, term, False)
+    assert len(calls) == 1
+    assert "head_size=64 instead of its 32" in problem and "total_num_attention_heads" not in problem
+    assert cfg.model_config.model_arch_config.head_size == 64  # the engine's own config is left alone
 
 
 def test_transformers_backend_term_with_a_biased_head_refused(models, tmp_path):
