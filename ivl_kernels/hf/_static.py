@@ -8,7 +8,10 @@ tokens. The prompt runs eagerly (any length, any padding). A decode step then ha
   never shifts positions) and an additive 4-D attention mask ``[B, 1, 1, L_max]`` (0 for the columns a row may
   attend to, the dtype's minimum elsewhere) are buffers updated in place; a 4-D mask is used by transformers as
   given, so its mask construction (which reads tensor values on the host) never runs;
-* the static cache writes the new key/value column at its own device-side counter.
+* the new key/value column goes where the runner's host-side column count says: transformers releases whose model
+  ``forward`` takes ``cache_position`` (4.5x) write a ``StaticCache`` column where it says, so the runner passes it
+  (``arange(T)`` for the prompt, a ``[1]`` buffer updated in place per step; ``takes_cache_position``); newer
+  releases' static layers count their columns on the device themselves and their ``forward`` takes none.
 
 So the step (every backbone, then ``fused_guided_logits``) reads no tensor value on the host and can be captured
 once in a CUDA graph and replayed per token: one launch for the whole step instead of hundreds of kernels from
@@ -24,6 +27,7 @@ bucketed cache length (torch.compile's recompile limit bounds how many; past it 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable, List, Optional, Sequence
 
@@ -55,6 +59,27 @@ def _static_cache(model: nn.Module, max_len: int):
     from transformers import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=int(max_len))
+
+
+_TAKES_CACHE_POSITION: dict = {}
+
+
+def takes_cache_position(backbone: nn.Module) -> bool:
+    """Whether ``backbone.forward`` names ``cache_position`` (capability, read from its signature): then the runner
+    gives it the columns it writes. Left out on such a release (transformers 4.5x), the model derives it from the
+    cache's ``get_seq_length()``, which a ``StaticLayer`` there estimates by counting the non-zero key rows of batch
+    row 0 (``keys[0, 0].any(-1).sum()``): a key that is zero there (a token whose embedding row is zero, e.g. the
+    padding id's, under a bias-free ``k_proj``) makes it short, the first step overwrites a prompt column and every
+    later step that same column (wrong tokens, no error; transformers' own generate always passes it). Releases
+    whose ``forward`` has no ``cache_position`` count the columns in the layer."""
+    cls = type(backbone)
+    if cls not in _TAKES_CACHE_POSITION:
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _TAKES_CACHE_POSITION[cls] = "cache_position" in params
+    return _TAKES_CACHE_POSITION[cls]
 
 
 def model_dtype(backbone: nn.Module) -> torch.dtype:
@@ -125,6 +150,9 @@ class StaticRunner:
         self.bias: Optional[torch.Tensor] = None          # [B, 1, 1, max_len] additive mask, model dtype
         self.ids: Optional[torch.Tensor] = None           # [B, 1] long
         self.pos: Optional[torch.Tensor] = None           # [B, 1] long: position of the next token per row
+        # [1] long: the cache column of the next token, for a forward that takes cache_position (else None).
+        self.cache_pos: Optional[torch.Tensor] = None
+        self._takes_cache_position = takes_cache_position(backbone)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,8 +168,11 @@ class StaticRunner:
         mask = mask.to(device=ids.device, dtype=torch.long)
         full = torch.zeros((B, self.max_len), dtype=torch.long, device=ids.device)
         full[:, :T] = mask
+        kwargs = {cache_kwarg(self.backbone): self.cache}
+        if self._takes_cache_position:
+            kwargs["cache_position"] = torch.arange(T, device=ids.device)
         out = self.backbone(input_ids=ids, attention_mask=full, position_ids=position_ids_from_mask(mask),
-                            use_cache=True, **{cache_kwarg(self.backbone): self.cache})
+                            use_cache=True, **kwargs)
         dtype = model_dtype(self.backbone)
         # Built in the model's dtype (a float32 intermediate cannot hold float64's minimum).
         bias = torch.zeros(full.shape, dtype=dtype, device=full.device).masked_fill_(
@@ -155,6 +186,8 @@ class StaticRunner:
             self.bias = bias.contiguous()
             self.ids = torch.zeros((B, 1), dtype=torch.long, device=ids.device)
             self.pos = pos
+        if self._takes_cache_position and (self.cache_pos is None or self.cache_pos.device != ids.device):
+            self.cache_pos = torch.zeros((1,), dtype=torch.long, device=ids.device)
         self.columns = T
         return out.last_hidden_state[:, -1]
 
@@ -164,11 +197,15 @@ class StaticRunner:
             raise RuntimeError(f"the static cache of {self.max_len} columns is full")
         self.ids.copy_(ids)
         self.bias[:, :, :, self.columns] = 0.0
+        if self.cache_pos is not None:
+            self.cache_pos.fill_(self.columns)  # a host int written to the device: no read
 
     def decode(self) -> torch.Tensor:
         """The captured part: one token per row from the buffers; ``[B, H]`` hidden states."""
         kwargs = dict(input_ids=self.ids, attention_mask=self.bias, position_ids=self.pos, use_cache=True,
                       **{cache_kwarg(self.backbone): self.cache})
+        if self.cache_pos is not None:
+            kwargs["cache_position"] = self.cache_pos
         if self._compiled is None:
             return self.backbone(**kwargs).last_hidden_state[:, -1]
         try:

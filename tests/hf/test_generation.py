@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ivl_kernels._triton import interpreter_enabled  # noqa: E402
+from ivl_kernels._triton import HAS_TRITON, interpreter_enabled  # noqa: E402
 from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM, IVLLogitsProcessor  # noqa: E402
 
 from ._models import (BASE_VOCAB, VALUE_VOCAB, left_pad, make_base, make_value, random_map,  # noqa: E402
@@ -29,6 +29,83 @@ def _setup(tie_base, tie_value, kind):
     value = make_value(tie=tie_value)
     vmap = None if kind == "identity-tail" else random_map()
     return base, value, vmap
+
+
+def static_cache_refusal(*models) -> str:
+    """Why transformers builds no ``StaticCache`` the way the package does for one of ``models`` (4.50-4.55 want
+    the batch size up front), else ``""``: found by capability, as the package finds it."""
+    from ivl_kernels.hf._static import static_window_fits
+
+    for model in models:
+        why = static_window_fits(model, 64)
+        if why.startswith("transformers builds no StaticCache"):
+            return why
+    return ""
+
+
+def skip_unless_static_cache(forced_call, *models) -> None:
+    """Skip a static-cache test where transformers builds no ``StaticCache`` for ``models``, after checking that
+    ``forced_call()`` (a call forcing the static cache) is refused with that reason instead of running."""
+    why = static_cache_refusal(*models)
+    if why:
+        with pytest.raises(ValueError, match="builds no StaticCache"):
+            forced_call()
+        pytest.skip(f"this transformers builds no StaticCache as the package does; a forced one is refused "
+                    f"(checked): {why}")
+
+
+class WritesAtCachePosition(torch.nn.Module):
+    """A backbone with transformers 4.5x's static-cache contract, on any release: its ``forward`` takes
+    ``cache_position`` and a ``StaticCache`` column is written where it says; without it, the position is 4.5x's
+    estimate (``StaticLayer.get_seq_length``: the non-zero key rows of batch row 0, head 0, layer 0). Records
+    the positions given per static call (``None``: none given). Other caches pass through."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.positions = []
+
+    @staticmethod
+    def emulable() -> str:
+        """``""`` when this transformers lets the emulation place a column (its forward takes ``cache_position``,
+        or its static layers count their columns in ``cumulative_length``), else why not."""
+        from ivl_kernels.hf._static import _static_cache, takes_cache_position
+
+        value = make_value()
+        if takes_cache_position(value.model):
+            return ""
+        layers = getattr(_static_cache(value, 64), "layers", None) or ()
+        if layers and all(hasattr(layer, "cumulative_length") for layer in layers):
+            return ""
+        return "its static layers neither take cache_position nor keep a cumulative_length"
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                cache_position=None):
+        from transformers import StaticCache
+
+        from ivl_kernels.hf._common import cache_kwarg
+        from ivl_kernels.hf._static import takes_cache_position
+
+        extra = {}
+        if isinstance(past_key_values, StaticCache):
+            self.positions.append(None if cache_position is None else cache_position.tolist())
+            if cache_position is None:
+                keys = getattr(past_key_values.layers[0], "keys", None)
+                past = int(keys[0, 0].any(-1).sum()) if keys is not None else 0
+                cache_position = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            if takes_cache_position(self.inner):
+                extra["cache_position"] = cache_position
+            else:  # layers that count their columns: start this call's at cache_position
+                for layer in past_key_values.layers:
+                    if getattr(layer, "is_initialized", False):
+                        layer.cumulative_length.fill_(int(cache_position[0]))
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, **{cache_kwarg(self.inner): past_key_values}, **extra)
+
+
+def expected_static_positions(T: int, steps: int) -> list:
+    """The cache positions a static runner gives a prompt of ``T`` columns and ``steps`` decode steps."""
+    return [list(range(T))] + [[T + i] for i in range(steps)]
 
 
 def _hf_generate(base, ids, mask, processor, **kw):
@@ -166,7 +243,8 @@ def test_eos_pad_min_new_tokens_and_streamer():
     assert [int(c) for c in rec.chunks[1:]] == single[0, 6:].tolist()
 
 
-@pytest.mark.skipif(not interpreter_enabled(), reason="needs the Triton interpreter (these models live on the CPU)")
+@pytest.mark.skipif(not (HAS_TRITON and interpreter_enabled()),
+                    reason="needs Triton and its interpreter (these models live on the CPU)")
 def test_triton_backend_under_interpreter_matches_torch_backend():
     base, value, vmap = _setup(False, True, "random-map")
     ids, mask = left_pad(random_prompts([3, 5], seed=29))
@@ -202,6 +280,8 @@ def test_processor_static_cache_matches_dynamic_and_grows(own_prompt):
     columns; 70 tokens are generated)."""
     base, value, vmap = _setup(False, True, "random-map")
     ids, mask = left_pad(random_prompts(LENGTHS))
+    skip_unless_static_cache(lambda: _hf_generate(base, ids, mask, IVLLogitsProcessor(
+        value, vocab_map=vmap, attention_mask=mask, cache_implementation="static")), value)
     kw = {}
     if own_prompt:
         own_ids, own_mask = left_pad(random_prompts([7, 3, 9], vocab=VALUE_VOCAB, seed=5))
@@ -215,6 +295,41 @@ def test_processor_static_cache_matches_dynamic_and_grows(own_prompt):
                                    return_dict_in_generate=True)
         if mode == "static":
             assert proc._static[0].max_len == 128  # grown from 64
+    assert torch.equal(outs["dynamic"].sequences, outs["static"].sequences)
+    for a, b in zip(outs["dynamic"].scores, outs["static"].scores):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_static_cache_gives_the_column_it_writes(monkeypatch):
+    """transformers 4.5x writes a ``StaticCache`` column where the forward's ``cache_position`` says and, given none,
+    estimates it from the cache (non-zero key rows of batch row 0): here row 0's prompt holds two tokens whose
+    layer-0 keys are zero (value id 0: a zero embedding row, Qwen2's k_proj bias 0), the estimate fell two short,
+    the first step overwrote a prompt column and every later step the same one: other tokens than the dynamic
+    cache's, no error. Emulated on any release (``WritesAtCachePosition``): the static runner gives each call the
+    columns it writes, and the tokens and scores are the dynamic path's."""
+    from ivl_kernels.hf import processor as processor_module
+
+    base, value, vmap = _setup(False, True, "random-map")
+    ids, mask = left_pad(random_prompts(LENGTHS))
+    skip_unless_static_cache(lambda: _hf_generate(base, ids, mask, IVLLogitsProcessor(
+        value, vocab_map=vmap, attention_mask=mask, cache_implementation="static")), value)
+    why = WritesAtCachePosition.emulable()
+    if why:
+        pytest.skip(f"cannot emulate transformers 4.5x's static cache here: {why}")
+    wrappers = []
+    split = processor_module.split_causal_lm
+
+    def wrapped_split(model, role="value"):
+        backbone, weight = split(model, role)
+        wrappers.append(WritesAtCachePosition(backbone))
+        return wrappers[-1], weight
+
+    monkeypatch.setattr(processor_module, "split_causal_lm", wrapped_split)
+    outs = {}
+    for mode in ("dynamic", "static"):
+        proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap, attention_mask=mask, cache_implementation=mode)
+        outs[mode] = _hf_generate(base, ids, mask, proc, output_scores=True, return_dict_in_generate=True)
+    assert wrappers[0].positions == [] and wrappers[1].positions == expected_static_positions(ids.shape[1], NEW - 1)
     assert torch.equal(outs["dynamic"].sequences, outs["static"].sequences)
     for a, b in zip(outs["dynamic"].scores, outs["static"].scores):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -240,6 +355,8 @@ def test_processor_cuda_graph_default_matches_eager_static():
     base, value = base.cuda().to(torch.bfloat16), value.cuda().to(torch.bfloat16)
     ids, mask = left_pad(random_prompts(LENGTHS))
     ids, mask = ids.cuda(), mask.cuda()
+    skip_unless_static_cache(lambda: _hf_generate(base, ids, mask, IVLLogitsProcessor(
+        value, vocab_map=vmap.cuda(), attention_mask=mask, cache_implementation="static")), value)
     outs = {}
     for name, kw in (("eager", dict(cache_implementation="static", cuda_graph=False)), ("default", {})):
         proc = IVLLogitsProcessor(value, alpha=ALPHA, vocab_map=vmap.cuda(), attention_mask=mask, **kw)

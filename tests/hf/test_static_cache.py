@@ -13,8 +13,20 @@ from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM  # noqa: E402
 
 from ._models import VALUE_VOCAB, left_pad, make_base, make_value, random_map, random_prompts  # noqa: E402
 from .test_decode_syncs import _ScalarReads  # noqa: E402
+from .test_generation import (WritesAtCachePosition, expected_static_positions,  # noqa: E402
+                              skip_unless_static_cache)
 
 HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture
+def static_cache():
+    """Skips where transformers builds no ``StaticCache`` as the package does (4.50-4.55), after checking that a
+    forced static generate is refused there, with the reason (not run)."""
+    ids, mask = left_pad(random_prompts([3], seed=1))
+    skip_unless_static_cache(lambda: _lm(1, False).generate(ids, attention_mask=mask, max_new_tokens=2,
+                                                            cache_implementation="static"),
+                             make_base(), make_value())
 
 
 def _lm(terms: int, mapped: bool, device="cpu", dtype=torch.float32, backend="torch"):
@@ -34,6 +46,7 @@ def _generate(lm, ids, mask, **kw):
 
 @pytest.mark.parametrize("terms", [1, 2], ids=["one-term", "two-terms"])
 @pytest.mark.parametrize("mapped", [False, True], ids=["identity", "map"])
+@pytest.mark.usefixtures("static_cache")
 def test_static_cache_matches_dynamic(terms, mapped):
     lm = _lm(terms, mapped)
     ids, mask = left_pad(random_prompts([6, 2, 9], seed=11))
@@ -44,6 +57,7 @@ def test_static_cache_matches_dynamic(terms, mapped):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("static_cache")
 def test_static_cache_with_a_prompt_per_term_and_sampling():
     lm = _lm(2, False)
     ids, mask = left_pad(random_prompts([5, 8], seed=2))
@@ -56,6 +70,7 @@ def test_static_cache_with_a_prompt_per_term_and_sampling():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("static_cache")
 def test_static_decode_step_reads_no_value_on_the_host():
     """Every host read during a static generate is the prompt's (eager, transformers' mask construction) or the
     EOS check: the decode steps themselves read none, in ivl_kernels or in transformers. (No map here: a CPU map is
@@ -86,6 +101,7 @@ def test_static_cache_errors():
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.usefixtures("static_cache")
 def test_cuda_graph_decode_matches_eager(backend):
     lm = _lm(2, True, device="cuda", dtype=torch.bfloat16, backend=backend)
     ids, mask = left_pad(random_prompts([6, 2, 9], seed=11))
@@ -103,11 +119,13 @@ def test_cuda_graph_decode_matches_eager(backend):
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_no_transformers_deprecation_warnings(cache):
+def test_no_transformers_deprecation_warnings(cache, request):
     """transformers announced ``past_key_values=`` for removal (5.40) where ``cache=`` exists: the package passes
     the keyword each model's forward names (``_common.cache_kwarg``), so neither decode path warns."""
     import warnings
 
+    if cache == "static":
+        request.getfixturevalue("static_cache")
     lm = _lm(2, True)
     ids, mask = left_pad(random_prompts([5, 3], seed=2))
     kw = {"cache_implementation": "static"} if cache == "static" else {}
@@ -119,6 +137,7 @@ def test_no_transformers_deprecation_warnings(cache):
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
 
 
+@pytest.mark.usefixtures("static_cache")
 def test_static_runners_are_reused_across_calls_with_fresh_results():
     """A second static call of the same batch size and bucketed lengths reuses the runners (and, on CUDA, the
     captured graph): caches reset and buffers rewritten in place, so its tokens and logits equal a fresh model's,
@@ -139,6 +158,32 @@ def test_static_runners_are_reused_across_calls_with_fresh_results():
     assert first.sequences.shape[0] == 3
 
 
+@pytest.mark.usefixtures("static_cache")
+def test_static_runners_give_the_columns_they_write():
+    """transformers 4.5x writes a ``StaticCache`` column where the forward's ``cache_position`` says and estimates
+    it, given none, from the non-zero key rows of batch row 0: a left-padded row 0 whose padding keys are zero
+    (pad id 0: a zero embedding row; Llama's k_proj has no bias) made it short and the static tokens silently
+    differed from the dynamic ones. Emulated on any release (``WritesAtCachePosition``): every runner gives each
+    call the columns it writes, and tokens and logits are the dynamic cache's."""
+    why = WritesAtCachePosition.emulable()
+    if why:
+        pytest.skip(f"cannot emulate transformers 4.5x's static cache here: {why}")
+    lm = _lm(2, True)
+    lm._base_backbone = WritesAtCachePosition(lm._base_backbone)
+    for term in lm._prepared:
+        term.backbone = WritesAtCachePosition(term.backbone)
+    wrappers = [lm._base_backbone] + [t.backbone for t in lm._prepared]
+    ids, mask = left_pad(random_prompts([6, 2, 9], seed=11))
+    dyn = _generate(lm, ids, mask)
+    assert all(w.positions == [] for w in wrappers)
+    sta = _generate(lm, ids, mask, cache_implementation="static")
+    for w in wrappers:
+        assert w.positions == expected_static_positions(ids.shape[1], 6)  # 7 new tokens: the prompt + 6 steps
+    assert torch.equal(dyn.sequences, sta.sequences)
+    for a, b in zip(dyn.logits, sta.logits):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_default_cache_is_dynamic_on_cpu_and_static_on_cuda(monkeypatch, caplog):
     """The default decode mode: dynamic on CPU; on CUDA static with a graph when every model supports a
     StaticCache, else dynamic, said once at INFO level. Explicit arguments force either."""
@@ -149,8 +194,10 @@ def test_default_cache_is_dynamic_on_cpu_and_static_on_cuda(monkeypatch, caplog)
     lm = _lm(1, False)
     owners = [lm.base_model] + list(lm.value_models)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # Static by default where every model declares support (transformers 4.50's Llama and Qwen2 do not).
+    supported = not any(_static.static_supported(o) for o in owners)
     assert lm._decode_mode(None, None, cpu, owners) == (False, False)
-    assert lm._decode_mode(None, None, cuda, owners) == (True, True)
+    assert lm._decode_mode(None, None, cuda, owners) == (supported, supported)
     assert lm._decode_mode(None, False, cuda, owners) == (False, False)
     assert lm._decode_mode("dynamic", None, cuda, owners) == (False, False)
     assert lm._decode_mode("static", False, cuda, owners) == (True, False)
@@ -159,7 +206,7 @@ def test_default_cache_is_dynamic_on_cpu_and_static_on_cuda(monkeypatch, caplog)
         lm._decode_mode("dynamic", True, cuda, owners)
     with pytest.raises(TypeError, match="cuda_graph must be"):
         lm._decode_mode(None, "yes", cuda, owners)
-    monkeypatch.setattr(type(lm.base_model), "_can_compile_fullgraph", False)
+    monkeypatch.setattr(type(lm.base_model), "_can_compile_fullgraph", False, raising=False)
     monkeypatch.setattr(_static, "_LOGGED", set())
     with caplog.at_level(logging.INFO, logger="ivl_kernels.hf"):
         assert lm._decode_mode(None, None, cuda, owners) == (False, False)
