@@ -226,6 +226,24 @@ def check_vocab_map(vocab_map, Vb: int, Vv: int, device: torch.device, check_val
     return vocab_map
 
 
+def assert_map_range_async(vocab_map: torch.Tensor, Vv: int) -> None:
+    """While ``torch.compile`` traces (where the eager range check cannot read values): the map's range checked
+    on the device by ``torch._assert_async``, traced into the graph (no graph break, no host sync); an entry out
+    of ``[-1, Vv)`` raises a ``RuntimeError`` when the compiled code runs (on a GPU a device-side assert)."""
+    if vocab_map.numel() == 0:
+        return
+    ok = ((vocab_map >= -1) & (vocab_map < Vv)).all()
+    torch._assert_async(ok, "vocab_map entries must lie in [-1, Vv) (the value vocabulary size), checked on the "
+                            "device under torch.compile")
+
+
+def assert_target_range_async(target: torch.Tensor, Vb: int, ignore_index: int) -> None:
+    """As ``assert_map_range_async``, for the loss's targets: each in ``[0, Vb)`` or equal to ``ignore_index``."""
+    ok = ((target == ignore_index) | ((target >= 0) & (target < Vb))).all()
+    torch._assert_async(ok, f"target entries must lie in [0, Vb) (the base vocabulary size) or equal "
+                            f"ignore_index={ignore_index}, checked on the device under torch.compile")
+
+
 def validate_guided(value_hidden, value_weight, *, base_logits=None, base_hidden=None, base_weight=None,
                     vocab_map=None, alpha=1.0, fill=0.0, base_required: bool = True,
                     check_map_values: bool = True) -> GuidedArgs:
@@ -511,9 +529,10 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
     ``[0, Vb)`` (global ``Vb`` under a process group) or equal to ``ignore_index``. Base tensors must not
     require grad (the base is frozen), nor may an ``alpha`` tensor (it is treated as a constant).
     ``check_values=False`` skips the checks that read tensor values (target range, map range): they need a
-    device sync, impossible while tracing. Under a ``process_group`` every rank learns whether the others' checks
-    passed and that they were given the same rows and options (``_agree_across_ranks``) before any of them enters
-    the loss's collectives.
+    device sync, impossible while tracing; while ``torch.compile`` traces, the target range is asserted on the
+    device instead (``assert_target_range_async``; the map's range by the public functions, per backend). Under a
+    ``process_group`` every rank learns whether the others' checks passed and that they were given the same rows
+    and options (``_agree_across_ranks``) before any of them enters the loss's collectives.
     """
     if process_group is not None:
         process_group = check_process_group(process_group)
@@ -535,6 +554,10 @@ def validate_cross_entropy(value_hidden, value_weight, target, *, base_logits=No
     else:
         Vb_global, Vv_global, offset = g.Vb, g.Vv, 0
     target = target.reshape(-1)
+    if not check_values and torch.compiler.is_compiling():
+        # Traced: the range is asserted on the device (a RuntimeError at run time), instead of a loss in which
+        # the row of a bad target counts with a target logit of 0.
+        assert_target_range_async(target, Vb_global, ignore_index)
     if check_values and g.M > 0:
         bad = (target != ignore_index) & ((target < 0) | (target >= Vb_global))
         if bool(bad.any()):  # target is the same on every rank (checked above): every rank raises

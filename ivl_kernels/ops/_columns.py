@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from ._traced import traced_scalar
+
 
 def gather_columns(vocab_map: Optional[torch.Tensor], Vb: int, Vv: int, device) -> tuple:
     """``(cols [Vb] int64, unmapped [Vb] bool or None)``: the value column read by each base id.
@@ -40,7 +42,8 @@ def fill_columns(unmapped: torch.Tensor, fill: float, dtype: torch.dtype) -> tor
     """``[Vb]`` in ``dtype``: ``fill`` at the unmapped base ids, exactly 0 at the mapped ones, for an infinite
     ``fill`` too (``unmapped * fill`` would be ``0 * inf = NaN`` there, poisoning every mapped column: ``fill=-inf``
     is how a caller bans the unmapped tokens)."""
-    return torch.zeros(unmapped.shape, dtype=dtype, device=unmapped.device).masked_fill_(unmapped, fill)
+    return torch.zeros(unmapped.shape, dtype=dtype, device=unmapped.device).masked_fill_(
+        unmapped, traced_scalar(fill, dtype, unmapped.device))
 
 
 def add_fill(out: torch.Tensor, unmapped: Optional[torch.Tensor], fill: float, alpha_vec: Optional[torch.Tensor],
@@ -57,7 +60,9 @@ def add_fill(out: torch.Tensor, unmapped: Optional[torch.Tensor], fill: float, a
         return
     acc = torch.promote_types(out.dtype, torch.float32)
     if unmapped is None:
-        if alpha_vec is not None:
+        if alpha_vec is not None and torch.compiler.is_compiling():
+            out.add_(alpha_vec.to(acc).unsqueeze(1) * traced_scalar(fill, acc, out.device))  # alpha=fill specialises
+        elif alpha_vec is not None:
             out.add_(alpha_vec.to(acc).unsqueeze(1), alpha=fill)
         else:
             out.add_(alpha_scalar * fill)

@@ -671,6 +671,76 @@ def test_traced_whole_by_torch_compile(backend, case):
         torch.testing.assert_close(c, e)
 
 
+AUTOCAST_BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and (interpreter_enabled() or HAS_GPU) else [])
+
+
+@pytest.mark.parametrize("case", [
+    # base hidden states without L1: the base GEMM then the value GEMM accumulated into it (addmm_)
+    _case("hidden-identity-mean"),
+    _case("hidden-map-l1-smooth-mean", vmap="map", Vb=60, l1_coef=0.5, smoothing=0.1),
+    _case("logits-map-alpha_tensor-sum", base="logits", vmap="map", Vb=60, alpha="tensor", reduction="sum"),
+    # "none": the gradients in the backward pass (logits recomputed there)
+    _case("valueonly-l1-none", base="none", l1_coef=0.5, reduction="none"),
+])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_autocast_region_changes_nothing(backend, compiled, case):
+    """Inside ``torch.autocast(dtype=torch.bfloat16)`` (HF Trainer's ``bf16=True``) with float32 inputs, the loss
+    and both gradients equal those outside it: the op computes in its inputs' dtypes with float32 accumulation
+    (it used to crash, the torch backend on an in-place GEMM, the Triton one on an ``out=`` GEMM). The backward
+    runs inside the region too; eager and compiled (aot_eager, fullgraph)."""
+    torch._dynamo.reset()
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(**dict(dict(N=7, Vv=50, ignore=(2,)), **case), device=device)
+    upstream = torch.rand(target.shape, dtype=torch.float64) if kw["reduction"] == "none" else None
+
+    def loss(h, w):
+        return ivl.fused_guided_cross_entropy(h, w, target, backend=backend, **kw)
+
+    fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
+    plain = _run(lambda h, w, t: loss(h, w), vh, vw, target, {}, upstream)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        amp = _run(lambda h, w, t: fn(h, w), vh, vw, target, {}, upstream)
+    for name, a, p in zip(("loss", "d value_hidden", "d value_weight"), amp, plain):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, p, msg=name)
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_compiled_loss_rejects_bad_targets_and_map_entries(backend):
+    """Under torch.compile the range checks cannot read values while tracing: they are asserted on the device
+    (``torch._assert_async``, in the graph: fullgraph still traces) and raise a RuntimeError when the compiled
+    loss runs, instead of a loss in which a bad target's row counts with a target logit of 0. The Triton op
+    checks the map itself (a ValueError). A good call still equals eager."""
+    torch._dynamo.reset()
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(N=7, Vv=50, Vb=60, base="logits", vmap="map", ignore=(2,), device=device)
+    vocab_map = kw.pop("vocab_map")
+
+    def loss(h, w, t, m):
+        return ivl.fused_guided_cross_entropy(h, w, t, vocab_map=m, backend=backend, **kw)
+
+    fn = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled = _run(lambda h, w, t: fn(h, w, t, vocab_map), vh, vw, target, {})
+    eager = _run(lambda h, w, t: loss(h, w, t, vocab_map), vh, vw, target, {})
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
+    for bad in (60, -1, -101):
+        t = target.clone()
+        t[4] = bad
+        with pytest.raises(ValueError, match="target entries"):
+            loss(vh, vw, t, vocab_map)
+        with pytest.raises(RuntimeError, match="target entries must lie in"):
+            fn(vh, vw, t, vocab_map)
+    for bad in (50, -2):
+        m = vocab_map.clone()
+        m[7] = bad
+        with pytest.raises(ValueError, match="vocab_map entries"):
+            loss(vh, vw, target, m)
+        with pytest.raises(ValueError if backend == "triton" else RuntimeError, match="vocab_map entries must lie in"):
+            fn(vh, vw, target, m)
+
+
 @pytest.mark.parametrize("arg,values", [
     ("fill", (0.5, -0.25, 1.5, float("-inf"))), ("l1_coef", (0.5, 0.7, 0.0, 1.25)), ("alpha", (0.5, 0.7, -1.25)),
     ("label_smoothing", (0.1, 0.2, 0.0))], ids=["fill", "l1_coef", "alpha", "label_smoothing"])
@@ -690,6 +760,34 @@ def test_torch_compile_traces_a_float_argument_that_changes(arg, values):
                      target, kw)
         for c, e in zip(compiled, eager):
             torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("backend,arg,l1_coef", [(b, "alpha", 0.5) for b in AUTOCAST_BACKENDS]
+                         + [("torch", "fill", 0.0), ("torch", "fill", 0.5)])
+def test_torch_compile_a_changing_float_compiles_at_most_twice(backend, arg, l1_coef):
+    """A float alpha that changes every step (an annealed guidance strength): the first value is traced as a
+    constant, the second on as a symbolic float; the op takes it as its per-row alpha tensor while tracing, so
+    no op specialises the graph on its value again (the Triton op's float argument did: one compile per value,
+    then dynamo's recompile limit). The torch backend's fill likewise (a 0-d tensor where ``masked_fill_`` /
+    ``add_(alpha=)`` took the number). 10 values: at most 2 compiled frames, every value equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(N=7, Vv=50, Vb=60, base="logits", vmap="map", fill=-0.5, l1_coef=l1_coef,
+                               ignore=(2,), device=device)
+    kw.pop(arg)
+    fn = torch.compile(lambda h, w, x: ivl.fused_guided_cross_entropy(h, w, target, backend=backend, **{arg: x}, **kw),
+                       fullgraph=True, backend=cnt)
+    for i in range(10):
+        x = 0.3 + 0.07 * i if arg == "alpha" else -0.1 - 0.2 * i
+        compiled = _run(lambda h, w, t: fn(h, w, x), vh, vw, target, {})
+        eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend=backend, **{arg: x}), vh, vw,
+                     target, kw)
+        for c, e in zip(compiled, eager):
+            torch.testing.assert_close(c, e)
+    assert cnt.frame_count <= 2, cnt.frame_count
 
 
 @needs_triton

@@ -379,11 +379,36 @@ def test_torch_compile_fullgraph_cpu(backend, device, in_place):
     want = step(vh, vw, b_eager, vocab_map)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(b_compiled, b_eager)
-    if backend == "triton":
+    # A bad entry raises when the compiled step runs: the Triton op checks the map (a ValueError), the torch
+    # backend's range is asserted on the device in the graph (torch._assert_async: a RuntimeError).
+    for entry in (100, -2):
         bad = vocab_map.clone()
-        bad[0] = 100
-        with pytest.raises(ValueError, match="vocab_map"):
+        bad[0] = entry
+        with pytest.raises(ValueError if backend == "triton" else RuntimeError, match="vocab_map entries"):
             torch.compile(step, fullgraph=True, backend="aot_eager")(vh, vw, kw["base_logits"].clone(), bad)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cpu"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("base_mode", ["logits", "hidden"])
+@pytest.mark.parametrize("M", [4, 40], ids=lambda m: f"M{m}")  # both sides of the torch backend's M = Hv switch
+def test_autocast_region_changes_nothing(backend, device, compiled, base_mode, M):
+    """Inside ``torch.autocast(dtype=torch.bfloat16)`` with float32 inputs the logits equal those outside it (the
+    op computes in its inputs' dtypes, float32 accumulation; the torch backend's value GEMM was cast to
+    bfloat16 under autocast), eager and compiled (aot_eager, fullgraph)."""
+    torch._dynamo.reset()
+    vh, vw, kw = _inputs(M, 24, 100, 120, 16, torch.float32, device, base_mode)
+    vocab_map = make_map("many_to_one", 120, 100, device)
+
+    def step(vh, vw, m):
+        return ivl.fused_guided_logits(vh, vw, vocab_map=m, alpha=0.7, fill=-0.5, backend=backend, **kw)
+
+    fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    want = step(vh, vw, vocab_map)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = fn(vh, vw, vocab_map)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
 
 
 def test_torch_compile_fullgraph_with_a_float_alpha_that_changes():
@@ -397,6 +422,35 @@ def test_torch_compile_fullgraph_with_a_float_alpha_that_changes():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for alpha in (0.5, 0.7, -1.25):
         torch.testing.assert_close(compiled(vh, vw, kw["base_logits"], alpha), step(vh, vw, kw["base_logits"], alpha))
+
+
+@pytest.mark.parametrize("backend,device,arg", [pytest.param(*p.values, "alpha", id=f"{p.id}-alpha")
+                                                 for p in BACKENDS if p.values[1] == "cpu"]
+                         + [pytest.param("torch", "cpu", "fill", id="torch-cpu-fill")])
+@pytest.mark.parametrize("map_kind", ["identity", "many_to_one"])  # identity: Vb > Vv, the ids past Vv get fill
+@pytest.mark.parametrize("M", [4, 40], ids=lambda m: f"M{m}")  # both sides of the torch backend's M = Hv switch
+def test_torch_compile_a_changing_float_compiles_at_most_twice(backend, device, arg, map_kind, M):
+    """A float alpha that changes every call: traced as the per-row alpha tensor while compiling, so no op
+    specialises the graph on its value (the torch backend's scalar GEMM argument and the Triton op's float
+    argument did: one compile per value, then dynamo's recompile limit); the torch backend's fill likewise (a
+    0-d tensor where ``masked_fill_`` / ``add_(alpha=)`` took the number). 10 values: at most 2 compiled
+    frames, every value equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    vh, vw, kw = _inputs(M, 24, 100, 120, 16, torch.float32, device, "hidden")
+    m = make_map(map_kind, 120, 100, device)
+    fixed = {"alpha": 0.7, "fill": -0.5}
+
+    def step(vh, vw, x):
+        return ivl.fused_guided_logits(vh, vw, vocab_map=m, backend=backend, **{**fixed, arg: x}, **kw)
+
+    compiled = torch.compile(step, fullgraph=True, backend=cnt)
+    for i in range(10):
+        x = 0.3 + 0.07 * i if arg == "alpha" else -0.1 - 0.2 * i
+        torch.testing.assert_close(compiled(vh, vw, x), step(vh, vw, x))
+    assert cnt.frame_count <= 2, cnt.frame_count
 
 
 @pytest.mark.parametrize("map_kind", ["identity", "many_to_one"])  # identity: Vb > Vv, the ids past Vv get fill

@@ -43,7 +43,9 @@ from __future__ import annotations
 import torch
 
 from ... import _backends
-from ..._validate import CrossEntropyArgs, check_backend, validate_cross_entropy
+from ..._validate import CrossEntropyArgs, assert_map_range_async, check_backend, validate_cross_entropy
+from .._amp import no_autocast
+from .._traced import alpha_rows
 from ._autograd import Config, GuidedCrossEntropy, graph_anchor
 from ._chunked import chunked_loss, launch_bwd, launch_fwd
 from ._torch_backend import CHUNK_ELEMS, torch_bwd, torch_chunks, torch_fwd
@@ -138,10 +140,17 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
                                check_values=not torch.compiler.is_compiling())
     which = _backends.select(backend, a.g.device, cuda_supports=None, triton_supports=lambda: _triton_supports(a))
     g = a.g
+    if g.vocab_map is not None and which != "triton" and torch.compiler.is_compiling():
+        # The Triton op checks the map's range when it runs (a ValueError); the torch backend's range is asserted
+        # on the device here (the target's in validate_cross_entropy).
+        assert_map_range_async(g.vocab_map, g.Vv)
     fp64 = any(t is not None and t.dtype == torch.float64
                for t in (g.value_hidden, g.base_logits, g.base_hidden))
     compute = torch.float64 if fp64 else torch.float32
     alpha_tensor = g.alpha if isinstance(g.alpha, torch.Tensor) else None
+    if alpha_tensor is None and torch.compiler.is_compiling():
+        # A float alpha as the per-row tensor: one graph for every value of an alpha that changes (_traced.py).
+        alpha_tensor = alpha_rows(g.alpha, g.M, compute, g.device)
     alpha_scalar = 0.0 if alpha_tensor is not None else g.alpha
     kept = a.target != a.ignore_index
     # Rows that are ignored, or whose target lies in another rank's shard, get -1 (matches no column).
@@ -151,9 +160,12 @@ def fused_guided_cross_entropy(value_hidden, value_weight, target, *, base_logit
                   Vv_global=a.Vv_global, smoothing=a.label_smoothing, l1_coef=a.l1_coef,
                   l1_all=a.l1_reduction == "all", reduction=a.reduction,
                   process_group=a.process_group, compute=compute, grad_enabled=torch.is_grad_enabled())
-    loss = GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden, g.base_weight,
-                                     g.vocab_map, alpha_tensor, target_local, kept,
-                                     graph_anchor(g.value_hidden, g.value_weight), cfg)
+    # The inputs' dtypes, float32 accumulation, whatever an ambient torch.autocast asks (_amp.py); the backward
+    # disables it as well.
+    with no_autocast(g.device):
+        loss = GuidedCrossEntropy.apply(g.value_hidden, g.value_weight, g.base_logits, g.base_hidden,
+                                         g.base_weight, g.vocab_map, alpha_tensor, target_local, kept,
+                                         graph_anchor(g.value_hidden, g.value_weight), cfg)
     loss = loss.to(g.value_hidden.dtype)
     if a.reduction == "none" and len(g.lead_shape) != 1:
         loss = loss.view(g.lead_shape)

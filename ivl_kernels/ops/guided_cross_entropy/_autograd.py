@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._amp import no_autocast
 from ._torch_backend import torch_chunks
 
 
@@ -71,6 +72,7 @@ class GuidedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
                 target_local, kept, anchor, cfg: Config):
+        # (autocast is off here: the public function disables it around this call, ops/_amp.py)
         with_l1 = cfg.l1_coef != 0.0
         need_dvh, need_dvw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_kept = kept.sum()
@@ -145,7 +147,9 @@ class GuidedCrossEntropy(torch.autograd.Function):
         # only, which usually does not require grad, and a second derivative then silently misses this op's
         # Hessian term. Ours hangs off ``anchor``, a 0-d tensor that the public function derives from value_hidden
         # and value_weight (``graph_anchor``), so it lies on every path a second derivative takes to them.
-        with torch.no_grad():
+        # Autocast off as in the forward: the backward runs under the autocast state of the thread that calls
+        # .backward() (inside the autocast region, with some training loops).
+        with torch.no_grad(), no_autocast(grad_out.device):
             grads = GuidedCrossEntropy._gradients(ctx, grad_out)
         anchor = ctx.saved_tensors[-1]
         if torch.is_grad_enabled() and anchor is not None:

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from ..._triton import interpreter_enabled, triton
+from .._amp import no_autocast
 from .._gemm import addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
 from .._tile_launch import tma_takes, wide_applies
@@ -279,10 +280,12 @@ def _guided_ce_chunked_op(value_hidden: torch.Tensor, value_weight: torch.Tensor
     if vocab_map is not None:
         # Under torch.compile the public function cannot read map values; check them here (cached per map).
         check_vocab_map(vocab_map, vocab_map.shape[0], value_weight.shape[0], value_hidden.device)
-    stats, dvh, dvw = chunked_loss(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
-                                   alpha_tensor, alpha_scalar, fill, target_local, Vb, with_l1, smooth_self,
-                                   smooth_all, l1_scale, want_stats=lse is None, lse=lse, g=g, h=h,
-                                   need_dvh=need_dvh, need_dvw=need_dvw)
+    # A compiled graph runs this op under the caller's autocast state: off here, the GEMMs in the inputs' dtypes.
+    with no_autocast(value_hidden.device):
+        stats, dvh, dvw = chunked_loss(value_hidden, value_weight, base_logits, base_hidden, base_weight,
+                                       vocab_map, alpha_tensor, alpha_scalar, fill, target_local, Vb, with_l1,
+                                       smooth_self, smooth_all, l1_scale, want_stats=lse is None, lse=lse, g=g,
+                                       h=h, need_dvh=need_dvh, need_dvw=need_dvw)
     def empty(dtype):  # a fresh tensor each: custom-op outputs must not alias one another
         return value_hidden.new_empty((0,), dtype=dtype)
 

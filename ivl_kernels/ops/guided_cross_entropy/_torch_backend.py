@@ -28,6 +28,7 @@ import torch
 
 from .._columns import add_fill, fill_columns, gather_columns, gathered_head
 from .._gemm import addmm_into
+from .._traced import traced_scalar
 
 # Logits per [rows, V] buffer of a chunk of rows. CPU: 16 MiB in fp32, so a chunk's passes run near the caches
 # (2**23 measured no faster on the 2-core CI machine). GPU (the fallback without Triton): 512 MiB in fp32, ~880 rows
@@ -131,7 +132,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
                 stats[3, r0:r1] = torch.linalg.vector_norm(vl, 1, dim=1)  # sum |.| without an [r, Vv] temporary
             z = vl[:, :Vb].clone() if identity_view else vl.index_select(1, cols)
             if unmapped is not None:
-                z.masked_fill_(unmapped, fill)
+                z.masked_fill_(unmapped, traced_scalar(fill, compute, dev))
             _scale_add_base(z, a_c, base_logits, base_hidden, base_weight, r0, r1)
         elif base_in_place:
             z = torch.mm(base_hidden[r0:r1], base_weight.T)

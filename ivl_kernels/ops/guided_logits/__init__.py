@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 
 from ... import _backends
-from ..._validate import check_backend, validate_guided, validate_out
+from ..._validate import assert_map_range_async, check_backend, validate_guided, validate_out
+from .._amp import no_autocast
+from .._traced import alpha_rows
 from ._launch import GEMM_MIN_ROWS, HEAD_MEASURE_ROWS, launch_triton
 from ._route import CUDA_MAX_ROWS, _cuda_preferred, _cuda_supports, _triton_supports, run_backend
 from ._torch_backend import guided_logits_torch
@@ -61,18 +63,27 @@ def fused_guided_logits(value_hidden, value_weight, *, base_logits=None, base_hi
         given as hidden states). Accumulation is float32. No gradient flows through this op.
     """
     check_backend(backend)
-    # Under torch.compile, reading the map's values would break the graph: the custom ops check them at run
-    # time instead, before they write anything.
+    # Under torch.compile, reading the map's values would break the graph: the Triton op checks them at run
+    # time instead, before it writes anything, and for the other backends the range is asserted on the device.
     a = validate_guided(value_hidden, value_weight, base_logits=base_logits, base_hidden=base_hidden,
                         base_weight=base_weight, vocab_map=vocab_map, alpha=alpha, fill=fill,
                         check_map_values=not torch.compiler.is_compiling())
     out2d = validate_out(out, a)
     which = _backends.select(backend, a.device, cuda_supports=lambda: _cuda_supports(a, out2d),
                              triton_supports=lambda: _triton_supports(a), cuda_preferred=lambda: _cuda_preferred(a))
+    if a.vocab_map is not None and which != "triton" and torch.compiler.is_compiling():
+        # The Triton op checks the map's range when it runs (a ValueError); the other backends' is asserted on
+        # the device here (a RuntimeError at run time), before anything is written.
+        assert_map_range_async(a.vocab_map, a.Vv)
     if out2d is None:
         out2d = torch.empty((a.M, a.Vb), dtype=a.out_dtype, device=a.device)
     alpha_tensor = a.alpha if isinstance(a.alpha, torch.Tensor) else None
+    if alpha_tensor is None and torch.compiler.is_compiling():
+        # A float alpha as the per-row tensor: one graph for every value of an alpha that changes (_traced.py).
+        fp64 = torch.float64 in (a.value_hidden.dtype, a.out_dtype)
+        alpha_tensor = a.alpha = alpha_rows(a.alpha, a.M, torch.float64 if fp64 else torch.float32, a.device)
     alpha_scalar = 0.0 if alpha_tensor is not None else a.alpha
-    with torch.no_grad():
+    # The inputs' dtypes, float32 accumulation, whatever an ambient torch.autocast asks (ops/_amp.py).
+    with torch.no_grad(), no_autocast(a.device):
         run_backend(which, a, alpha_tensor, alpha_scalar, out2d)
     return out if out is not None else out2d

@@ -11,6 +11,7 @@ import torch
 from ... import _backends
 from ..._triton import triton
 from ..._validate import check_vocab_map
+from .._amp import no_autocast
 from .._columns import add_fill, gathered_head
 from .._gemm import TILE_KINDS, addmm_into, gemm_kind, measured_kind
 from .._measured import rtol_for, tensors_agree
@@ -241,8 +242,10 @@ def _guided_logits_triton_op(value_hidden: torch.Tensor, value_weight: torch.Ten
     if vocab_map is not None:
         # Under torch.compile the public function cannot read map values; check them here, before writing.
         check_vocab_map(vocab_map, out.shape[1], value_weight.shape[0], value_hidden.device)
-    launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
-                  alpha_tensor, alpha_scalar, fill, out)
+    # A compiled graph runs this op under the caller's autocast state: off here, the GEMMs in the inputs' dtypes.
+    with no_autocast(out.device):
+        launch_triton(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map,
+                      alpha_tensor, alpha_scalar, fill, out)
 
 
 @_guided_logits_triton_op.register_fake

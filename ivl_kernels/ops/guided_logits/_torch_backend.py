@@ -10,6 +10,7 @@ import torch
 
 from ..._validate import GuidedArgs
 from .._columns import add_fill, gather_columns, gathered_head
+from .._traced import traced_scalar
 
 # Rows per chunk are chosen so one chunk of value logits holds about this many elements (128 MiB in fp32).
 _CHUNK_ELEMS = 1 << 25
@@ -44,7 +45,7 @@ def guided_logits_torch(a: GuidedArgs, out: torch.Tensor) -> torch.Tensor:
         value_logits = torch.matmul(a.value_hidden[r0:r1], a.value_weight.T)
         remapped = value_logits.index_select(1, cols).to(compute)
         if unmapped is not None:
-            remapped.masked_fill_(unmapped, a.fill)
+            remapped.masked_fill_(unmapped, traced_scalar(a.fill, compute, a.device))
         alpha_col = alpha_tensor[r0:r1].to(compute).unsqueeze(1) if alpha_tensor is not None else None
         o = out[r0:r1]
         if out.dtype == compute:
