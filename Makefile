@@ -36,7 +36,7 @@ VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TMPDIR
   VLLM_CACHE_ROOT=$(VLLM_CACHE)/vllm HF_HOME=$(VLLM_CACHE)/hf TORCHINDUCTOR_CACHE_DIR=$(VLLM_CACHE)/inductor \
   XDG_CACHE_HOME=$(VLLM_CACHE)/xdg
 
-.PHONY: setup test demo bench bench-all info clean setup-compat test-compat setup-vllm test-vllm bench-vllm
+.PHONY: setup test demo bench bench-all info clean setup-compat test-compat setup-floor test-floor setup-vllm test-vllm bench-vllm
 
 setup: $(VENV)/.ivl-installed
 
@@ -83,6 +83,27 @@ $(COMPAT_VENV)/.ivl-installed: pyproject.toml setup.py $(CSRC)
 test-compat: setup-compat
 	IVL_KERNELS_REQUIRE_CUDA_BUILD=1 TRITON_INTERPRET=1 $(COMPAT_BIN)/python -m pytest $(COMPAT_TESTS) -q
 
+# The oldest transformers the [hf] and [train] extras allow (4.50), on torch's CPU build: what a capability probe
+# detects there (no StaticCache of the package's form, `torch_dtype` instead of `dtype`, ...) is tested, not assumed.
+FLOOR_VENV ?= .venv-floor
+FLOOR_BIN := $(FLOOR_VENV)/bin
+FLOOR_PKGS ?= torch==2.13.0 transformers==4.50.0 accelerate==1.16.0 peft==0.22.0 tiktoken==0.14.0 \
+  sentencepiece==0.2.2 numpy==2.4.6 tokenizers==0.21.4 tqdm "pytest>=8" "setuptools>=77" wheel
+FLOOR_TESTS ?= tests/hf tests/distributed
+
+setup-floor: $(FLOOR_VENV)/.ivl-installed
+
+$(FLOOR_VENV)/.ivl-installed: pyproject.toml setup.py
+	test -x $(FLOOR_BIN)/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_BIN)/python -m pip install -q --upgrade pip
+	$(FLOOR_BIN)/python -m pip install -q $(FLOOR_PKGS)
+	IVL_KERNELS_SKIP_CUDA_BUILD=1 IVL_KERNELS_REQUIRE_CUDA_BUILD=0 $(FLOOR_BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(FLOOR_BIN)/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+test-floor: setup-floor
+	$(FLOOR_BIN)/python -m pytest $(FLOOR_TESTS) -q
+
 setup-vllm: $(VLLM_VENV)/.ivl-installed
 
 $(VLLM_VENV)/.ivl-installed: pyproject.toml setup.py
@@ -109,4 +130,4 @@ bench-vllm: setup-vllm
 	$(VLLM_ENV) $(VLLM_BIN)/python benchmarks/bench_vllm.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(VLLM_VENV) .vllm-cache build *.egg-info ivl_kernels/_C*.so
+	rm -rf $(VENV) $(COMPAT_VENV) $(FLOOR_VENV) $(VLLM_VENV) .vllm-cache build *.egg-info ivl_kernels/_C*.so

@@ -27,6 +27,32 @@ def _register_auto_classes() -> None:
     # exist_ok: idempotent, and the vLLM plugin registers the same config class.
     AutoConfig.register(GUIDED_MODEL_TYPE, IVLGuidedConfig, exist_ok=True)
     AutoModelForCausalLM.register(IVLGuidedConfig, GuidedCausalLM, exist_ok=True)
+    _keep_guided_config(AutoModelForCausalLM)
+
+
+def _keep_guided_config(auto_class) -> None:
+    """Where ``auto_class.from_pretrained`` swaps the config it read for ``config.get_text_config(decoder=True)``
+    before choosing the model class (transformers 4.50's ``AutoModelForCausalLM``, to load a multimodal model's
+    text decoder), a guided checkpoint's config would become its base's config and the base's class would look for
+    weight files in the guided directory (which has none). There, a guided config is kept as read (every other
+    config as before), so ``GuidedCausalLM.from_pretrained`` is chosen. Found by calling the hook on a probe
+    guided config (capability): releases that keep it (5.x) are left alone."""
+    from transformers import PretrainedConfig
+
+    prepare = getattr(auto_class, "_prepare_config_for_auto_class", None)
+    if prepare is None or getattr(prepare, "_ivl_keeps_guided_config", False):
+        return
+    probe = IVLGuidedConfig(text_config=PretrainedConfig())
+    if prepare(probe) is probe:
+        return
+    swap = prepare.__func__
+
+    def _prepare_config_for_auto_class(cls, config):
+        return config if isinstance(config, IVLGuidedConfig) else swap(cls, config)
+
+    _prepare_config_for_auto_class._ivl_keeps_guided_config = True
+    _prepare_config_for_auto_class.__doc__ = swap.__doc__
+    auto_class._prepare_config_for_auto_class = classmethod(_prepare_config_for_auto_class)
 
 
 _register_auto_classes()

@@ -54,12 +54,27 @@ _FORWARD_UNSUPPORTED = {
 def loading_kwargs(model_kwargs: dict) -> dict:
     """The keyword arguments of ``GuidedCausalLM.from_pretrained`` that reach each model's
     ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, hub options, ...); ``ValueError`` naming an
-    option that cannot apply."""
+    option that cannot apply. ``dtype=`` is taken on every release: where transformers reads only ``torch_dtype``
+    (4.50-4.55, found by capability: their configs carry no ``dtype``) it is passed on as that."""
     kwargs = {k: v for k, v in model_kwargs.items() if k not in _AUTO_BOOKKEEPING}
     for name, why in _REFUSED_LOAD_KWARGS.items():
         if kwargs.pop(name, None):
             raise ValueError(f"{name}={model_kwargs[name]!r} is not supported for a guided checkpoint: {why}")
+    if "dtype" in kwargs and "torch_dtype" not in kwargs and dtype_keyword() == "torch_dtype":
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
     return kwargs
+
+
+def dtype_keyword() -> str:
+    """The keyword ``from_pretrained`` loads weights in a dtype with, by capability: ``dtype`` where transformers'
+    configs carry a ``dtype`` (4.56 on: ``PretrainedConfig`` takes and stores ``dtype``, ``torch_dtype`` being a
+    deprecated alias that warns, and ``from_pretrained`` reads ``dtype``; both came in one release), else
+    ``torch_dtype`` (4.50-4.55, which read only that and hand any other keyword on to the model's ``__init__``:
+    "unexpected keyword argument 'dtype'"). The probe looks for the new name, so a release that drops the
+    deprecated alias still gets ``dtype``."""
+    from transformers import PretrainedConfig
+
+    return "dtype" if hasattr(PretrainedConfig(), "dtype") else "torch_dtype"
 
 
 def _check_int_tensor(name: str, t, shape=None) -> torch.Tensor:
@@ -84,6 +99,13 @@ class GuidedModelAPI:
     @classmethod
     def can_generate(cls) -> bool:
         return True  # its own generate(): guided greedy / sampling decoding
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Not used: ``generate`` is the guided model's own (every model keeps its own KV cache). Defined because
+        transformers' loader of ``trust_remote_code`` classes reads it (``add_generation_mixin_to_remote_model``;
+        4.50 without checking that it exists)."""
+        raise NotImplementedError(f"{type(self).__name__} decodes with its own generate(); transformers' "
+                                  f"generation loop does not drive it")
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModelForCausalLM") -> None:

@@ -461,7 +461,7 @@ class GuidedCausalLM(GuidedModelAPI, nn.Module):
     def from_pretrained(cls, directory: str, *model_args, backend: str = "auto", config=None,
                         pack_heads: bool = False, **model_kwargs) -> "GuidedCausalLM":
         """Load a guided checkpoint (``ivl-kernels compose`` / ``save_pretrained``): every model with
-        ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``torch_dtype=``, ``device_map=``;
+        ``AutoModelForCausalLM.from_pretrained(ref, **model_kwargs)`` (e.g. ``dtype=``, ``device_map=``;
         PEFT adapter directories onto the model they name), the maps, and the tokenizer saved with it.
         ``AutoModelForCausalLM.from_pretrained(directory, ...)`` lands here (``config``: the checkpoint's config it
         read; its bookkeeping arguments are dropped, ``gguf_file`` / ``quantization_config`` refused;

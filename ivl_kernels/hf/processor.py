@@ -102,8 +102,6 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         if compile_step and cache_implementation == "dynamic":
             raise ValueError("compile_step=True compiles the static cache's decode step: it needs "
                              "cache_implementation='static' (or None), not 'dynamic'")
-        if compile_step and static_supported(value_model):
-            raise ValueError(f"compile_step=True needs a static cache: {static_supported(value_model)}")
         self.compile_step = compile_step
         # What the value tokenizer takes, found on first use (re-tokenising only): split_special_tokens, and the ids
         # of the continuation anchor.
@@ -143,6 +141,9 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
             if base_tokenizer is not None and isinstance(index, torch.Tensor) and len(base_tokenizer) > index.shape[0]:
                 raise ValueError(f"vocab_map has {index.shape[0]} entries but the base tokenizer has "
                                  f"{len(base_tokenizer)} tokens: it must have one entry per base id")
+        # What this transformers and model can do, after every argument check (a wrong argument is named first).
+        if compile_step and static_supported(value_model):
+            raise ValueError(f"compile_step=True needs a static cache: {static_supported(value_model)}")
         self.reset(attention_mask=attention_mask, value_input_ids=value_input_ids,
                    value_attention_mask=value_attention_mask)
 

@@ -339,18 +339,6 @@ def _dtype(name: Optional[str]):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _dtype_keyword() -> str:
-    """The keyword ``from_pretrained`` loads weights in a dtype with, by capability: ``dtype`` where transformers'
-    configs carry a ``dtype`` (4.56 on: ``PretrainedConfig`` takes and stores ``dtype``, ``torch_dtype`` being a
-    deprecated alias that warns, and ``from_pretrained`` reads ``dtype``; both came in one release), else
-    ``torch_dtype`` (4.50-4.55, which read only that and hand any other keyword on to the model's ``__init__``:
-    "unexpected keyword argument 'dtype'"). The probe looks for the new name, so a release that drops the
-    deprecated alias still gets ``dtype``."""
-    from transformers import PretrainedConfig
-
-    return "dtype" if hasattr(PretrainedConfig(), "dtype") else "torch_dtype"
-
-
 def _check_training_stack(args) -> None:
     """What the run will import, present before any work (the ``[train]`` extra): transformers' ``Trainer`` needs
     accelerate, ``--lora-r`` needs peft. Without them the run failed only after loading both models."""
@@ -370,6 +358,7 @@ def _setup(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
     from .. import __version__ as ivl_version
+    from ._model_api import dtype_keyword
     from .training import IVLForCausalLM
 
     _check_numbers(args)
@@ -411,7 +400,7 @@ def _setup(args) -> dict:
     base_dtype = _dtype(args.base_dtype or ("bfloat16" if args.bf16 else "float32"))
     # Local directories by absolute path, so that what OUT records (the config's name_or_path, a PEFT adapter's
     # base_model_name_or_path) stays valid from any working directory.
-    dtype_kw = _dtype_keyword()
+    dtype_kw = dtype_keyword()
     base = AutoModelForCausalLM.from_pretrained(_source(args.base), **{dtype_kw: base_dtype}, **trc)
     value = AutoModelForCausalLM.from_pretrained(_source(args.value), **{dtype_kw: torch.float32}, **trc)
     if vmap is not None:

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM, IVLLogitsProcessor  # noqa: E402
 
+from ._capability import skip_unless_compile_step, skip_unless_static_cache  # noqa: E402
 from ._models import (CORPUS, left_pad, make_base, make_value, random_map, random_prompts,  # noqa: E402
                       train_bpe_tokenizer)
 
@@ -44,9 +45,14 @@ def _generate(lm, ids, mask, **kw):
                        output_logits=True, **kw)
 
 
+def _owners(lm):
+    return [lm.base_model, *lm.value_models]
+
+
 def test_compiled_decode_step_matches_the_static_one_and_compiles_once():
     lm = _two_terms()
     ids, mask = left_pad(random_prompts([6, 2, 9], seed=11))
+    skip_unless_compile_step(lambda: _generate(lm, ids, mask, compile_step=True), *_owners(lm))
     eager = _generate(lm, ids, mask, cache_implementation="static")
     before = _unique_graphs()
     compiled = _generate(lm, ids, mask, compile_step=True)   # the default cache: static, chosen for compiling
@@ -71,6 +77,10 @@ def test_compiled_decode_step_matches_the_static_one_and_compiles_once():
 def test_processor_compiled_decode_step_matches_the_static_one():
     base, value, vmap = make_base(), make_value(), random_map()
     ids, mask = left_pad(random_prompts([5, 11, 2]))
+    skip_unless_compile_step(lambda: base.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                                   pad_token_id=0, logits_processor=[IVLLogitsProcessor(
+                                                       value, vocab_map=vmap, attention_mask=mask,
+                                                       max_new_tokens=8, compile_step=True)]), value)
     outs = {}
     for name, kw in (("static", dict(cache_implementation="static")), ("compiled", dict(compile_step=True))):
         proc = IVLLogitsProcessor(value, alpha=1.5, vocab_map=vmap, attention_mask=mask, max_new_tokens=8, **kw)
@@ -104,7 +114,7 @@ def test_compile_step_arguments_are_checked_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match="compile_step=True needs one tokenizer for both models"):
         IVLLogitsProcessor(value, compile_step=True, base_tokenizer=tok_base, value_tokenizer=tok_value,
                            vocab_map=random_map(Vb=len(tok_base), Vv=256))
-    monkeypatch.setattr(type(value), "_can_compile_fullgraph", False)
+    monkeypatch.setattr(type(value), "_can_compile_fullgraph", False, raising=False)  # 4.50: not declared
     with pytest.raises(ValueError, match="compile_step=True needs a static cache.*_can_compile_fullgraph"):
         IVLLogitsProcessor(value, compile_step=True)
     with pytest.raises(ValueError, match="compile_step=True needs a static cache for every model"):
@@ -123,6 +133,8 @@ def test_a_failed_compile_names_the_switch(monkeypatch):
     monkeypatch.setattr(_static.torch, "compile", broken)
     lm = _two_terms()
     ids, mask = left_pad(random_prompts([4, 2], seed=3))
+    skip_unless_compile_step(lambda: lm.generate(ids, attention_mask=mask, max_new_tokens=3, compile_step=True),
+                             *_owners(lm))
     said = "torch.compile'd decode step .*inductor could not lower.*compile_step=False"
     with pytest.raises(RuntimeError, match=said):
         lm.generate(ids, attention_mask=mask, max_new_tokens=3, compile_step=True)
@@ -138,6 +150,8 @@ def test_generation_runs_without_autograd(cache):
     for m in (lm._base_backbone, *[t.backbone for t in lm._prepared]):
         m.register_forward_pre_hook(lambda mod, args: modes.append(torch.is_grad_enabled()))
     ids, mask = left_pad(random_prompts([4, 7], seed=5))
+    if cache == "static":
+        skip_unless_static_cache(lambda: _generate(lm, ids, mask, cache_implementation="static"), *_owners(lm))
     with torch.enable_grad():
         _generate(lm, ids, mask, cache_implementation=cache)
     assert modes and not any(modes)

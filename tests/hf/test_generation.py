@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 from ivl_kernels._triton import HAS_TRITON, interpreter_enabled  # noqa: E402
 from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM, IVLLogitsProcessor  # noqa: E402
 
+from ._capability import skip_unless_static_cache  # noqa: E402
 from ._models import (BASE_VOCAB, VALUE_VOCAB, left_pad, make_base, make_value, random_map,  # noqa: E402
                       random_prompts, reference_greedy, reference_next_logits)
 
@@ -29,29 +30,6 @@ def _setup(tie_base, tie_value, kind):
     value = make_value(tie=tie_value)
     vmap = None if kind == "identity-tail" else random_map()
     return base, value, vmap
-
-
-def static_cache_refusal(*models) -> str:
-    """Why transformers builds no ``StaticCache`` the way the package does for one of ``models`` (4.50-4.55 want
-    the batch size up front), else ``""``: found by capability, as the package finds it."""
-    from ivl_kernels.hf._static import static_window_fits
-
-    for model in models:
-        why = static_window_fits(model, 64)
-        if why.startswith("transformers builds no StaticCache"):
-            return why
-    return ""
-
-
-def skip_unless_static_cache(forced_call, *models) -> None:
-    """Skip a static-cache test where transformers builds no ``StaticCache`` for ``models``, after checking that
-    ``forced_call()`` (a call forcing the static cache) is refused with that reason instead of running."""
-    why = static_cache_refusal(*models)
-    if why:
-        with pytest.raises(ValueError, match="builds no StaticCache"):
-            forced_call()
-        pytest.skip(f"this transformers builds no StaticCache as the package does; a forced one is refused "
-                    f"(checked): {why}")
 
 
 class WritesAtCachePosition(torch.nn.Module):

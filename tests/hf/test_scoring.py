@@ -193,6 +193,25 @@ def test_auto_model_for_causal_lm_loads_the_guided_model(tmp_path):
     for name, value in (("gguf_file", "model.gguf"), ("quantization_config", {"load_in_4bit": True})):
         with pytest.raises(ValueError, match=name):
             GuidedCausalLM.from_pretrained(directory, **{name: value})
+    # dtype= on every release (4.50-4.55 read only torch_dtype): every model is loaded in it.
+    wide = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64)
+    assert {p.dtype for p in wide.parameters()} == {torch.float64}
+
+
+def test_auto_model_for_causal_lm_keeps_the_guided_config():
+    """transformers 4.50's ``AutoModelForCausalLM`` swaps the config it read for ``get_text_config(decoder=True)``
+    (a guided config's is the base's) before choosing the class; 5.x keeps it. Either way a guided config reaches
+    ``GuidedCausalLM`` whole, and any other config is handled as transformers handles it."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    from ivl_kernels.hf import IVLGuidedConfig
+
+    prepare = getattr(AutoModelForCausalLM, "_prepare_config_for_auto_class", lambda config: config)
+    guided = IVLGuidedConfig(text_config=PretrainedConfig())
+    assert prepare(guided) is guided
+    other = PretrainedConfig()
+    other.text_config = PretrainedConfig()
+    assert prepare(other) in (other, other.text_config)
 
 
 def test_trust_remote_code_loads_in_a_fresh_process(tmp_path):

@@ -13,8 +13,8 @@ from ivl_kernels.hf import GuidanceTerm, GuidedCausalLM  # noqa: E402
 
 from ._models import VALUE_VOCAB, left_pad, make_base, make_value, random_map, random_prompts  # noqa: E402
 from .test_decode_syncs import _ScalarReads  # noqa: E402
-from .test_generation import (WritesAtCachePosition, expected_static_positions,  # noqa: E402
-                              skip_unless_static_cache)
+from ._capability import skip_unless_static_cache  # noqa: E402
+from .test_generation import WritesAtCachePosition, expected_static_positions  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 
