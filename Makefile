@@ -36,7 +36,7 @@ VLLM_ENV := VLLM_CPU_KVCACHE_SPACE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 TMPDIR
   VLLM_CACHE_ROOT=$(VLLM_CACHE)/vllm HF_HOME=$(VLLM_CACHE)/hf TORCHINDUCTOR_CACHE_DIR=$(VLLM_CACHE)/inductor \
   XDG_CACHE_HOME=$(VLLM_CACHE)/xdg
 
-.PHONY: setup test demo bench bench-all info clean setup-compat test-compat setup-floor test-floor setup-vllm test-vllm bench-vllm
+.PHONY: setup test demo bench bench-all info clean setup-compat test-compat setup-floor test-floor setup-vllm test-vllm deps-compat deps-floor deps-vllm bench-vllm
 
 setup: $(VENV)/.ivl-installed
 
@@ -67,12 +67,18 @@ info: setup
 
 setup-compat: $(COMPAT_VENV)/.ivl-installed
 
-# The extension must compile against torch 2.11's headers for the H100/H200 (sm_90): a compile error fails here,
-# as it would in the GPU session's build step. Its .so is named for Python 3.12, beside .venv's own build.
-$(COMPAT_VENV)/.ivl-installed: pyproject.toml setup.py $(CSRC)
+# The venv and its packages (no ivl-kernels yet): .ci/run installs them while the main suite runs.
+deps-compat: $(COMPAT_VENV)/.deps-installed
+
+$(COMPAT_VENV)/.deps-installed: Makefile
 	test -x $(COMPAT_BIN)/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_BIN)/python -m pip install -q --upgrade pip
 	$(COMPAT_BIN)/python -m pip install -q $(COMPAT_PKGS) "pytest>=8" ninja "setuptools>=77" wheel
+	touch $@
+
+# The extension must compile against torch 2.11's headers for the H100/H200 (sm_90): a compile error fails here,
+# as it would in the GPU session's build step. Its .so is named for Python 3.12, beside .venv's own build.
+$(COMPAT_VENV)/.ivl-installed: pyproject.toml setup.py $(CSRC) $(COMPAT_VENV)/.deps-installed
 	IVL_KERNELS_REQUIRE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0 \
 	  $(COMPAT_BIN)/python -m pip install --no-build-isolation -e .
 	$(COMPAT_BIN)/ivl-kernels info
@@ -89,14 +95,19 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_BIN := $(FLOOR_VENV)/bin
 FLOOR_PKGS ?= torch==2.13.0 transformers==4.50.0 accelerate==1.16.0 peft==0.22.0 tiktoken==0.14.0 \
   sentencepiece==0.2.2 numpy==2.4.6 tokenizers==0.21.4 tqdm "pytest>=8" "setuptools>=77" wheel
-FLOOR_TESTS ?= tests/hf tests/distributed
+FLOOR_TESTS ?= tests/hf
 
 setup-floor: $(FLOOR_VENV)/.ivl-installed
 
-$(FLOOR_VENV)/.ivl-installed: pyproject.toml setup.py
+deps-floor: $(FLOOR_VENV)/.deps-installed
+
+$(FLOOR_VENV)/.deps-installed: Makefile
 	test -x $(FLOOR_BIN)/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_BIN)/python -m pip install -q --upgrade pip
 	$(FLOOR_BIN)/python -m pip install -q $(FLOOR_PKGS)
+	touch $@
+
+$(FLOOR_VENV)/.ivl-installed: pyproject.toml setup.py $(FLOOR_VENV)/.deps-installed
 	IVL_KERNELS_SKIP_CUDA_BUILD=1 IVL_KERNELS_REQUIRE_CUDA_BUILD=0 $(FLOOR_BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(FLOOR_BIN)/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
@@ -106,7 +117,9 @@ test-floor: setup-floor
 
 setup-vllm: $(VLLM_VENV)/.ivl-installed
 
-$(VLLM_VENV)/.ivl-installed: pyproject.toml setup.py
+deps-vllm: $(VLLM_VENV)/.deps-installed
+
+$(VLLM_VENV)/.deps-installed: Makefile
 	mkdir -p $(VLLM_CACHE)/tmp
 	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_ENV) $(VLLM_BIN)/python -m pip install -q --upgrade pip
@@ -115,6 +128,10 @@ $(VLLM_VENV)/.ivl-installed: pyproject.toml setup.py
 	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	# lm-evaluation-harness for tests/vllm/test_vllm_lm_eval.py (--model vllm); after vLLM, so it cannot move vLLM's pins.
 	$(VLLM_ENV) $(VLLM_BIN)/python -m pip install -q $(VLLM_LM_EVAL)
+	touch $@
+
+$(VLLM_VENV)/.ivl-installed: pyproject.toml setup.py $(VLLM_VENV)/.deps-installed
+	mkdir -p $(VLLM_CACHE)/tmp
 	$(VLLM_ENV) IVL_KERNELS_SKIP_CUDA_BUILD=1 IVL_KERNELS_REQUIRE_CUDA_BUILD=0 $(VLLM_BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(VLLM_BIN)/python -c "import torch, vllm, ivl_kernels.vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@
