@@ -43,21 +43,27 @@ UNSUPPORTED_GENERATE_KWARGS = {
 }
 
 
-_CACHE_KWARG: dict = {}
+_FORWARD_PARAMETERS: dict = {}
+
+
+def forward_parameters(model: nn.Module) -> frozenset:
+    """The parameter names of ``type(model).forward`` (read once per class): what a transformers release's model
+    takes, found by capability rather than by version."""
+    cls = type(model)
+    if cls not in _FORWARD_PARAMETERS:
+        try:
+            params = frozenset(inspect.signature(cls.forward).parameters)
+        except (TypeError, ValueError):
+            params = frozenset()
+        _FORWARD_PARAMETERS[cls] = params
+    return _FORWARD_PARAMETERS[cls]
 
 
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword under which ``model.forward`` takes its KV cache, by capability (its signature), not by version:
     ``cache`` where transformers has it (``past_key_values`` is deprecated there, to be removed in 5.40), else
     ``past_key_values`` (transformers <= 5.2x; the GPU machines' 5.17)."""
-    cls = type(model)
-    if cls not in _CACHE_KWARG:
-        try:
-            params = inspect.signature(cls.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KWARG[cls]
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 def output_cache(out, default=None):

@@ -27,14 +27,13 @@ bucketed cache length (torch.compile's recompile limit bounds how many; past it 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ._common import cache_kwarg, position_ids_from_mask
+from ._common import cache_kwarg, forward_parameters, position_ids_from_mask
 
 
 logger = logging.getLogger("ivl_kernels.hf")
@@ -61,9 +60,6 @@ def _static_cache(model: nn.Module, max_len: int):
     return StaticCache(config=model.config, max_cache_len=int(max_len))
 
 
-_TAKES_CACHE_POSITION: dict = {}
-
-
 def takes_cache_position(backbone: nn.Module) -> bool:
     """Whether ``backbone.forward`` names ``cache_position`` (capability, read from its signature): then the runner
     gives it the columns it writes. Left out on such a release (transformers 4.5x), the model derives it from the
@@ -72,14 +68,7 @@ def takes_cache_position(backbone: nn.Module) -> bool:
     padding id's, under a bias-free ``k_proj``) makes it short, the first step overwrites a prompt column and every
     later step that same column (wrong tokens, no error; transformers' own generate always passes it). Releases
     whose ``forward`` has no ``cache_position`` count the columns in the layer."""
-    cls = type(backbone)
-    if cls not in _TAKES_CACHE_POSITION:
-        try:
-            params = inspect.signature(cls.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        _TAKES_CACHE_POSITION[cls] = "cache_position" in params
-    return _TAKES_CACHE_POSITION[cls]
+    return "cache_position" in forward_parameters(backbone)
 
 
 def model_dtype(backbone: nn.Module) -> torch.dtype:
