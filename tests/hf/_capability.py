@@ -23,12 +23,8 @@ def static_cache_refusal(*models) -> str:
 def skip_unless_static_cache(forced_call, *models) -> None:
     """Skip a static-cache test where transformers builds no ``StaticCache`` for ``models``, after checking that
     ``forced_call()`` (a call forcing the static cache) is refused with that reason instead of running."""
-    why = static_cache_refusal(*models)
-    if why:
-        with pytest.raises(ValueError, match="builds no StaticCache"):
-            forced_call()
-        pytest.skip(f"this transformers builds no StaticCache as the package does; a forced one is refused "
-                    f"(checked): {why}")
+    _skip_if_refused(static_cache_refusal(*models), forced_call, "builds no StaticCache",
+                     "this transformers builds no StaticCache as the package does; a forced one is refused")
 
 
 def compile_step_refusal(*models) -> str:
@@ -42,9 +38,15 @@ def compile_step_refusal(*models) -> str:
 def skip_unless_compile_step(forced_call, *models) -> None:
     """Skip a ``compile_step=True`` test where this transformers cannot serve it for ``models``, after checking
     that ``forced_call()`` (a ``compile_step=True`` call) is refused with the package's ``ValueError``."""
-    why = compile_step_refusal(*models)
+    _skip_if_refused(compile_step_refusal(*models), forced_call,
+                     "compile_step=True needs a static cache|builds no StaticCache",
+                     "this transformers cannot serve compile_step=True for these models; it is refused")
+
+
+def _skip_if_refused(why: str, forced_call, match: str, what: str) -> None:
+    """Where ``why`` says the capability is missing: ``forced_call()`` must raise the package's ``ValueError``
+    matching ``match``; then the test skips, saying ``what`` and ``why``."""
     if why:
-        with pytest.raises(ValueError, match="compile_step=True needs a static cache|builds no StaticCache"):
+        with pytest.raises(ValueError, match=match):
             forced_call()
-        pytest.skip(f"this transformers cannot serve compile_step=True for these models; it is refused "
-                    f"(checked): {why}")
+        pytest.skip(f"{what} (checked): {why}")
