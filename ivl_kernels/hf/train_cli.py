@@ -46,7 +46,8 @@ OUT holds the value network (or its LoRA adapter), the value tokenizer and ivl_t
 checkpoints go to OUT/checkpoint-N. Use it with
   GuidedCausalLM(base_model, AutoModelForCausalLM.from_pretrained(OUT), alpha=1.0)
 Several processes: torchrun --nproc-per-node 8 -m ivl_kernels.cli train ... (or accelerate launch);
---batch-size is per process: the global batch is batch-size x grad-accum x processes.
+--batch-size is per process: the global batch is batch-size x grad-accum x processes. A step's loss is the
+mean over the response tokens of its whole global batch (token-weighted accumulation), however they are split.
 """
 
 

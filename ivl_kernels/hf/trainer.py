@@ -19,7 +19,7 @@ from typing import Optional
 from transformers import Trainer
 
 from ..checkpoint_format import TRAINED_MAP as MAP_NAME
-from .training import IVLForCausalLM
+from .training import IVLForCausalLM, num_kept_targets
 
 INFO_NAME = "ivl_train.json"
 COMPLETE_NAME = "ivl_checkpoint_complete.json"
@@ -79,6 +79,13 @@ class IVLTrainer(Trainer):
     ``global_step -> dict``) as ``ivl_train.json``, on the process that saves (rank 0) only. Resuming loads
     those weights back into the value network; the optimizer, scheduler, RNG and data position are restored
     by ``Trainer``.
+
+    Gradient accumulation is token-weighted: every micro-batch's loss is divided by the number of targets
+    ``IVLForCausalLM`` scores in the whole optimizer step (all its micro-batches, and all processes where
+    ``average_tokens_across_devices`` is on), passed as ``num_items_in_batch``, so an optimizer step's gradient is
+    that of the mean over its kept targets, as without accumulation, whatever each micro-batch's padding or masked
+    prompt length (``Trainer`` would otherwise average the micro-batches' means, or count labels the loss does not
+    score). Not under ``DataParallel`` (several GPUs in one process), where the micro-batches' means are averaged.
     """
 
     def __init__(self, *args, value_tokenizer=None, ivl_info=None, vocab_map=None, **kwargs):
@@ -86,6 +93,35 @@ class IVLTrainer(Trainer):
         self.value_tokenizer = value_tokenizer
         self.ivl_info = ivl_info
         self.vocab_map = vocab_map
+        # Read by Trainer (4.50 ... 5.x) in compute_loss / training_step: pass num_items_in_batch to the model and
+        # do not divide its loss by the accumulation steps. DataParallel splits a micro-batch across replicas
+        # after the count was taken: left to Trainer's own averaging.
+        self.model_accepts_loss_kwargs = self.compute_loss_func is None and self.args.n_gpu <= 1
+
+    def _ivl_num_items(self, batch_samples: list, device):
+        """The kept targets of these micro-batches (``None`` without labels), summed over the processes when
+        ``Trainer`` multiplies the loss by their number (``average_tokens_across_devices``)."""
+        import torch
+
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        n = sum(num_kept_targets(b["labels"], b.get("attention_mask")).to(device) for b in batch_samples)
+        if getattr(self.args, "average_tokens_across_devices", False):
+            n = self.accelerator.gather(torch.as_tensor(n, device=device)).sum()
+        return n
+
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        # transformers >= 4.5x: the count of both get_batch_samples (training) and prediction_step (evaluation).
+        if not self.model_accepts_loss_kwargs:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        return self._ivl_num_items(batch_samples, device)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device, *args, **kwargs):
+        batch_samples, count = super().get_batch_samples(epoch_iterator, num_batches, device, *args, **kwargs)
+        # Older transformers count here directly (every label != -100, the unscored first position included).
+        if self.model_accepts_loss_kwargs and not hasattr(Trainer, "_get_num_items_in_batch"):
+            count = self._ivl_num_items(batch_samples, device)
+        return batch_samples, count
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         from transformers.trainer import TRAINING_ARGS_NAME

@@ -109,6 +109,25 @@ def _logits_of(out) -> torch.Tensor:
     return logits
 
 
+def shifted_targets(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: position ``t``'s target ``labels[t + 1]``, -100 where none is scored.
+
+    Every position is a row of the loss: the last position has no target (-100) but is still a row, so that
+    ``l1_reduction="all"`` counts it, as IVL's released code does. A padding position predicts nothing, and nothing
+    predicts a padding position (left padding: the last pad before a row's first real token would be scored on it,
+    from a state that attended to no real token)."""
+    target = labels[:, 1:].masked_fill((attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0), -100)
+    return torch.cat([target, target.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+def num_kept_targets(labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The number of targets ``IVLForCausalLM.forward`` scores in a batch (``labels`` and ``attention_mask``
+    ``[B, T]`` as given to it): what ``num_items_in_batch`` sums over the micro-batches of one optimizer step."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(labels)
+    return (shifted_targets(labels, attention_mask) != -100).sum()
+
+
 @dataclass
 class IVLOutput(ModelOutput):
     """``loss``: scalar (or ``None`` without labels); ``logits``: ``[B, T, Vb]`` guided logits, only computed
@@ -188,12 +207,20 @@ class IVLForCausalLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.LongTensor] = None) -> IVLOutput:
+                labels: Optional[torch.LongTensor] = None, num_items_in_batch=None) -> IVLOutput:
         """``input_ids [B, T]``, ``attention_mask [B, T]`` (left or right padding), ``labels [B, T]``
         (unshifted, as for ``*ForCausalLM``: position ``t`` predicts ``labels[t+1]``; -100 ignored; positions
         with ``attention_mask == 0`` ignored too). Returns ``IVLOutput(loss=scalar)``: the cross-entropy's mean
         over kept labels plus the L1 term over the positions ``l1_reduction`` names (all ``B * T`` for ``"all"``).
         Without labels, ``IVLOutput(logits=[B, T, Vb])``: the guided logits (no gradient).
+
+        ``num_items_in_batch`` (int or 0-d tensor, with labels): the number of kept targets in the whole batch this
+        call is a part of (gradient accumulation: every micro-batch of one optimizer step, on every process;
+        ``num_kept_targets`` counts them), as ``IVLTrainer`` passes it. The loss is then this call's mean times
+        ``kept / num_items_in_batch`` (``kept``: this call's kept targets): the cross-entropy (and a ``"kept"``
+        L1 term) is its sum over the kept targets divided by the whole batch's count, so summing the calls' losses
+        gives the whole batch's mean whatever the micro-batches' padding; an ``"all"`` L1 term is this call's mean
+        over its positions weighted by its share of the kept targets. ``None``: this call's mean.
 
         Positions: a real token's is the number of real tokens before it (left padding does not shift them); a
         padding position after a real token continues counting from the last real one, a leading padding
@@ -213,14 +240,7 @@ class IVLForCausalLM(nn.Module):
         B, T = input_ids.shape
         base_head = _output_head(self.base_model, "base")
         value_head = _output_head(self.value_model, "value")
-        target = None
-        if labels is not None:
-            # Every position is a row of the loss: position t's target is labels[t + 1]; the last position has
-            # none (-100) but is still a row, so that l1_reduction="all" counts it, as IVL's released code does.
-            # A padding position predicts nothing either (left padding: the last pad before a row's first real token
-            # would be scored on it, from a state that attended to no real token).
-            target = labels[:, 1:].masked_fill((attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0), -100)
-            target = torch.cat([target, target.new_full((B, 1), -100)], dim=1).reshape(-1)
+        target = None if labels is None else shifted_targets(labels, attention_mask).reshape(-1)
         base = {}
 
         def rows(hidden: torch.Tensor, role: str) -> torch.Tensor:
@@ -271,8 +291,16 @@ class IVLForCausalLM(nn.Module):
         if result.numel() != 1:
             raise RuntimeError(f"IVLForCausalLM: the models' forwards turned the loss into a tensor of shape "
                                f"{list(result.shape)}")
-        # The tensor the roots returned (not a copy): wrappers' backward hooks are registered on it.
-        return IVLOutput(loss=result if result.dim() == 0 else result.reshape(()))
+        # The tensor the roots returned (or computed from it): wrappers' backward hooks are registered on it.
+        loss = result if result.dim() == 0 else result.reshape(())
+        if num_items_in_batch is not None:
+            # mean * kept / N: the CE (and a "kept" L1 term) summed over this batch's kept targets, divided by
+            # the whole accumulated batch's count; an "all" L1 term is this batch's mean weighted by its share of
+            # the kept targets. No host read: the scale stays on the device.
+            kept = (target != -100).sum().to(loss.dtype)
+            total = torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
+            loss = loss * (kept / total.clamp(min=1))
+        return IVLOutput(loss=loss)
 
     # ---- persistence: the value network only -------------------------------------------------------------
     def save_pretrained(self, save_directory: str, *, overwrite: bool = False, **kwargs) -> None:

@@ -186,6 +186,115 @@ def test_trainer_steps_reduce_loss(tmp_path):
     assert not base.training
 
 
+@pytest.mark.parametrize("l1_reduction", ["kept", "all"])
+def test_num_items_in_batch_scales_each_micro_batch_by_its_share_of_the_kept_targets(l1_reduction):
+    """Two micro-batches with different kept counts: with num_items_in_batch = both counts, the losses (and
+    gradients) sum to the mean over both batches' kept targets ("kept"), or for "all" the cross-entropy mean plus
+    each batch's L1 mean weighted by its share of the kept targets."""
+    from ivl_kernels.hf.training import num_kept_targets
+
+    base, value = make_base(), make_value()
+    model = IVLForCausalLM(base, value, alpha=0.5, l1_coef=0.7, l1_reduction=l1_reduction, vocab_map=random_map())
+    prompts = random_prompts([11, 4, 9, 6, 13], seed=21)
+    parts = [prompts[:2], prompts[2:]]
+    batches = []
+    for rows in parts:
+        ids, mask = left_pad(rows)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[0, -3:] = -100  # masked targets: the kept counts are not proportional to the lengths
+        batches.append((ids, mask, labels))
+    kept = [int(num_kept_targets(lab, m)) for _, m, lab in batches]
+    assert kept[0] != kept[1] and kept == [sum(r.shape[0] - 1 for r in rows) - 3 for rows in parts]
+    total = sum(kept)
+    mean = [model(input_ids=i, attention_mask=m, labels=lab).loss for i, m, lab in batches]
+    value.zero_grad()
+    scaled = [model(input_ids=i, attention_mask=m, labels=lab, num_items_in_batch=torch.tensor(total)).loss
+              for i, m, lab in batches]
+    sum(scaled).backward()
+    accumulated = {n: p.grad.clone() for n, p in value.named_parameters()}
+    for k, a, b in zip(kept, mean, scaled):
+        torch.testing.assert_close(b, a * k / total)
+    # The whole batch at once: the mean over all kept targets (rows scored alone, whatever the padding).
+    ids, mask = left_pad(prompts)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, -3:] = -100
+    labels[2, -3:] = -100
+    assert int(num_kept_targets(labels, mask)) == total
+    value.zero_grad()
+    whole = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    if l1_reduction == "kept":
+        whole.backward()
+        torch.testing.assert_close(sum(scaled), whole, rtol=1e-5, atol=1e-6)
+        for n, p in value.named_parameters():
+            err = (accumulated[n] - p.grad).norm().item()
+            assert err <= 1e-4 * p.grad.norm().item() + 1e-7, f"{n}: |diff| {err:.3g} vs |grad| {p.grad.norm():.3g}"
+    else:  # the "all" L1 term is a per-batch mean over positions (padding included): weighted, not pooled
+        ce = IVLForCausalLM(base, value, alpha=0.5, l1_coef=0.0, vocab_map=model.vocab_map)
+        ce_whole = ce(input_ids=ids, attention_mask=mask, labels=labels).loss
+        l1_parts = [m - ce(input_ids=i, attention_mask=ma, labels=lab).loss for m, (i, ma, lab) in zip(mean, batches)]
+        expected = ce_whole + sum(l1 * k / total for l1, k in zip(l1_parts, kept))
+        torch.testing.assert_close(sum(scaled), expected, rtol=1e-5, atol=1e-6)
+    # No kept target in a micro-batch: it adds nothing (its "all" L1 term included).
+    none = batches[0][2].clone().fill_(-100)
+    zero = model(input_ids=batches[0][0], attention_mask=batches[0][1], labels=none, num_items_in_batch=total).loss
+    assert zero.item() == 0.0
+
+
+def _train_two_rows(tmp_path, name, trainer_cls, batch_size, grad_accum, rows):
+    from transformers import TrainingArguments
+
+    base, value = make_base(), make_value()
+    model = IVLForCausalLM(base, value, alpha=0.5, l1_coef=0.3, l1_reduction="kept")
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    from ivl_kernels.hf.train_data import IVLDataCollator
+
+    args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=0.5, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, report_to=[],
+                             save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+                             remove_unused_columns=False)
+    trainer = trainer_cls(model=model, args=args, train_dataset=DS(), data_collator=IVLDataCollator())
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {n: p.detach().clone() for n, p in value.named_parameters()}, logged[0]
+
+
+def test_trainer_gradient_accumulation_is_token_weighted(tmp_path):
+    """One optimizer step over two rows of different lengths: as two accumulated micro-batches of one row, IVLTrainer
+    gives the step of the whole batch (same loss logged, same SGD update); transformers' own averaging of the
+    micro-batches' means, which the plain Trainer applies to this model, does not."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate, which is not installed")
+    from transformers import Trainer
+
+    from ivl_kernels.hf.trainer import IVLTrainer
+
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for n, masked in ((14, 2), (5, 0)):
+        ids = torch.randint(2, BASE_VOCAB, (n,), generator=g)
+        labels = ids.clone()
+        labels[:masked] = -100  # a masked prompt
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    whole, whole_loss = _train_two_rows(tmp_path, "whole", IVLTrainer, 2, 1, rows)
+    accumulated, accumulated_loss = _train_two_rows(tmp_path, "accumulated", IVLTrainer, 1, 2, rows)
+    averaged, _ = _train_two_rows(tmp_path, "averaged", Trainer, 1, 2, rows)
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-4)
+    initial = {n: p.detach() for n, p in make_value().named_parameters()}  # built from a fixed seed
+    for n in whole:
+        step = (whole[n] - initial[n]).norm().item()
+        assert (accumulated[n] - whole[n]).norm().item() <= 1e-4 * step + 1e-7, n
+    worst = max((averaged[n] - whole[n]).norm().item() / max((whole[n] - initial[n]).norm().item(), 1e-12)
+                for n in whole)
+    assert worst > 0.05, "the two micro-batches' means average to the whole mean: the test has no power"
+
+
 def test_peft_lora_value_network(tmp_path):
     peft = pytest.importorskip("peft")
     base, value = make_base(), make_value()
