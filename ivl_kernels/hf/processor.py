@@ -14,6 +14,7 @@ scores are a new tensor, as every transformers logits processor returns: ``score
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -35,12 +36,89 @@ except Exception:  # pragma: no cover
 
 _ANCHOR = "a"
 
+# Tests only: run the CUDA comparison (device flag, host copy, event) on CPU tensors, with ``_CopyDone`` as the event.
+_DEFER_ON_CPU = False
+
 
 def _complete_text(text: str) -> str:
     """``text`` without a trailing U+FFFD: a base token that ends in the middle of a multi-byte character decodes
     to a replacement character, which the value model would read; its bytes are held back until the character is
     complete (as transformers' ``TextStreamer`` does)."""
     return text.rstrip("\ufffd")
+
+
+def _mismatch_error(detail: str) -> ValueError:
+    return ValueError(
+        f"IVLLogitsProcessor {detail}: either a new prompt batch (call processor.reset(attention_mask=...) first) "
+        f"or a decoding mode that rewinds or reorders sequences (beam search, assisted decoding), which is not "
+        f"supported")
+
+
+class _CopyDone:
+    """The event of a copy that is done when it returns (CPU tensors, under ``_DEFER_ON_CPU``)."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _ContinuationCheck:
+    """Whether each decode call continues the sequence the value cache has read: its ``input_ids[:, :-1]`` must be
+    the previous call's ``input_ids`` (``read``, kept by reference: transformers makes a new tensor each step). A
+    processor reused without ``reset()`` for a new prompt batch of exactly ``seen + 1`` tokens has the right shape
+    but not the right tokens; unchecked, the stale cache would guide the whole generation, silently.
+
+    CPU tensors are compared exactly, at the call (``torch.equal``, which reads no scalar through
+    ``aten::_local_scalar_dense``). On CUDA that read would stall the launch queue every decode step, so the
+    comparison runs on the device: a sticky flag, copied (``non_blocking``) into pinned host memory, then an event.
+    ``failed()`` reads the host flag only once the event says the copy has landed (``query()``, no wait): a mismatch
+    is raised one call late, after one step guided by the stale cache (the next call in practice: transformers
+    reads a value on the host each step, its EOS check). One found at a generate's last call is raised by the
+    processor's next call, and warned about by ``reset()``. Once found, every call raises until ``reset()``.
+    """
+
+    def __init__(self):
+        self.read: Optional[torch.Tensor] = None  # the input_ids the value cache has read: the previous call's
+        self.reported = False                     # a mismatch was raised
+        self._failed = False                      # a mismatch was found (sticky)
+        self._flag = self._host = self._event = None  # deferred (CUDA): device flag, its host copy, the copy's event
+
+    def advance(self, input_ids: torch.Tensor) -> None:
+        """The value cache has now read ``input_ids``. The deferred comparison's buffers are made at the prompt's
+        call, not at a decode step (a first pinned allocation may synchronise)."""
+        self.read = input_ids
+        if self._flag is None and (input_ids.is_cuda or _DEFER_ON_CPU):
+            cuda = input_ids.is_cuda
+            self._flag = torch.zeros((), dtype=torch.bool, device=input_ids.device)
+            self._host = torch.zeros((), dtype=torch.bool, pin_memory=cuda)
+            self._event = torch.cuda.Event() if cuda else _CopyDone()
+
+    def continues(self, input_ids: torch.Tensor) -> bool:
+        """``False`` when ``input_ids[:, :-1]`` is not ``read`` (CPU). Deferred (CUDA): ``True`` now; a mismatch
+        is seen by a later ``failed()``."""
+        if self._flag is None:
+            if not torch.equal(input_ids[:, :-1], self.read):
+                self._failed = True
+            return not self._failed
+        self._flag |= (input_ids[:, :-1] != self.read).any()
+        self._host.copy_(self._flag, non_blocking=True)
+        self._event.record(torch.cuda.current_stream(input_ids.device) if input_ids.is_cuda else None)
+        return True
+
+    def failed(self, wait: bool = False) -> bool:
+        """Whether a mismatch was found: the device's flag counts once its copy has landed (``wait``: wait for it;
+        never during decoding)."""
+        if not self._failed and self._flag is not None:
+            if wait:
+                self._event.synchronize()
+            if wait or self._event.query():
+                self._failed = bool(self._host)
+        return self._failed
 
 
 class IVLLogitsProcessor(_LogitsProcessorBase):
@@ -80,7 +158,10 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
     Call shapes (transformers' contract): ``input_ids [B, t]`` (prompt + tokens so far), ``scores [B, Vb]``;
     returns the guided scores, a new ``[B, Vb]`` tensor (``scores`` is not modified). Supported: greedy search and sampling. Beam search, assisted
     decoding, contrastive search... raise ``ValueError`` on the first call, before any token is chosen. One
-    processor serves one prompt batch: call ``reset(attention_mask=...)`` before reusing it for another.
+    processor serves one prompt batch: call ``reset(attention_mask=...)`` before reusing it for another (the same
+    prompt batch generated again restarts by itself). Each call must continue the previous one's ``input_ids`` by
+    one token; one that does not (a new prompt batch without ``reset()``) raises ``ValueError``: at that call on
+    CPU, at the next call on CUDA (compared on the device, read without a sync), and so on until ``reset()``.
     """
 
     def __init__(self, value_model: nn.Module, *, alpha: float = 1.0, vocab_map=None,
@@ -153,6 +234,12 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         prompt: see ``value_input_ids`` in the class docstring)."""
         if value_input_ids is None and value_attention_mask is not None:
             raise ValueError("value_attention_mask given without value_input_ids")
+        check = getattr(self, "_check", None)
+        if check is not None and not check.reported and check.failed(wait=True):
+            warnings.warn("IVLLogitsProcessor: a call since the last reset() got input_ids that did not continue "
+                          "the sequence its value cache had read (found on the device, after that call): its guided "
+                          "scores came from a stale value cache. Call reset() before each new prompt batch.",
+                          RuntimeWarning, stacklevel=2)
         self.attention_mask = attention_mask
         self.value_input_ids = value_input_ids
         self.value_attention_mask = value_attention_mask
@@ -167,6 +254,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         self._seen = 0
         self._own = None      # (ids [B, T_v], mask [B, T_v]) of the value prompt, checked
         self._limit = None
+        self._check = _ContinuationCheck()
 
     def check_base_vocab(self, base_vocab_size: int) -> None:
         """Raise ``ValueError`` now if the value model cannot guide a base with ``base_vocab_size`` ids."""
@@ -327,6 +415,12 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
         if self._prompt is not None:
             new_prompt = (T == self._prompt.shape[1] and B == self._prompt.shape[0]
                           and torch.equal(input_ids, self._prompt.to(input_ids.device)))
+            # An earlier call's mismatch (CUDA: read one call late; waited for before a restart forgets it).
+            if self._check.failed(wait=new_prompt):
+                self._check.reported = True
+                raise _mismatch_error("got, at an earlier call, input_ids that did not continue the sequence its "
+                                      "value cache had read (on CUDA this is found one call late: that call's "
+                                      "guided scores came from a stale value cache)")
             if new_prompt:
                 self._restart()  # the same prompt generated again
             elif B != self._prompt.shape[0] or T != self._seen + 1:
@@ -346,6 +440,10 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                 else:
                     hidden = self._runner.feed(*prompt)
         else:
+            if not self._check.continues(input_ids):
+                self._check.reported = True
+                raise _mismatch_error(f"got input_ids of shape {[B, T]} whose first {T - 1} tokens are not the "
+                                      f"sequence its value cache has read (the previous call's input_ids)")
             self._seen = T
             if self.retokenize:
                 hidden = self._runner.sync(self._value_sequences(input_ids), input_ids.device)
@@ -355,6 +453,7 @@ class IVLLogitsProcessor(_LogitsProcessorBase):
                 hidden = self._runner.feed(self._translate(input_ids[:, -1:]),
                                            torch.ones((B, 1), dtype=torch.long, device=input_ids.device),
                                            every_row_fed=True)
+        self._check.advance(input_ids)
         # Not in place: transformers keeps ``scores`` as the step's raw logits (output_logits=True).
         guided = fused_guided_logits(hidden, self.value_weight, base_logits=scores, vocab_map=self._vocab_map,
                                      alpha=self.alpha, fill=self.fill, backend=self.backend)
