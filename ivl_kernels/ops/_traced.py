@@ -25,3 +25,15 @@ def traced_scalar(x: float, dtype: torch.dtype, device: torch.device):
     if not torch.compiler.is_compiling():
         return x
     return torch.ones((), dtype=dtype, device=device) * x
+
+
+def host_scalars(*xs: float):
+    """``None`` eagerly; while tracing a float64 ``[len(xs)]`` CPU tensor holding ``xs``, for an op whose schema
+    takes the floats as numbers (a custom op's ``float`` arguments, which specialise the graph on each value): the
+    op takes the tensor instead and reads the numbers back when it runs, exactly (float64 holds a Python float),
+    and on the host (a CPU tensor: no device synchronisation). A graph with a CPU tensor in it is not captured by
+    inductor's CUDA graphs (``mode="reduce-overhead"``); a float that changes is a CPU graph input already."""
+    if not torch.compiler.is_compiling():
+        return None
+    one = torch.ones((), dtype=torch.float64, device="cpu")
+    return torch.stack([one * x for x in xs])

@@ -791,6 +791,100 @@ def test_torch_compile_a_changing_float_compiles_at_most_twice(backend, arg, l1_
 
 
 @needs_triton
+@pytest.mark.parametrize("arg,values,reduction", [
+    pytest.param("fill", (-0.5, 0.25, -1.5, 0.75), "mean", id="fill-mean"),
+    pytest.param("l1_coef", (0.5, 0.25, 1.25, 0.75), "mean", id="l1_coef-mean"),
+    pytest.param("label_smoothing", (0.1, 0.2, 0.05, 0.3), "mean", id="label_smoothing-mean"),
+    # "none": the op runs again in the backward pass (logits recomputed), with the same floats
+    pytest.param("label_smoothing", (0.1, 0.2, 0.05, 0.3), "none", id="label_smoothing-none"),
+])
+def test_torch_compile_triton_changing_float_does_not_recompile(arg, values, reduction):
+    """The Triton backend's ``fill``, ``l1_coef`` and ``label_smoothing`` (IVL's annealed schedules): the op's
+    ``float`` arguments specialised the graph on each value (one compile per value, then dynamo's recompile
+    limit); while tracing they reach it as a CPU tensor (``_traced.host_scalars``). After the first two values
+    (a constant, then a symbolic float) no value recompiles, and every value's loss and gradients equal eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+    device = "cuda" if HAS_GPU else "cpu"
+    vh, vw, target, kw = _make(N=7, Vv=50, Vb=60, base="logits", vmap="map", fill=-0.5, l1_coef=0.5,
+                               smoothing=0.1, reduction=reduction, ignore=(2,), device=device)
+    kw.pop(arg)
+    upstream = torch.rand(target.shape, dtype=torch.float64) if reduction == "none" else None
+    fn = torch.compile(lambda h, w, x: ivl.fused_guided_cross_entropy(h, w, target, backend="triton", **{arg: x}, **kw),
+                       fullgraph=True, backend=cnt)
+    for i, x in enumerate(values):
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):  # the first two values are the warm-up
+            compiled = _run(lambda h, w, t: fn(h, w, x), vh, vw, target, {}, upstream)
+        eager = _run(lambda *a, **k: ivl.fused_guided_cross_entropy(*a, **k, backend="triton", **{arg: x}), vh, vw,
+                     target, kw, upstream)
+        for name, c, e in zip(("loss", "d value_hidden", "d value_weight"), compiled, eager):
+            torch.testing.assert_close(c, e, msg=f"{arg}={x}: {name}")
+    assert cnt.frame_count == 2, cnt.frame_count
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 25], ids=["one_chunk", "chunks_of_25_rows"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_torch_backend_new_row_counts_do_not_recompile(reduction, chunk_rows, monkeypatch):
+    """The torch backend under dynamic shapes: the loop over chunks of rows (``range(0, N, rows)``) specialised the
+    graph on ``N`` (one compile per batch shape, though dynamo had marked the dimension dynamic); while tracing the
+    chunks are ``row_chunks``' even split over a power of two of them. After N = 37 (static) and 53 (dynamic), the
+    row counts 71 and 90 reuse the graph (one chunk by default; with 25-row chunks 53..90 all run 4), and every
+    call's loss and gradients equal eager. "none": the backward pass loops over the chunks too."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    if chunk_rows is not None:
+        monkeypatch.setitem(gce._torch_backend.CHUNK_ELEMS, "cpu", chunk_rows * 60)  # rows = CHUNK_ELEMS // Vb
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+
+    def loss(h, w, t, base_logits, vocab_map):
+        return ivl.fused_guided_cross_entropy(h, w, t, base_logits=base_logits, vocab_map=vocab_map, fill=-0.5,
+                                              l1_coef=0.5, label_smoothing=0.1, reduction=reduction, backend="torch")
+
+    fn = torch.compile(loss, fullgraph=True, backend=cnt)
+    for i, N in enumerate((37, 53, 71, 90)):
+        vh, vw, target, kw = _make(N=N, Vv=50, Vb=60, base="logits", vmap="map", ignore=(2,), device="cpu")
+        upstream = torch.rand(target.shape, dtype=torch.float64) if reduction == "none" else None
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):  # 37 and 53 are the warm-up
+            compiled = _run(lambda h, w, t: fn(h, w, t, kw["base_logits"], kw["vocab_map"]), vh, vw, target, {},
+                            upstream)
+        eager = _run(lambda h, w, t: loss(h, w, t, kw["base_logits"], kw["vocab_map"]), vh, vw, target, {},
+                     upstream)
+        for name, c, e in zip(("loss", "d value_hidden", "d value_weight"), compiled, eager):
+            torch.testing.assert_close(c, e, msg=f"N={N}: {name}")
+    assert cnt.frame_count == 2, cnt.frame_count
+
+
+@needs_triton
+def test_guided_ce_chunked_opcheck():
+    """``torch.library.opcheck`` of the Triton op (schema, fake registration, autograd registration, AOT dispatch
+    with static and dynamic shapes), with its float arguments and with the CPU ``scalars`` tensor that replaces
+    them while tracing; the tensor gives the op the same results as the floats."""
+    vh, vw, target, kw = _make(N=5, Hv=16, Vv=20, Vb=24, base="logits", vmap="map", ignore=(1,), device="cpu")
+    N, Vb, Vv = 5, 24, 20
+    tl = torch.where(target >= 0, target, torch.full_like(target, -1))
+    g, h = torch.full((N,), 0.25), torch.full((N,), 0.125)
+    floats = (-0.5, 0.9, 0.1 / Vb, 0.5 / Vv)  # fill, smooth_self, smooth_all, l1_scale
+    scalars = torch.tensor(floats, dtype=torch.float64)
+    op = torch.ops.ivl_kernels.guided_ce_chunked.default
+
+    def args(fill, smooth_self, smooth_all, l1_scale, lse=None, grads=True):
+        return (vh, vw, kw["base_logits"], None, None, kw["vocab_map"], None, 1.3, fill, tl, lse,
+                g if grads else None, h if grads else None, Vb, True, smooth_self, smooth_all, l1_scale, grads, grads)
+
+    stats = op(*args(*floats, grads=False))[0]
+    for lse in (None, stats[0].contiguous()):
+        for grads in (False, True) if lse is None else (True,):
+            torch.library.opcheck(op, args(*floats, lse=lse, grads=grads))
+            torch.library.opcheck(op, args(0.0, 1.0, 0.0, 0.0, lse=lse, grads=grads) + (scalars,))
+            for a, b in zip(op(*args(*floats, lse=lse, grads=grads)),
+                            op(*args(0.0, 1.0, 0.0, 0.0, lse=lse, grads=grads), scalars)):
+                assert torch.equal(a, b)
+
+
+@needs_triton
 def test_triton_strided_alpha_tensor():
     """A per-row alpha that is a strided view (every other element) reads the right element per row."""
     vh, vw, target, kw = _make(N=11, base="logits", vmap="map", Vb=90, alpha="tensor", dtype=torch.float32,

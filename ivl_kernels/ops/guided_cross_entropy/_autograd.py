@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .._amp import no_autocast
+from .._traced import host_scalars
 from ._torch_backend import torch_chunks
 
 
@@ -43,6 +44,17 @@ class Config:
     @property
     def l1_scale(self) -> float:
         return self.l1_coef / self.Vv_global if self.Vv_global else 0.0
+
+
+def op_floats(cfg: Config) -> tuple:
+    """``(fill, smooth_self, smooth_all, l1_scale, scalars)`` for the Triton op: eagerly the numbers and
+    ``scalars=None``; while tracing constants and the numbers in ``scalars``, a CPU tensor (``host_scalars``), since
+    the op's ``float`` arguments would specialise the graph on a float that changes between calls (``fill``,
+    ``l1_coef``, ``label_smoothing``: one compile per value)."""
+    scalars = host_scalars(cfg.fill, cfg.smooth_self, cfg.smooth_all, cfg.l1_scale)
+    if scalars is None:
+        return cfg.fill, cfg.smooth_self, cfg.smooth_all, cfg.l1_scale, None
+    return 0.0, 1.0, 0.0, 0.0, scalars
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -84,10 +96,11 @@ class GuidedCrossEntropy(torch.autograd.Function):
         if one_pass:
             g, h = row_weights(cfg, kept, n_kept, torch.ones((), dtype=cfg.compute, device=kept.device))
         if cfg.backend == "triton":
+            fill, smooth_self, smooth_all, l1_scale, scalars = op_floats(cfg)
             st, dvh, dvw = torch.ops.ivl_kernels.guided_ce_chunked(
                 value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                cfg.alpha_scalar, cfg.fill, target_local, None, g, h, cfg.Vb, with_l1, cfg.smooth_self,
-                cfg.smooth_all, cfg.l1_scale, one_pass and need_dvh, one_pass and need_dvw)
+                cfg.alpha_scalar, fill, target_local, None, g, h, cfg.Vb, with_l1, smooth_self, smooth_all,
+                l1_scale, one_pass and need_dvh, one_pass and need_dvw, scalars)
         else:
             st, dvh, dvw = torch_chunks(
                 value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
@@ -173,11 +186,12 @@ class GuidedCrossEntropy(torch.autograd.Function):
         if cfg.process_group is not None:
             need_dvh = True  # every rank must join the all_reduce below
         if cfg.backend == "triton":
+            fill, smooth_self, smooth_all, l1_scale, scalars = op_floats(cfg)
             _, dvh, dvw = torch.ops.ivl_kernels.guided_ce_chunked(
                 value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor,
-                cfg.alpha_scalar, cfg.fill, target_local, lse.float().contiguous(), g.float().contiguous(),
+                cfg.alpha_scalar, fill, target_local, lse.float().contiguous(), g.float().contiguous(),
                 g_l1.float().contiguous() if g_l1 is not None else None, cfg.Vb, cfg.l1_coef != 0.0,
-                cfg.smooth_self, cfg.smooth_all, cfg.l1_scale, need_dvh, need_dvw)
+                smooth_self, smooth_all, l1_scale, need_dvh, need_dvw, scalars)
             dvh = dvh if need_dvh else None
             dvw = dvw if need_dvw else None
         else:

@@ -269,14 +269,21 @@ def _guided_ce_chunked_op(value_hidden: torch.Tensor, value_weight: torch.Tensor
                           alpha_tensor: Optional[torch.Tensor], alpha_scalar: float, fill: float,
                           target_local: torch.Tensor, lse: Optional[torch.Tensor], g: Optional[torch.Tensor],
                           h: Optional[torch.Tensor], Vb: int, with_l1: bool, smooth_self: float, smooth_all: float,
-                          l1_scale: float, need_dvh: bool,
-                          need_dvw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          l1_scale: float, need_dvh: bool, need_dvw: bool,
+                          scalars: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(stats [4, N] or [0], d value_hidden [N, Hv] or [0], d value_weight [Vv, Hv] or [0])``: the statistics
-    when ``lse`` is None, the gradients that are asked for (row weights ``g``, ``h``)."""
+    when ``lse`` is None, the gradients that are asked for (row weights ``g``, ``h``).
+
+    ``scalars``: ``None``, or a float64 CPU ``[4]`` tensor (``fill, smooth_self, smooth_all, l1_scale``) that
+    replaces those four float arguments: the public function passes it while torch.compile traces
+    (``_traced.host_scalars``), so that a float that changes between calls is a graph input, not a value the graph
+    is specialised on (a ``float`` argument is: one compile per value)."""
     from ... import _backends
     from ..._validate import check_vocab_map
 
     _backends.require_triton(value_hidden.device)
+    if scalars is not None:
+        fill, smooth_self, smooth_all, l1_scale = scalars.tolist()  # a CPU tensor: no device synchronisation
     if vocab_map is not None:
         # Under torch.compile the public function cannot read map values; check them here (cached per map).
         check_vocab_map(vocab_map, vocab_map.shape[0], value_weight.shape[0], value_hidden.device)
@@ -295,7 +302,7 @@ def _guided_ce_chunked_op(value_hidden: torch.Tensor, value_weight: torch.Tensor
 
 @_guided_ce_chunked_op.register_fake
 def _(value_hidden, value_weight, base_logits, base_hidden, base_weight, vocab_map, alpha_tensor, alpha_scalar, fill,
-      target_local, lse, g, h, Vb, with_l1, smooth_self, smooth_all, l1_scale, need_dvh, need_dvw):
+      target_local, lse, g, h, Vb, with_l1, smooth_self, smooth_all, l1_scale, need_dvh, need_dvw, scalars=None):
     N = value_hidden.shape[0]
     stats = value_hidden.new_empty((4, N) if lse is None else (0,), dtype=torch.float32)
     dvh = value_hidden.new_empty(value_hidden.shape if need_dvh else (0,))

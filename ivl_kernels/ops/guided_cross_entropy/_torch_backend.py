@@ -49,6 +49,26 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
+def row_chunks(N, rows: int) -> list:
+    """``[(r0, r1), ...]``: the chunks of at most ``rows`` rows that cover ``[0, N)``.
+
+    Eagerly ``[0, rows), [rows, 2 rows), ...``. While torch.compile traces, ``N`` may be symbolic (dynamic shapes,
+    from the second size on; traced code cannot tell), and ``range(0, N, rows)`` cannot take it: the loop is
+    unrolled into the graph, and its length specialised the graph on ``N`` itself (one compile per batch shape).
+    There the rows are split evenly over ``k`` chunks, ``k`` the smallest power of two with ``k * rows >= N``:
+    chunk ``i`` is ``[i N // k, (i + 1) N // k)``, at most ``ceil(N / k) <= rows`` rows (never more memory than
+    eagerly), and the graph is guarded on ``N``'s range (``k rows / 2 < N <= k rows``) only. One graph serves every
+    ``N <= rows`` (``CHUNK_ELEMS // V`` rows: one chunk, as eagerly); beyond that one graph per doubling of ``N``,
+    with fewer than twice the chunks that eager runs. Each row's results do not depend on the chunking; only
+    ``d value_weight``'s sum over the chunks is added in another order than eagerly."""
+    if not torch.compiler.is_compiling():
+        return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
+    k = 1
+    while k * rows < N:
+        k *= 2
+    return [((i * N) // k, ((i + 1) * N) // k) for i in range(k)]
+
+
 def _scale_add_base(z: torch.Tensor, a_c, base_logits, base_hidden, base_weight, r0: int, r1: int) -> None:
     """``z = a_c * z + base`` in place, for rows ``[r0, r1)`` (``a_c`` a float or an ``[r, 1]`` column)."""
     if isinstance(a_c, torch.Tensor) or a_c != 1.0:
@@ -121,8 +141,7 @@ def torch_chunks(vh: torch.Tensor, vw: torch.Tensor, base_logits: Optional[torch
         base_in_place = (base_hidden is not None and dt == compute and base_hidden.dtype == compute
                          and base_weight.dtype == compute)
     rows = max(1, CHUNK_ELEMS.get(dev.type, CHUNK_ELEMS["cpu"]) // max(Vb, Vv, 1))
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
+    for r0, r1 in row_chunks(N, rows):
         r = r1 - r0
         xv = vh[r0:r1]
         a_c = alpha_tensor[r0:r1].to(compute).unsqueeze(1) if alpha_tensor is not None else alpha_scalar
