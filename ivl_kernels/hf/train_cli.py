@@ -439,6 +439,11 @@ def _setup(args) -> dict:
         remove_unused_columns=False,
         # Every trainable parameter gets a gradient every step (the frozen base has none to sync).
         ddp_find_unused_parameters=False)
+    if targs.world_size > 1:
+        # A step's loss is the mean over every process's response tokens (IVLTrainer's count is gathered): the
+        # default from transformers 5.0; 4.x's default averaged the processes' own token means. Set after
+        # construction: 4.x warns about (and drops) it on one process.
+        targs.average_tokens_across_devices = True
 
     base_tok_src = _source(args.base_tokenizer or args.base)
 

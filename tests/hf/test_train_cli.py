@@ -297,6 +297,45 @@ def test_two_processes_match_one_process(toy, reference, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_steps_are_token_weighted_across_micro_batches_and_processes(toy, tmp_path):
+    """Examples of 1 to 6 digits (responses of 2 to 7 tokens): one process at --batch-size 16, one at 8 with
+    --grad-accum 2, and 2 torchrun processes at 8 run the same global batches, and each step's loss is the mean
+    over its 16 examples' response tokens in all three (IVLTrainer's count over the micro-batches, gathered over
+    the processes: ivl-kernels train turns average_tokens_across_devices on, which transformers 4.x leaves off).
+    Averaging the micro-batches' (or, on 4.50, the processes') own means logged 3.1950 against 3.2027 at step 1."""
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # left by an earlier --bf16 run in this process (4.50)
+    g = torch.Generator().manual_seed(5)
+    data = tmp_path / "varied.jsonl"
+    with open(data, "w") as f:
+        for _ in range(64):
+            d = torch.randint(0, 10, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+            f.write(json.dumps({"prompt": " ".join(map(str, d)) + " |", "response": " ".join(map(str, d[::-1]))})
+                    + "\n")
+    # The "kept" L1 term: "all" averages over a micro-batch's padded positions, which a token count does not pool.
+    steps = ["--max-steps", "4", "--save-steps", "0", "--l1-reduction", "kept"]
+    runs = {}
+    for name, extra in (("one", []), ("accumulated", ["--batch-size", "8", "--grad-accum", "2"])):
+        out = tmp_path / name
+        args = [toy.base, toy.value, "--data", data, "-o", out, *steps, *COMMON, *extra]
+        assert _run(args) == 0
+        runs[name] = _history(out)
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ivl_kernels.cli", "train", str(toy.base), str(toy.value), "--data", str(data), "-o", str(out),
+           *steps, *COMMON]
+    cmd[cmd.index("--batch-size") + 1] = "8"
+    proc = _run_torchrun(cmd)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    runs["two"] = _history(out)
+    one = runs["one"]
+    assert len(one) == 4
+    for name in ("accumulated", "two"):
+        assert [h["step"] for h in runs[name]] == [1, 2, 3, 4], name
+        for a, b in zip(one, runs[name]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (name, a, b)
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"], (name, a, b)
+
+
 @pytest.mark.parametrize("missing", ["accelerate", "peft"])
 def test_missing_training_package_is_named_before_any_work(toy, tmp_path, monkeypatch, capsys, missing):
     """Without accelerate (transformers' Trainer needs it), or peft with --lora-r, train stops before loading
