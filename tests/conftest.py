@@ -79,6 +79,19 @@ def _poisoned_empty(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_leaked_mixed_precision():
+    # transformers 4.50's TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION in os.environ and nothing
+    # unsets it: every later Trainer in the process (an in-process `ivl-kernels train` after a --bf16 one) ran under
+    # bf16 autocast.
+    saved = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    yield
+    if saved is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = saved
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs per test, but reproducible from the printed test id.
     import hashlib

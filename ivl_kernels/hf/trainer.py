@@ -101,13 +101,11 @@ class IVLTrainer(Trainer):
     def _ivl_num_items(self, batch_samples: list, device):
         """The kept targets of these micro-batches (``None`` without labels), summed over the processes when
         ``Trainer`` multiplies the loss by their number (``average_tokens_across_devices``)."""
-        import torch
-
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
         n = sum(num_kept_targets(b["labels"], b.get("attention_mask")).to(device) for b in batch_samples)
         if getattr(self.args, "average_tokens_across_devices", False):
-            n = self.accelerator.gather(torch.as_tensor(n, device=device)).sum()
+            n = self.accelerator.gather(n).sum()
         return n
 
     def _get_num_items_in_batch(self, batch_samples: list, device):

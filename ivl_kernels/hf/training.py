@@ -24,7 +24,6 @@ own parameter, where FSDP2 / ZeRO-3 reduce-scatter it and DDP all-reduces it.
 
 from __future__ import annotations
 
-import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,8 +36,8 @@ from .._validate import check_alpha_float, check_l1_reduction
 from ..ops import guided_cross_entropy as _gce
 from ..ops.guided_logits import fused_guided_logits
 from ..guidance import BaseToValueIds
-from ._common import (fallback_input_id, input_vocab_size, padded_positions, resolve_vocab_map,
-                      split_causal_lm, unwrap_causal_lm)
+from ._common import (fallback_input_id, forward_parameters, input_vocab_size, padded_positions,
+                      resolve_vocab_map, split_causal_lm, unwrap_causal_lm)
 
 try:
     from transformers.utils import ModelOutput
@@ -96,10 +95,7 @@ def _head_forward_replaced(head: nn.Module, fn: Callable):
 
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether the causal LM's forward (through a PEFT wrapper) takes the keyword ``name``."""
-    try:
-        return name in inspect.signature(unwrap_causal_lm(model).forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
+    return name in forward_parameters(unwrap_causal_lm(model))
 
 
 def _logits_of(out) -> torch.Tensor:

@@ -303,7 +303,6 @@ def test_steps_are_token_weighted_across_micro_batches_and_processes(toy, tmp_pa
     over its 16 examples' response tokens in all three (IVLTrainer's count over the micro-batches, gathered over
     the processes: ivl-kernels train turns average_tokens_across_devices on, which transformers 4.x leaves off).
     Averaging the micro-batches' (or, on 4.50, the processes') own means logged 3.1950 against 3.2027 at step 1."""
-    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # left by an earlier --bf16 run in this process (4.50)
     g = torch.Generator().manual_seed(5)
     data = tmp_path / "varied.jsonl"
     with open(data, "w") as f:

@@ -241,14 +241,7 @@ def test_num_items_in_batch_scales_each_micro_batch_by_its_share_of_the_kept_tar
 
 
 def _train_two_rows(tmp_path, name, trainer_cls, batch_size, grad_accum, rows):
-    from accelerate.state import AcceleratorState
     from transformers import TrainingArguments
-
-    # A bf16 Trainer that ran earlier in this process leaves mixed precision on for the next one: transformers
-    # 4.50's TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION in os.environ and nothing unsets it (the
-    # next steps ran under bf16 autocast: updates 2e-3 apart), and accelerate's state is process-wide.
-    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
     base, value = make_base(), make_value()
     model = IVLForCausalLM(base, value, alpha=0.5, l1_coef=0.3, l1_reduction="kept")
